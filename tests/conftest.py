@@ -1,10 +1,16 @@
 """Shared pytest fixtures: the real SmolLM2-135M-Instruct checkpoint and its transformers peer."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# Without a GPU, Triton kernels run in Triton's interpreter, which must be chosen before triton
+# is first imported (design.md §6).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,1 @@
+"""Fused Triton kernels, one op per module; the functional API is re-exported here."""

@@ -1,0 +1,59 @@
+"""Input checks shared by every op wrapper: a clear ValueError naming the argument, before launch."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_tensor(name: str, t, *, ndim: int | None = None, shape: tuple | None = None,
+                 dtype=None, device: torch.device | None = None, contiguous: bool = True) -> None:
+    """Raise ValueError unless ``t`` is a tensor with the given rank, shape, dtype(s) and device.
+
+    ``shape`` may hold None for a free dimension; ``dtype`` is one dtype or a tuple of them.
+    ``contiguous`` checks that the innermost dimension is dense (stride 1), which is what the
+    kernels need; outer strides are passed to the kernels.
+    """
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {list(t.shape)}")
+    if shape is not None:
+        if t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape)):
+            want = ["*" if s is None else s for s in shape]
+            raise ValueError(f"{name} must have shape {want}, got {list(t.shape)}")
+    if dtype is not None:
+        allowed = dtype if isinstance(dtype, tuple) else (dtype,)
+        if t.dtype not in allowed:
+            raise ValueError(f"{name} must have dtype {' or '.join(map(str, allowed))}, "
+                             f"got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} must be on {device}, got {t.device}")
+    if contiguous and t.numel() and t.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last dimension, got strides "
+                         f"{list(t.stride())}")
+
+
+def check_rows(rows, batch: int, device: torch.device) -> None:
+    """``rows``: None (all rows) or an int32 tensor [R] of distinct row indices in [0, batch).
+
+    Values are not read here: that would be a host sync inside a captured decode step.
+    """
+    if rows is None:
+        return
+    check_tensor("rows", rows, ndim=1, dtype=torch.int32, device=device)
+    if rows.numel() > batch:
+        raise ValueError(f"rows has {rows.numel()} entries but the batch has only {batch} rows")
+
+
+def check_launchable(t: torch.Tensor) -> None:
+    """Triton runs on CUDA tensors, or on CPU tensors under its interpreter."""
+    if t.device.type == "cuda":
+        return
+    if t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return
+    raise ValueError(f"Triton kernels need CUDA tensors (got {t.device}); on a machine without a "
+                     "GPU set TRITON_INTERPRET=1 before importing triton to run them in Triton's "
+                     "interpreter, or use backend='torch'")

@@ -7,7 +7,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from d3kernels.sampling import sample, validate_sampling
+from d3kernels.sampling import Sampling
 from d3kernels.schedule import DepthSchedule
 from d3kernels.stats import GenerationStats, step_bytes
 
@@ -38,10 +38,7 @@ class _Plan:
     prompts: list[list[int]]
     max_new_tokens: int
     schedule: DepthSchedule
-    temperature: float
-    top_k: int | None
-    top_p: float | None
-    generator: torch.Generator | None
+    sampling: Sampling
     stop_tokens: frozenset[int]
 
 
@@ -90,7 +87,7 @@ def _plan(model, prompts, max_new_tokens, schedule, temperature, top_k, top_p, s
     if not isinstance(schedule, DepthSchedule):
         raise ValueError(f"schedule must be a DepthSchedule or None, got {schedule!r}")
     schedule.validate(model.config.num_layers)
-    validate_sampling(temperature, top_k, top_p)
+    sampling = Sampling(temperature, top_k, top_p, seed).on(model.device)
     if stop_tokens is None:
         stop_tokens = (model.tokenizer.stop_token_ids if model.tokenizer is not None
                        else model.config.eos_token_ids)
@@ -98,11 +95,7 @@ def _plan(model, prompts, max_new_tokens, schedule, temperature, top_k, top_p, s
     if not all(isinstance(t, int) and 0 <= t < model.config.vocab_size for t in stop_tokens):
         raise ValueError(f"stop_tokens must be token ids in [0, {model.config.vocab_size}), "
                          f"got {sorted(stop_tokens)}")
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=model.device).manual_seed(seed)
-    return _Plan(token_lists, max_new_tokens, schedule, temperature, top_k, top_p, generator,
-                 stop_tokens)
+    return _Plan(token_lists, max_new_tokens, schedule, sampling, stop_tokens)
 
 
 @torch.inference_mode()
@@ -129,8 +122,7 @@ def _run(model, plan: _Plan) -> Iterator[StreamedToken]:
                 yield StreamedToken(r, t, i, depth)
 
     t0 = time.perf_counter()
-    logits = model.prefill(ids.to(model.device), lengths, cache)
-    nxt = sample(logits, plan.temperature, plan.top_k, plan.top_p, plan.generator)
+    nxt = model.prefill(ids.to(model.device), lengths, cache, plan.sampling)
     step_tokens = nxt.tolist()  # the host needs the token for stops and streaming
     prefill_seconds = time.perf_counter() - t0
     yield from take(step_tokens, 0, L)
@@ -144,8 +136,7 @@ def _run(model, plan: _Plan) -> Iterator[StreamedToken]:
         depth = plan.schedule.depth(i, L)
         kept = plan.schedule.kept_layers(depth, L)
         t0 = time.perf_counter()
-        logits = model.decode_step(nxt, positions, kept, cache)
-        nxt = sample(logits, plan.temperature, plan.top_k, plan.top_p, plan.generator)
+        nxt = model.decode_step(nxt, positions, kept, cache, plan.sampling)
         step_tokens = nxt.tolist()
         decode_seconds += time.perf_counter() - t0
         steps += 1

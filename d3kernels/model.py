@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from d3kernels.config import PRESETS, LlamaConfig
 from d3kernels.kv_cache import KVCache
+from d3kernels.sampling import Sampling
 from d3kernels.schedule import DepthSchedule, skipped_runs
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -192,15 +193,17 @@ class LlamaD3:
         return F.rms_norm(x, (x.shape[-1],), weight, self.config.rms_norm_eps)
 
     def _qkv(self, j: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """Layer j's normed Q, K, V with RoPE. x [B, T, H] -> [B, heads, T, D] each."""
+        """Layer j's normed Q, K, V with RoPE. x [B, T, H] -> [B, heads, T, D] each.
+
+        cos/sin broadcast against [B, T, heads, D]; Q and K are rotated in one op.
+        """
         cfg = self.config
         B, T, _ = x.shape
         qkv = F.linear(self._norm(x, self.attn_norm[j]), self.w_qkv[j])
-        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-        q = q.view(B, T, cfg.num_heads, cfg.head_dim).transpose(1, 2)
-        k = k.view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
-        v = v.view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
-        return _rope(q, cos, sin), _rope(k, cos, sin), v
+        qkv = qkv.view(B, T, cfg.num_heads + 2 * cfg.num_kv_heads, cfg.head_dim)
+        qk = _rope(qkv[:, :, :cfg.num_heads + cfg.num_kv_heads], cos, sin)
+        q, k = qk.transpose(1, 2).split([cfg.num_heads, cfg.num_kv_heads], dim=1)
+        return q, k, qkv[:, :, cfg.num_heads + cfg.num_kv_heads:].transpose(1, 2)
 
     def _finish_layer(self, j: int, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """Output projection + residual, then the SwiGLU MLP + residual. attn [B, heads, T, D]."""
@@ -223,7 +226,7 @@ class LlamaD3:
         stream after the last layer, [B, T, H].
         """
         B, T = ids.shape
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        cos, sin = self.rope_cos[:T, None], self.rope_sin[:T, None]
         mask = None
         if min(lengths) != T:  # padded rows: causal and key < length
             idx = torch.arange(T, device=self.device)
@@ -264,23 +267,24 @@ class LlamaD3:
             raise ValueError(f"{what}: token id {bad} is outside the vocabulary "
                              f"[0, {self.config.vocab_size})")
 
-    def prefill(self, ids: torch.Tensor, lengths: list[int], cache: KVCache) -> torch.Tensor:
+    def prefill(self, ids: torch.Tensor, lengths: list[int], cache: KVCache,
+                sampling: Sampling) -> torch.Tensor:
         """Full-depth pass over right-padded prompts ids [B, T]; fills cache slots 0..T-1.
 
-        Returns logits [B, V] (as ``_head``) at each row's last real token.
+        Returns the next token [B] (long) after each row's last real token.
         """
         x = self._forward_full(ids, lengths, cache)
         last = torch.tensor(lengths, device=self.device) - 1
-        return self._head(x[torch.arange(ids.shape[0], device=self.device), last])
+        return sampling(self._head(x[torch.arange(ids.shape[0], device=self.device), last]))
 
     def decode_step(self, tokens: torch.Tensor, positions: list[int], kept: tuple[int, ...],
-                    cache: KVCache) -> torch.Tensor:
+                    cache: KVCache, sampling: Sampling) -> torch.Tensor:
         """One decode pass that runs only the layers in ``kept`` (ascending).
 
         tokens [B] long, the newest token of each row, at cache slot positions[b]. Skipped
         layers leave the residual unchanged; their K/V at these slots is filled from the
         residual as it reaches them (``propagate``), one batched matmul per run of consecutive
-        skipped layers. Returns logits [B, V] (as ``_head``).
+        skipped layers. Returns the next token [B] (long).
         """
         cfg = self.config
         B = tokens.shape[0]
@@ -316,7 +320,7 @@ class LlamaD3:
         while run is not None:
             self._backfill(run, x, cos, sin, positions, cache)
             run = next(runs, None)
-        return self._head(x[:, 0])
+        return sampling(self._head(x[:, 0]))
 
     def _backfill(self, run: tuple[int, int], x: torch.Tensor, cos, sin, positions: list[int],
                   cache: KVCache) -> None:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from d3kernels import DepthSchedule, LlamaD3
+from d3kernels.sampling import Sampling
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
@@ -27,7 +28,7 @@ def primed(model):
     prompt = torch.randint(0, model.config.vocab_size, (1, CONTEXT), device=DEVICE)
     cache = model.new_cache(1, CONTEXT + 1)
     with torch.inference_mode():
-        model.prefill(prompt, [CONTEXT], cache)
+        model.prefill(prompt, [CONTEXT], cache, Sampling())
     return cache
 
 
@@ -43,7 +44,7 @@ def test_decode_step(benchmark, model, primed, depth):
 
     def step():
         with torch.inference_mode():
-            model.decode_step(token, [CONTEXT], kept, primed)
+            model.decode_step(token, [CONTEXT], kept, primed, Sampling())
         _sync()
 
     benchmark.extra_info["depth"] = depth

@@ -7,6 +7,7 @@ slice; the KV cache is static and written by index. ``prefill`` and ``decode_ste
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ from d3kernels.sampling import Sampling
 from d3kernels.schedule import DepthSchedule, skipped_runs
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-BACKENDS = ("auto", "torch")
+BACKENDS = ("auto", "torch", "triton")
 
 
 def hf_weight_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
@@ -62,6 +63,24 @@ def rope_tables(cfg: LlamaConfig, length: int, dtype, device) -> tuple[torch.Ten
     return angles.cos().to(dtype=dtype, device=device), angles.sin().to(dtype=dtype, device=device)
 
 
+def _resolve_backend(backend: str, dtype: torch.dtype, device: torch.device) -> str:
+    """'auto' is triton on CUDA and torch elsewhere; triton needs a GPU or Triton's interpreter."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and dtype != torch.float64 else "torch"
+    if backend == "triton":
+        if dtype == torch.float64:
+            raise ValueError("backend='triton' runs float32, float16 and bfloat16; use "
+                             "backend='torch' for float64")
+        if device.type != "cuda" and not (device.type == "cpu"
+                                          and os.environ.get("TRITON_INTERPRET") == "1"):
+            raise ValueError(f"backend='triton' needs a CUDA device (got {device}); on a CPU set "
+                             "TRITON_INTERPRET=1 before importing triton to run the kernels in "
+                             "Triton's interpreter (slow, for tests), or use backend='torch'")
+    return backend
+
+
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
@@ -78,12 +97,12 @@ class LlamaD3:
 
     def __init__(self, config: LlamaConfig, weights: dict[str, torch.Tensor], *, tokenizer=None,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                 backend: str = "auto", max_seq_len: int | None = None):
+                 backend: str = "auto", max_seq_len: int | None = None,
+                 cuda_graphs: bool = True):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r} "
-                             "(the triton backend is not built yet)")
+        device = torch.device(device)
+        backend = _resolve_backend(backend, dtype, device)
         expected = hf_weight_shapes(config)
         for name, shape in expected.items():
             if name not in weights:
@@ -95,8 +114,8 @@ class LlamaD3:
         self.config = config
         self.tokenizer = tokenizer
         self.dtype = dtype
-        self.device = torch.device(device)
-        self.backend = "torch"
+        self.device = device
+        self.backend = backend
         self.max_seq_len = max_seq_len or min(config.max_position_embeddings, 8192)
 
         def get(name):
@@ -118,6 +137,11 @@ class LlamaD3:
         self.w_down = stack("mlp.down_proj.weight")
         self.rope_cos, self.rope_sin = rope_tables(config, self.max_seq_len, dtype, self.device)
         self.cache: KVCache | None = None
+        self._triton = None
+        if backend == "triton":
+            from d3kernels.triton_backend import TritonBackend
+
+            self._triton = TritonBackend(self, cuda_graphs)
 
     # ---- constructors -------------------------------------------------------------------------
 
@@ -147,7 +171,8 @@ class LlamaD3:
         """Random weights in the shapes of a preset (see ``d3kernels.config.PRESETS``).
 
         Projections ~ N(0, 1/fan_in) so activations stay O(1) at any depth; norm weights
-        ~ U(0.5, 1.5) so a kernel that ignores them fails its test.
+        ~ U(0.5, 1.5) so a kernel that ignores them fails its test. Other keyword arguments
+        (backend, max_seq_len, cuda_graphs) go to the constructor.
         """
         if isinstance(preset, str):
             if preset not in PRESETS:
@@ -155,13 +180,16 @@ class LlamaD3:
             config = PRESETS[preset]
         else:
             config = preset
-        gen = torch.Generator(device="cpu").manual_seed(seed)
+        device = torch.device(device)
+        # Drawn on the target device, one tensor at a time: a 7B preset never sits in host
+        # memory in float32. The same seed gives different weights on CPU and GPU.
+        gen = torch.Generator(device=device).manual_seed(seed)
         weights = {}
         for name, shape in hf_weight_shapes(config).items():
             if len(shape) == 1:
-                w = torch.rand(shape, generator=gen, dtype=torch.float32) + 0.5
+                w = torch.rand(shape, generator=gen, device=device) + 0.5
             else:
-                w = torch.randn(shape, generator=gen, dtype=torch.float32)
+                w = torch.randn(shape, generator=gen, device=device)
                 if "embed_tokens" not in name:
                     w /= math.sqrt(shape[1])
             weights[name] = w.to(dtype)
@@ -273,6 +301,8 @@ class LlamaD3:
 
         Returns the next token [B] (long) after each row's last real token.
         """
+        if self._triton is not None:
+            return self._triton.prefill(ids, lengths, cache, sampling)
         x = self._forward_full(ids, lengths, cache)
         last = torch.tensor(lengths, device=self.device) - 1
         return sampling(self._head(x[torch.arange(ids.shape[0], device=self.device), last]))
@@ -286,6 +316,8 @@ class LlamaD3:
         residual as it reaches them (``propagate``), one batched matmul per run of consecutive
         skipped layers. Returns the next token [B] (long).
         """
+        if self._triton is not None:
+            return self._triton.decode_step(tokens, positions, kept, cache, sampling)
         cfg = self.config
         B = tokens.shape[0]
         uniform = min(positions) == max(positions)

@@ -10,7 +10,8 @@ import torch
 class Sampling:
     """How to pick each next token. temperature 0 is greedy; seed makes sampling repeatable.
 
-    ``generator`` is built from ``seed`` on the model's device by :meth:`on`.
+    ``generator`` is built from ``seed`` on the model's device by :meth:`on`; ``draws``
+    counts the noise a fused sampler has consumed, so each step's noise is fresh.
     """
 
     temperature: float = 0.0
@@ -18,6 +19,7 @@ class Sampling:
     top_p: float | None = None
     seed: int | None = None
     generator: torch.Generator | None = None
+    draws: int = 0
 
     def __post_init__(self):
         t, k, p = self.temperature, self.top_k, self.top_p

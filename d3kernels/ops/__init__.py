@@ -1,1 +1,1 @@
-"""Fused Triton kernels, one op per module; the functional API is re-exported here."""
+"""Fused Triton kernels, one op per module; ``d3kernels.functional`` re-exports them."""

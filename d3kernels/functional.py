@@ -1,0 +1,17 @@
+"""The functional API: every fused Triton op, for other inference stacks to import.
+
+Every op validates its inputs (a ValueError naming the argument, before any launch), takes
+``rows`` (the active batch rows, so rows that skip a layer cost nothing), accepts caller-owned
+output buffers (allocation-free, CUDA-graph capturable) and is registered as a
+``torch.ops.d3kernels.*`` custom op with a fake implementation for torch.compile. The kernels
+themselves live one per module in ``d3kernels/ops/``.
+"""
+from d3kernels.ops.attention import attention_decode, attention_prefill
+from d3kernels.ops.kv_backfill import kv_backfill
+from d3kernels.ops.lm_head import lm_head
+from d3kernels.ops.qkv_rope import qkv_rope
+from d3kernels.ops.rms_norm import rms_norm
+from d3kernels.ops.swiglu import down_residual, swiglu_gate_up
+
+__all__ = ["attention_decode", "attention_prefill", "down_residual", "kv_backfill", "lm_head",
+           "qkv_rope", "rms_norm", "swiglu_gate_up"]

@@ -1,0 +1,467 @@
+"""Attention over the static KV cache: causal flash prefill and split-KV flash-decoding.
+
+Both read keys/values only from the per-layer cache ``k_cache, v_cache [B, kv_heads, T_max, D]``
+(any outer strides, e.g. the view ``cache.k[j]`` of the stacked ``[L, B, kv_heads, T_max, D]``
+cache); the QKV op has already written the current tokens' K/V there. Keys of positions
+0..n-1 of batch row b live at ``k_cache[b, :, 0:n]``. GQA: query head h reads kv head
+h // (Hq // kv_heads). Scale 1/sqrt(D), online softmax in base 2 with fp32 accumulation.
+
+Per-row context lengths are read on the device (no host sync, CUDA-graph capturable), and
+``rows`` restricts a launch to the listed batch rows; other rows of ``out`` are left untouched.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from d3kernels.ops._checks import FLOAT_DTYPES, check_launchable, check_rows, check_tensor
+from d3kernels.ops._tuning import autotune
+
+_LOG2E = 1.4426950408889634
+# Phase 2 keeps [splits, D] partials in registers; more splits than this buys no occupancy.
+MAX_SPLITS = 64
+# With a full cache a split still streams this many keys, so its launch cost stays amortized.
+_MIN_SPLIT_KEYS = 128
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 runs as true fp32 (tf32 would miss the fp32 tolerance on peaked softmaxes);
+    # fp16/bf16 use the tensor cores as usual ("tf32" is only the default setting for them).
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _prune_fp32(configs, named_args, **kwargs):
+    """fp32 is the correctness dtype: its IEEE dots run on the FMA units, where big tiles take
+    tens of seconds to compile and win nothing. Tune bf16/fp16 only; fp32 takes the first config."""
+    return configs[:1] if named_args["q_ptr"].dtype == torch.float32 else configs
+
+
+# ---- prefill ------------------------------------------------------------------------------------
+
+# The first config is the one the interpreter runs; the others are tuned on Hopper/Ampere
+# (configs whose shared memory does not fit a card are skipped by the autotuner).
+_PREFILL_CONFIGS = [
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2),
+]
+
+
+@triton.jit
+def _prefill_inner(acc, l_i, m_i, q, k_base, v_base, sk_t, sv_t, q_pos, lo, hi, qk_scale, offs_d,
+                   BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Online-softmax update over keys [lo, hi). MASKED: the causal diagonal / ragged tail."""
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        k_ptrs = k_base + offs_n[:, None] * sk_t + offs_d[None, :]
+        v_ptrs = v_base + offs_n[:, None] * sv_t + offs_d[None, :]
+        if MASKED:
+            in_range = offs_n < hi
+            k = tl.load(k_ptrs, mask=in_range[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if MASKED:
+            visible = (offs_n[None, :] <= q_pos[:, None]) & in_range[None, :]
+            s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if MASKED:
+            v = tl.load(v_ptrs, mask=in_range[:, None], other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@autotune(_PREFILL_CONFIGS, key=["HEAD_DIM"], prune_configs_by={"early_config_prune": _prune_fp32})
+@triton.jit
+def _prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, start_ptr, len_ptr, rows_ptr,
+                    sq_b, sq_t, sq_h, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, so_b, so_t, so_h,
+                    T, t_max, qk_scale,
+                    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    HAS_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Last query tiles have the most keys: launch them first so the tail of the grid is short.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    r = pid_bh // NUM_HEADS
+    h = pid_bh % NUM_HEADS
+    if HAS_ROWS:
+        row = tl.load(rows_ptr + r).to(tl.int64)
+    else:
+        row = r.to(tl.int64)
+    kvh = h // GROUP
+    start = tl.load(start_ptr + row)
+    n_q = tl.minimum(tl.load(len_ptr + row), T)
+
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_valid = offs_m < n_q
+    q = tl.load(q_ptr + row * sq_b + h * sq_h + offs_m[:, None] * sq_t + offs_d[None, :],
+                mask=q_valid[:, None], other=0.0)
+    q_pos = start + offs_m
+
+    # Keys [0, hi) are visible to some valid query of this tile; keys [0, diag) to all of its
+    # queries (padded ones included), so those full tiles need no mask.
+    m_end = tl.minimum(m0 + BLOCK_M, n_q)
+    hi = tl.where(m_end > m0, tl.minimum(start + m_end, t_max), 0)
+    diag = tl.minimum(start + m0, hi) // BLOCK_N * BLOCK_N
+
+    k_base = k_ptr + row * sk_b + kvh * sk_h
+    v_base = v_ptr + row * sv_b + kvh * sv_h
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    # Finite start value: a fully masked row then gives p = 0 and alpha = 1, never NaN.
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    acc, l_i, m_i = _prefill_inner(acc, l_i, m_i, q, k_base, v_base, sk_t, sv_t, q_pos, 0, diag,
+                                   qk_scale, offs_d, BLOCK_N, False, DOT_PRECISION)
+    acc, l_i, m_i = _prefill_inner(acc, l_i, m_i, q, k_base, v_base, sk_t, sv_t, q_pos, diag, hi,
+                                   qk_scale, offs_d, BLOCK_N, True, DOT_PRECISION)
+
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    o = tl.where(q_valid[:, None], o, 0.0)  # padded queries are written as zeros
+    tl.store(o_ptr + row * so_b + h * so_h + offs_m[:, None] * so_t + offs_d[None, :],
+             o.to(o_ptr.dtype.element_ty), mask=(offs_m < T)[:, None])
+
+
+@torch.library.custom_op("d3kernels::attention_prefill", mutates_args=("out",))
+def _attention_prefill_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          start: torch.Tensor, lengths: torch.Tensor, rows: Optional[torch.Tensor],
+                          out: torch.Tensor) -> None:
+    B, T, Hq, D = q.shape
+    kv_heads, t_max = k_cache.shape[1], k_cache.shape[2]
+    R = B if rows is None else rows.numel()
+    if R == 0 or T == 0:
+        return
+    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), R * Hq)  # noqa: E731
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, out, start, lengths, rows,
+        q.stride(0), q.stride(1), q.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        T, t_max, _LOG2E / math.sqrt(D),
+        NUM_HEADS=Hq, GROUP=Hq // kv_heads, HEAD_DIM=D, HAS_ROWS=rows is not None,
+        DOT_PRECISION=_dot_precision(q.dtype))
+
+
+@_attention_prefill_op.register_fake
+def _(q, k_cache, v_cache, start, lengths, rows, out) -> None:
+    return None
+
+
+# ---- decode -------------------------------------------------------------------------------------
+
+# As for prefill: the first config is the interpreter's, the rest are tuned on the GPU.
+_DECODE_CONFIGS = [
+    triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_N": 128}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_N": 128}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 128}, num_warps=4, num_stages=2),
+]
+
+
+@autotune(_DECODE_CONFIGS, key=["HEAD_DIM", "GROUP_PAD", "NUM_SPLITS"],
+          prune_configs_by={"early_config_prune": _prune_fp32})
+@triton.jit
+def _decode_split_kernel(q_ptr, k_ptr, v_ptr, ctx_ptr, rows_ptr, po_ptr, plse_ptr,
+                         sq_b, sq_h, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
+                         spo_b, spo_h, spo_s, spl_b, spl_h,
+                         t_max, qk_scale,
+                         KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+                         HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                         HAS_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                         BLOCK_N: tl.constexpr):
+    """Phase 1: one program = (row, kv head, split); all GROUP query heads of that kv head share
+    each K/V tile (a [GROUP_PAD, D] x [D, BLOCK_N] dot), so K/V is read once per kv head."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    r = pid // KV_HEADS
+    kvh = pid % KV_HEADS
+    if HAS_ROWS:
+        row = tl.load(rows_ptr + r).to(tl.int64)
+    else:
+        row = r.to(tl.int64)
+    ctx = tl.minimum(tl.load(ctx_ptr + row), t_max)
+    # Splits divide this row's own context (not T_max), in whole key tiles, so short rows in a
+    # long cache still spread over all splits; splits past the context get no keys.
+    split_len = tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = split * split_len
+    hi = tl.minimum(lo + split_len, ctx)
+
+    offs_g = tl.arange(0, GROUP_PAD)
+    offs_d = tl.arange(0, HEAD_DIM)
+    g_valid = offs_g < GROUP
+    heads = kvh * GROUP + offs_g
+    q = tl.load(q_ptr + row * sq_b + heads[:, None] * sq_h + offs_d[None, :],
+                mask=g_valid[:, None], other=0.0)
+    k_base = k_ptr + row * sk_b + kvh * sk_h
+    v_base = v_ptr + row * sv_b + kvh * sv_h
+
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
+    l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
+    m_i = tl.full([GROUP_PAD], -1.0e30, dtype=tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        in_range = offs_n < hi
+        k = tl.load(k_base + offs_n[:, None] * sk_t + offs_d[None, :], mask=in_range[:, None],
+                    other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        s = tl.where(in_range[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_n[:, None] * sv_t + offs_d[None, :], mask=in_range[:, None],
+                    other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    # An empty split writes a zero partial with LSE -inf, so the merge gives it zero weight
+    # (and the workspace never needs clearing).
+    has_keys = l_i > 0
+    o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+    tl.store(po_ptr + row * spo_b + heads[:, None] * spo_h + split * spo_s + offs_d[None, :], o,
+             mask=g_valid[:, None])
+    tl.store(plse_ptr + row * spl_b + heads * spl_h + split, lse, mask=g_valid)
+
+
+@triton.jit
+def _decode_merge_kernel(po_ptr, plse_ptr, rows_ptr, o_ptr,
+                         spo_b, spo_h, spo_s, spl_b, spl_h, so_b, so_h,
+                         NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+                         HAS_ROWS: tl.constexpr):
+    """Phase 2: out = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M), M = max_s lse_s."""
+    pid = tl.program_id(0)
+    r = pid // NUM_HEADS
+    h = pid % NUM_HEADS
+    if HAS_ROWS:
+        row = tl.load(rows_ptr + r).to(tl.int64)
+    else:
+        row = r.to(tl.int64)
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, HEAD_DIM)
+    s_valid = offs_s < NUM_SPLITS
+    lse = tl.load(plse_ptr + row * spl_b + h * spl_h + offs_s, mask=s_valid, other=float("-inf"))
+    m = tl.max(lse, 0)
+    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
+    po = tl.load(po_ptr + row * spo_b + h * spo_h + offs_s[:, None] * spo_s + offs_d[None, :],
+                 mask=s_valid[:, None], other=0.0)
+    den = tl.sum(w, 0)
+    o = tl.sum(po * w[:, None], 0) / tl.where(den > 0, den, 1.0)
+    tl.store(o_ptr + row * so_b + h * so_h + offs_d, o.to(o_ptr.dtype.element_ty))
+
+
+@torch.library.custom_op("d3kernels::attention_decode",
+                         mutates_args=("out", "partial_out", "partial_lse"))
+def _attention_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         context_lens: torch.Tensor, rows: Optional[torch.Tensor],
+                         out: torch.Tensor, partial_out: torch.Tensor,
+                         partial_lse: torch.Tensor) -> None:
+    B, Hq, D = q.shape
+    kv_heads, t_max = k_cache.shape[1], k_cache.shape[2]
+    num_splits = partial_lse.shape[2]
+    R = B if rows is None else rows.numel()
+    if R == 0:
+        return
+    group = Hq // kv_heads
+    _decode_split_kernel[(R * kv_heads, num_splits)](
+        q, k_cache, v_cache, context_lens, rows, partial_out, partial_lse,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        partial_out.stride(0), partial_out.stride(1), partial_out.stride(2),
+        partial_lse.stride(0), partial_lse.stride(1),
+        t_max, _LOG2E / math.sqrt(D),
+        KV_HEADS=kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=D, NUM_SPLITS=num_splits, HAS_ROWS=rows is not None,
+        DOT_PRECISION=_dot_precision(q.dtype))
+    _decode_merge_kernel[(R * Hq,)](
+        partial_out, partial_lse, rows, out,
+        partial_out.stride(0), partial_out.stride(1), partial_out.stride(2),
+        partial_lse.stride(0), partial_lse.stride(1), out.stride(0), out.stride(1),
+        NUM_HEADS=Hq, HEAD_DIM=D, NUM_SPLITS=num_splits,
+        SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)), HAS_ROWS=rows is not None,
+        num_warps=4)
+
+
+@_attention_decode_op.register_fake
+def _(q, k_cache, v_cache, context_lens, rows, out, partial_out, partial_lse) -> None:
+    return None
+
+
+# ---- public API ---------------------------------------------------------------------------------
+
+def _check_cache(q: torch.Tensor, k_cache, v_cache) -> None:
+    check_tensor("k_cache", k_cache, ndim=4, dtype=q.dtype, device=q.device)
+    B, Hkv, t_max, D = k_cache.shape
+    check_tensor("v_cache", v_cache, shape=tuple(k_cache.shape), dtype=q.dtype, device=q.device)
+    if B != q.shape[0]:
+        raise ValueError(f"k_cache has batch {B} but q has batch {q.shape[0]}")
+    if D != q.shape[-1]:
+        raise ValueError(f"k_cache has head_dim {D} but q has head_dim {q.shape[-1]}")
+    if Hkv == 0 or t_max == 0:
+        raise ValueError(f"k_cache must have kv_heads >= 1 and T_max >= 1, got shape "
+                         f"{list(k_cache.shape)}")
+    if q.shape[-2] == 0 or q.shape[-2] % Hkv:
+        raise ValueError(f"q has {q.shape[-2]} heads, which must be a positive multiple of the "
+                         f"{Hkv} kv heads of k_cache")
+
+
+def _check_q(q, ndim: int) -> None:
+    check_tensor("q", q, ndim=ndim, dtype=FLOAT_DTYPES)
+    D = q.shape[-1]
+    if D < 16 or D > 256 or D & (D - 1):
+        raise ValueError(f"q: head_dim must be a power of two in [16, 256], got {D}")
+    check_launchable(q)
+
+
+def _check_out(out, q: torch.Tensor) -> None:
+    if out is not None:
+        check_tensor("out", out, shape=tuple(q.shape), dtype=q.dtype, device=q.device)
+
+
+def attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      start: torch.Tensor, lengths: torch.Tensor, *,
+                      rows: torch.Tensor | None = None,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal GQA flash attention of a chunk of queries against the KV cache.
+
+    Args:
+        q: [B, T, Hq, D] fp32/fp16/bf16, RoPE applied; D a power of two in [16, 256].
+        k_cache, v_cache: [B, kv_heads, T_max, D], q's dtype, Hq a multiple of kv_heads; any
+            outer strides. K/V of this chunk must already be in the cache.
+        start: int32 [B], position of q[b, 0] (0 for a fresh prompt, > 0 for a chunk that
+            extends an existing cache).
+        lengths: int32 [B], valid queries of row b (rows right-padded to T).
+            Query t of row b sits at position start[b] + t and attends to cache positions
+            0..start[b] + t; the caller guarantees start[b] + lengths[b] <= T_max.
+        rows: None or int32 [R] of distinct batch rows to compute; other rows of ``out`` are
+            left untouched.
+        out: optional [B, T, Hq, D] output buffer in q's dtype (no allocation when given).
+
+    Returns ``out`` [B, T, Hq, D]: padded queries (t >= lengths[b]) are zeros; rows not in
+    ``rows`` keep their previous contents (zeros if ``out`` was allocated here).
+    """
+    _check_q(q, 4)
+    _check_cache(q, k_cache, v_cache)
+    B, T = q.shape[:2]
+    if T > k_cache.shape[2]:
+        raise ValueError(f"q has {T} query positions but the cache holds only T_max="
+                         f"{k_cache.shape[2]}")
+    check_tensor("start", start, shape=(B,), dtype=torch.int32, device=q.device)
+    check_tensor("lengths", lengths, shape=(B,), dtype=torch.int32, device=q.device)
+    check_rows(rows, B, q.device)
+    _check_out(out, q)
+    if out is None:
+        out = torch.empty_like(q) if rows is None else torch.zeros_like(q)
+    _attention_prefill_op(q, k_cache, v_cache, start, lengths, rows, out)
+    return out
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: a few programs are plenty
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def attention_decode_splits(num_rows: int, kv_heads: int, t_max: int,
+                            device: torch.device) -> int:
+    """Host-side split count for ``attention_decode`` from shapes only (CUDA-graph safe).
+
+    Enough (row, kv head, split) programs to give every SM two, but no more splits than keep
+    ``_MIN_SPLIT_KEYS`` keys per split of a full cache, and at most ``MAX_SPLITS``.
+    """
+    want = triton.cdiv(2 * _sm_count(torch.device(device)), max(1, num_rows * kv_heads))
+    return max(1, min(want, triton.cdiv(t_max, _MIN_SPLIT_KEYS), MAX_SPLITS))
+
+
+def attention_decode_workspace(batch: int, num_heads: int, head_dim: int, num_splits: int,
+                               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Preallocated split-KV workspace for ``attention_decode(..., workspace=...)``:
+    partial outputs fp32 [batch, num_heads, num_splits, head_dim] and their log2-sum-exp fp32
+    [batch, num_heads, num_splits]. Never needs clearing; reuse it across steps and layers."""
+    return (torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=device),
+            torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=device))
+
+
+def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     context_lens: torch.Tensor, *, rows: torch.Tensor | None = None,
+                     out: torch.Tensor | None = None, num_splits: int | None = None,
+                     workspace: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Single-token GQA attention against the KV cache by split-KV flash-decoding.
+
+    Args:
+        q: [B, Hq, D] fp32/fp16/bf16, one query per row at position context_lens[b] - 1 (its K/V
+            already in the cache); D a power of two in [16, 256].
+        k_cache, v_cache: [B, kv_heads, T_max, D], q's dtype, Hq a multiple of kv_heads; any
+            outer strides.
+        context_lens: int32 [B], keys row b attends (1..T_max; read on the device).
+        rows: None or int32 [R] of distinct batch rows to compute; other rows of ``out`` are
+            left untouched.
+        out: optional [B, Hq, D] output buffer in q's dtype.
+        num_splits: KV splits per row (1..MAX_SPLITS); None: ``attention_decode_splits`` of the
+            active rows, kv heads and T_max, or the workspace's split count when one is given.
+        workspace: optional ``attention_decode_workspace(B, Hq, D, num_splits, device)``.
+
+    With ``out`` and ``workspace`` given the call allocates nothing and never syncs, so it can be
+    captured in a CUDA graph and replayed with new ``context_lens`` values. Without them, the
+    allocations depend on shapes only (capturable too, from the graph's private pool).
+
+    Returns ``out`` [B, Hq, D]; rows not in ``rows`` keep their previous contents (zeros if
+    ``out`` was allocated here).
+    """
+    _check_q(q, 3)
+    _check_cache(q, k_cache, v_cache)
+    B, Hq, D = q.shape
+    check_tensor("context_lens", context_lens, shape=(B,), dtype=torch.int32, device=q.device)
+    check_rows(rows, B, q.device)
+    _check_out(out, q)
+    if num_splits is not None and (not isinstance(num_splits, int) or
+                                   not 1 <= num_splits <= MAX_SPLITS):
+        raise ValueError(f"num_splits must be an int in [1, {MAX_SPLITS}], got {num_splits!r}")
+    if workspace is None:
+        if num_splits is None:
+            num_splits = attention_decode_splits(B if rows is None else rows.numel(),
+                                                 k_cache.shape[1], k_cache.shape[2], q.device)
+        workspace = attention_decode_workspace(B, Hq, D, num_splits, q.device)
+    else:
+        if not isinstance(workspace, (tuple, list)) or len(workspace) != 2:
+            raise ValueError("workspace must be the pair (partial_out, partial_lse) from "
+                             "attention_decode_workspace")
+        partial_out, partial_lse = workspace
+        check_tensor("workspace[1] (partial_lse)", partial_lse, shape=(B, Hq, None),
+                     dtype=torch.float32, device=q.device)
+        S = partial_lse.shape[2]
+        check_tensor("workspace[0] (partial_out)", partial_out, shape=(B, Hq, S, D),
+                     dtype=torch.float32, device=q.device)
+        if not 1 <= S <= MAX_SPLITS:
+            raise ValueError(f"workspace holds {S} splits, must be in [1, {MAX_SPLITS}]")
+        if num_splits is not None and num_splits != S:
+            raise ValueError(f"num_splits={num_splits} but the workspace holds {S} splits")
+    if out is None:
+        out = torch.empty_like(q) if rows is None else torch.zeros_like(q)
+    _attention_decode_op(q, k_cache, v_cache, context_lens, rows, out, *workspace)
+    return out

@@ -1,0 +1,200 @@
+"""D³ ``propagate`` backfill: K/V of skipped layers for many tokens, all layers in one launch.
+
+For every listed (token, layer) pair: the layer's own input RMSNorm of the token's
+residual-stream state, its K/V projections (rows q_size: of the stacked w_qkv), RoPE on K at the
+token's position, and the write into the stacked cache (design.md §2, §4.2). The grid is
+layer × token tile × output tile, so the launch reads each listed layer's K/V weights once per
+token tile, whatever the number of layers; the norm statistic is per token and recomputed per
+program (x is tiny).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from d3kernels.ops._checks import FLOAT_DTYPES, check_launchable, check_tensor
+from d3kernels.ops._tuning import autotune
+
+# As in qkv_rope: a program owns BLOCK_HALF matching columns of both halves of one K or V head,
+# so RoPE happens in its epilogue. Few tokens (one step's backfill) is the common case.
+_CONFIGS = [
+    triton.Config({"BLOCK_M": 16, "BLOCK_HALF": 16, "BLOCK_K": 256}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 16, "BLOCK_HALF": 32, "BLOCK_K": 128}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 16, "BLOCK_HALF": 16, "BLOCK_K": 512}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 32, "BLOCK_HALF": 32, "BLOCK_K": 128}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_HALF": 32, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_HALF": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop configs whose half-head block is wider than the (power-of-two padded) half head."""
+    half = max(16, triton.next_power_of_2(named_args["HALF"]))
+    return [c for c in configs if c.kwargs["BLOCK_HALF"] <= half]
+
+
+@autotune(_CONFIGS, key=["M_BUCKET", "H", "HALF"], prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _kv_backfill_kernel(
+    x_ptr, layers_ptr, nw_ptr, w_ptr, cos_ptr, sin_ptr, pos_ptr, crow_ptr, k_ptr, v_ptr,
+    M, H, HALF, Q_SIZE, POS_LIMIT, eps,
+    M_BUCKET,  # read only by the autotuner's key
+    stride_x, stride_nl, stride_wl, stride_wn, stride_cos, stride_sin,
+    stride_cl, stride_cb, stride_ch, stride_ct,
+    NUM_KV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    m_tiles = tl.cdiv(M, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    # Token tiles of one layer are neighbours in launch order: they share that layer's weights.
+    layer = tl.load(layers_ptr + pid // m_tiles).to(tl.int64)
+    m = (pid % m_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = m < M
+    half_blocks = tl.cdiv(HALF, BLOCK_HALF)
+    head = pid_n // half_blocks  # over the K heads, then the V heads
+    cols = (pid_n % half_blocks) * BLOCK_HALF + tl.arange(0, BLOCK_HALF)
+    col_mask = cols < HALF
+
+    x_row = x_ptr + m.to(tl.int64) * stride_x
+    sumsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        xk = tl.load(x_row[:, None] + k[None, :], mask=m_mask[:, None] & (k < H)[None, :],
+                     other=0.0).to(tl.float32)
+        sumsq += tl.sum(xk * xk, axis=1)
+    rstd = tl.rsqrt(sumsq / H + eps)
+
+    nw_row = nw_ptr + layer * stride_nl
+    w_lo = w_ptr + layer * stride_wl + (Q_SIZE + head * 2 * HALF + cols).to(tl.int64) * stride_wn
+    w_hi = w_lo + HALF * stride_wn
+    acc_lo = tl.zeros((BLOCK_M, BLOCK_HALF), dtype=tl.float32)
+    acc_hi = tl.zeros((BLOCK_M, BLOCK_HALF), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = k < H
+        xk = tl.load(x_row[:, None] + k[None, :], mask=m_mask[:, None] & k_mask[None, :],
+                     other=0.0).to(tl.float32)
+        g = tl.load(nw_row + k, mask=k_mask, other=0.0).to(tl.float32)
+        # the normed input in the model's dtype, as the per-layer path feeds its projection
+        h = (xk * rstd[:, None] * g[None, :]).to(x_ptr.dtype.element_ty)
+        w_mask = k_mask[:, None] & col_mask[None, :]
+        acc_lo = tl.dot(h, tl.load(w_lo[None, :] + k[:, None], mask=w_mask, other=0.0), acc_lo)
+        acc_hi = tl.dot(h, tl.load(w_hi[None, :] + k[:, None], mask=w_mask, other=0.0), acc_hi)
+
+    # A position past the cache or the tables is the caller's bug; masking keeps memory safe.
+    pos = tl.load(pos_ptr + m, mask=m_mask, other=0)
+    crow = tl.load(crow_ptr + m, mask=m_mask, other=0).to(tl.int64)
+    tile_mask = m_mask[:, None] & col_mask[None, :] & (pos < POS_LIMIT)[:, None]
+    is_k = head < NUM_KV
+    offs = (layer * stride_cl + crow * stride_cb + (head % NUM_KV) * stride_ch
+            + pos.to(tl.int64) * stride_ct)[:, None] + cols[None, :]
+    if is_k:
+        # Rotate-half RoPE: out[i] = k[i] cos[i] - k[i+D/2] sin[i],
+        # out[i+D/2] = k[i+D/2] cos[i+D/2] + k[i] sin[i+D/2].
+        cos_row = cos_ptr + pos.to(tl.int64)[:, None] * stride_cos + cols[None, :]
+        sin_row = sin_ptr + pos.to(tl.int64)[:, None] * stride_sin + cols[None, :]
+        cos_lo = tl.load(cos_row, mask=tile_mask, other=0.0).to(tl.float32)
+        cos_hi = tl.load(cos_row + HALF, mask=tile_mask, other=0.0).to(tl.float32)
+        sin_lo = tl.load(sin_row, mask=tile_mask, other=0.0).to(tl.float32)
+        sin_hi = tl.load(sin_row + HALF, mask=tile_mask, other=0.0).to(tl.float32)
+        out_lo = acc_lo * cos_lo - acc_hi * sin_lo
+        out_hi = acc_hi * cos_hi + acc_lo * sin_hi
+        dst = k_ptr + offs
+    else:
+        out_lo = acc_lo
+        out_hi = acc_hi
+        dst = v_ptr + offs
+    tl.store(dst, out_lo.to(dst.dtype.element_ty), mask=tile_mask)
+    tl.store(dst + HALF, out_hi.to(dst.dtype.element_ty), mask=tile_mask)
+
+
+def _launch(x, layers, norm_weight, w_qkv, cos, sin, positions, cache_rows, k_cache, v_cache,
+            q_size, eps):
+    M, H = x.shape
+    NL = layers.shape[0]
+    num_kv, head_dim = k_cache.shape[2], k_cache.shape[4]
+    if M == 0 or NL == 0:
+        return
+    grid = lambda meta: (NL * triton.cdiv(M, meta["BLOCK_M"]),  # noqa: E731
+                         2 * num_kv * triton.cdiv(head_dim // 2, meta["BLOCK_HALF"]))
+    _kv_backfill_kernel[grid](
+        x, layers, norm_weight, w_qkv, cos, sin, positions, cache_rows, k_cache, v_cache,
+        M, H, head_dim // 2, q_size, min(k_cache.shape[3], cos.shape[0]), eps,
+        min(triton.next_power_of_2(M), 64),
+        x.stride(0), norm_weight.stride(0), w_qkv.stride(0), w_qkv.stride(1),
+        cos.stride(0), sin.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
+        NUM_KV=num_kv,
+    )
+
+
+@torch.library.custom_op("d3kernels::kv_backfill", mutates_args=("k_cache", "v_cache"))
+def _kv_backfill_op(x: torch.Tensor, layers: torch.Tensor, norm_weight: torch.Tensor,
+                    w_qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    positions: torch.Tensor, cache_rows: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, q_size: int, eps: float) -> None:
+    _launch(x, layers, norm_weight, w_qkv, cos, sin, positions, cache_rows, k_cache, v_cache,
+            q_size, eps)
+
+
+@_kv_backfill_op.register_fake
+def _(x, layers, norm_weight, w_qkv, cos, sin, positions, cache_rows, k_cache, v_cache, q_size,
+      eps):
+    return None
+
+
+def kv_backfill(x: torch.Tensor, layers: torch.Tensor, norm_weight: torch.Tensor,
+                w_qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                positions: torch.Tensor, cache_rows: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, *, q_size: int, eps: float) -> None:
+    """Fill the KV cache of skipped layers for many tokens in one launch (``propagate`` mode).
+
+    For every token m and every layer l in ``layers``:
+    ``h = rmsnorm(x[m]) * norm_weight[l]``; ``k, v = h @ W_k[l].T, h @ W_v[l].T`` (W_k, W_v the
+    rows ``q_size:`` of ``w_qkv[l]``); RoPE on k at ``positions[m]``; then
+    ``k_cache[l, cache_rows[m], :, positions[m]] = k`` and likewise v. Nothing else is written.
+
+    Args:
+        x: [M, H] fp32/fp16/bf16, residual-stream states as they reach the skipped layers
+            (not normed).
+        layers: int32 [NL], layer indices to fill (any order, distinct).
+        norm_weight: [L, H], x's dtype: every layer's input-norm weight (the engine's attn_norm).
+        w_qkv: [L, q_size + 2*kv_heads*D, H], x's dtype: the stacked QKV weights; Q rows unread.
+        cos, sin: [T_max', D] float RoPE tables (``d3kernels.model.rope_tables``).
+        positions: int32 [M], cache positions (< min(T_max, T_max'); others are not written).
+        cache_rows: int32 [M], batch rows of the cache.
+        k_cache, v_cache: [L, B, kv_heads, T_max, D], x's dtype, the stacked cache (same strides).
+        q_size: num_heads * D, where the K rows of w_qkv start.
+        eps: the RMSNorm epsilon.
+
+    Two tokens may share a row at different positions; (row, position) pairs should be distinct.
+    """
+    check_tensor("x", x, ndim=2, dtype=FLOAT_DTYPES)
+    M, H = x.shape
+    dev, dt = x.device, x.dtype
+    check_tensor("k_cache", k_cache, ndim=5, dtype=dt, device=dev)
+    L, _, num_kv, _, D = k_cache.shape
+    if D % 2:
+        raise ValueError(f"k_cache: head_dim must be even for RoPE, got {D}")
+    check_tensor("v_cache", v_cache, shape=tuple(k_cache.shape), dtype=dt, device=dev)
+    if v_cache.stride() != k_cache.stride():
+        raise ValueError(f"v_cache must have k_cache's strides {list(k_cache.stride())}, got "
+                         f"{list(v_cache.stride())}")
+    if isinstance(q_size, bool) or not isinstance(q_size, int) or q_size < 0:
+        raise ValueError(f"q_size must be an int >= 0, got {q_size!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:
+        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+    check_tensor("layers", layers, ndim=1, dtype=torch.int32, device=dev)
+    if layers.shape[0] > L:
+        raise ValueError(f"layers has {layers.shape[0]} entries but the cache has only {L} layers")
+    check_tensor("norm_weight", norm_weight, shape=(L, H), dtype=dt, device=dev)
+    check_tensor("w_qkv", w_qkv, shape=(L, q_size + 2 * num_kv * D, H), dtype=dt, device=dev)
+    check_tensor("cos", cos, shape=(None, D), dtype=FLOAT_DTYPES, device=dev)
+    check_tensor("sin", sin, shape=tuple(cos.shape), dtype=FLOAT_DTYPES, device=dev)
+    check_tensor("positions", positions, shape=(M,), dtype=torch.int32, device=dev)
+    check_tensor("cache_rows", cache_rows, shape=(M,), dtype=torch.int32, device=dev)
+    check_launchable(x)
+    _kv_backfill_op(x, layers, norm_weight, w_qkv, cos, sin, positions, cache_rows, k_cache,
+                    v_cache, q_size, float(eps))

@@ -1,0 +1,314 @@
+"""Early-exit LM head: final RMSNorm + vocab projection + token choice, logits only on request.
+
+Phase 1 (grid: vocab tile × row tile) computes one tile of logits per program and keeps, per row,
+the tile's best (value, index) pair — greedy, or Gumbel-max sampling with the noise added to every
+logit — or, for top-k sampling, the tile's top-k pairs. Phase 2 (a few rows per program) reduces
+those candidates to the token id. Logits are never stored unless ``logits_out`` is given. Top-k
+candidate lists longer than one phase-2 block are first cut down in parallel (grid: row × chunk,
+each chunk to its own top-k), so phase 2 never scans more than _CHUNK candidates.
+
+A (value, index) pair travels as one int64 key: the float's bits mapped to an order-preserving
+int32 in the high word, ``0x7FFFFFFF - index`` in the low word. Keys order by value, then by the
+smaller index, so one integer max gives torch.argmax's tie rule, and keys are never equal.
+Top-k lists are extracted with k passes of max (no tl.sort: Triton's interpreter sorts a 16x128
+block in seconds; k <= 64 passes over a register tile are cheap on a GPU).
+
+Sampling noise: ``tl.rand(seed, offset + row * V + vocab_index)`` (Philox), so a token's noise
+depends only on the seed, the offset, its batch row and its vocab index, whichever rows run and
+however the vocab is tiled. ``seed`` and ``offset`` are read from int64 device tensors inside the
+kernels, so a captured CUDA graph replays with whatever values they hold: advance the offset
+in place between steps (e.g. ``offset += M * V``) to draw fresh noise at every replay.
+
+Scratch: the candidates (R x ceil(V / BLOCK_V) x max(top_k, 1) int64) come from torch's caching
+allocator on every call, which a CUDA graph capture records like any other allocation.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from d3kernels.ops._checks import FLOAT_DTYPES, check_launchable, check_rows, check_tensor
+from d3kernels.ops._tuning import autotune
+
+BLOCK_V = 128  # vocab columns per tile; fixed so the candidates' layout is known before launch
+MAX_TOP_K = 64
+_CHUNK = 2048  # candidates that phase 2 (and a cut-down program) scans at once; > 2 * MAX_TOP_K
+_KEY_MIN = tl.constexpr(-(2 ** 63))  # below every key: pads loads and masks columns
+
+# Decode-sized row tiles: the LM head runs on one token per sequence. The weight read is the whole
+# cost; the configs trade K depth against loads in flight.
+_CONFIGS = [
+    triton.Config({"BLOCK_M": 16, "BLOCK_K": 128}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 16, "BLOCK_K": 256}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 16, "BLOCK_K": 64}, num_warps=4, num_stages=6),
+    triton.Config({"BLOCK_M": 16, "BLOCK_K": 128}, num_warps=8, num_stages=5),
+    triton.Config({"BLOCK_M": 32, "BLOCK_K": 128}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 32, "BLOCK_K": 128}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+]
+
+
+@triton.jit
+def _pack(val, idx):
+    """(fp32 value, int32 index) -> int64 key, larger value first, then smaller index."""
+    bits = val.to(tl.int32, bitcast=True)
+    ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return (ordered.to(tl.int64) << 32) | (0x7FFFFFFF - idx).to(tl.int64)
+
+
+@triton.jit
+def _unpack(key):
+    ordered = (key >> 32).to(tl.int32)
+    bits = tl.where(ordered < 0, ordered ^ 0x7FFFFFFF, ordered)
+    idx = 0x7FFFFFFF - (key & 0x7FFFFFFF).to(tl.int32)
+    return bits.to(tl.float32, bitcast=True), idx
+
+
+@triton.jit
+def _gumbel(seed, offsets):
+    return -tl.log(-tl.log(tl.rand(seed, offsets)))
+
+
+@triton.jit
+def _store_top(keys, dst, mask, KP: tl.constexpr):
+    """Store the KP largest keys of each row of ``keys`` [N, C], largest first, at dst[n] + j."""
+    for j in range(KP):
+        best = tl.max(keys, axis=1)
+        tl.store(dst + j, best, mask=mask)
+        keys = tl.where(keys == best[:, None], _KEY_MIN, keys)
+
+
+@autotune(_CONFIGS, key=["M_BUCKET", "H", "V"])
+@triton.jit
+def _lm_head_tile_kernel(
+    x_ptr, nw_ptr, w_ptr, rows_ptr, seed_ptr, offset_ptr, logits_ptr, cand_ptr,
+    R, H, V, eps, inv_temp,
+    M_BUCKET,  # read only by the autotuner's key
+    stride_x, stride_w, stride_l, stride_c,
+    HAS_ROWS: tl.constexpr, WRITE_LOGITS: tl.constexpr, NOISE: tl.constexpr,
+    KP: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Program (vocab tile v, row tile): the KP best keys of each row over the tile at
+    cand[r, v*KP : (v+1)*KP], best first; score = logit, or logit/T + Gumbel noise when NOISE."""
+    pid_v = tl.program_id(0)
+    r = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    r_mask = r < R
+    if HAS_ROWS:
+        b = tl.load(rows_ptr + r, mask=r_mask, other=0).to(tl.int64)
+    else:
+        b = r.to(tl.int64)
+    x_row = x_ptr + b * stride_x
+
+    sumsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        xk = tl.load(x_row[:, None] + k[None, :], mask=r_mask[:, None] & (k < H)[None, :],
+                     other=0.0).to(tl.float32)
+        sumsq += tl.sum(xk * xk, axis=1)
+    rstd = tl.rsqrt(sumsq / H + eps)
+
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    c_mask = cols < V
+    w_tile = w_ptr + cols.to(tl.int64)[None, :] * stride_w
+    acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = k < H
+        xk = tl.load(x_row[:, None] + k[None, :], mask=r_mask[:, None] & k_mask[None, :],
+                     other=0.0).to(tl.float32)
+        g = tl.load(nw_ptr + k, mask=k_mask, other=0.0).to(tl.float32)
+        # the normed input in the model's dtype, as torch's rms_norm then linear
+        h = (xk * rstd[:, None] * g[None, :]).to(x_ptr.dtype.element_ty)
+        wk = tl.load(w_tile + k[:, None], mask=k_mask[:, None] & c_mask[None, :], other=0.0)
+        acc = tl.dot(h, wk, acc)
+    if WRITE_LOGITS:
+        tl.store(logits_ptr + b[:, None] * stride_l + cols[None, :], acc,
+                 mask=r_mask[:, None] & c_mask[None, :])
+    if NOISE:
+        noise_base = tl.load(offset_ptr) + b * V
+        acc = acc * inv_temp + _gumbel(tl.load(seed_ptr), noise_base[:, None] + cols[None, :])
+    keys = tl.where(c_mask[None, :], _pack(acc, cols[None, :]), _KEY_MIN)
+    _store_top(keys, cand_ptr + r * stride_c + pid_v * KP, r_mask, KP)
+
+
+@triton.jit
+def _top_candidates_kernel(cand_ptr, out_ptr, n_cand, stride_c, stride_o,
+                           KP: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (row, chunk): the KP best of the chunk's BLOCK candidates at out[row, chunk*KP]."""
+    r = tl.program_id(0)
+    chunk = tl.program_id(1)
+    j = chunk * BLOCK + tl.arange(0, BLOCK)
+    keys = tl.load(cand_ptr + r * stride_c + j, mask=j < n_cand, other=_KEY_MIN)
+    one = tl.zeros((1,), dtype=tl.int32)  # a [1] row so _store_top serves 1-D candidates too
+    _store_top(keys[None, :], out_ptr + r * stride_o + chunk * KP + one, one == 0, KP)
+
+
+@triton.jit
+def _select_kernel(
+    cand_ptr, rows_ptr, seed_ptr, offset_ptr, tokens_ptr,
+    R, V, n_cand, top_k, inv_temp, stride_c,
+    HAS_ROWS: tl.constexpr, TOP_K_SAMPLE: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """BLOCK_R active rows per program: the token of each row's best key (greedy, or Gumbel-max
+    already in the keys), or Gumbel-max over its top_k best logit keys (TOP_K_SAMPLE)."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_mask = r < R
+    if HAS_ROWS:
+        b = tl.load(rows_ptr + r, mask=r_mask, other=0).to(tl.int64)
+    else:
+        b = r.to(tl.int64)
+    j = tl.arange(0, BLOCK)
+    keys = tl.load(cand_ptr + r[:, None] * stride_c + j[None, :],
+                   mask=r_mask[:, None] & (j < n_cand)[None, :], other=_KEY_MIN)
+    best = tl.max(keys, axis=1)
+    if TOP_K_SAMPLE:
+        kth = best
+        for _ in range(top_k - 1):  # walk down to the k-th largest key (keys are distinct)
+            kth = tl.max(tl.where(keys < kth[:, None], keys, _KEY_MIN), axis=1)
+        logit, idx = _unpack(keys)
+        noise = _gumbel(tl.load(seed_ptr), tl.load(offset_ptr) + b[:, None] * V + idx)
+        # padding (fewer than top_k real candidates) decodes to an index >= V
+        chosen = (keys >= kth[:, None]) & (idx < V)
+        best = tl.max(tl.where(chosen, _pack(logit * inv_temp + noise, idx), _KEY_MIN), axis=1)
+    tl.store(tokens_ptr + b, _unpack(best)[1].to(tl.int64), mask=r_mask)
+
+
+def _launch(x, norm_weight, weight, eps, temperature, top_k, seed, offset, rows, logits_out,
+            tokens_out):
+    M, H = x.shape
+    V = weight.shape[0]
+    R = M if rows is None else rows.shape[0]
+    if R == 0:
+        return
+    sample = temperature > 0
+    top_k = top_k if sample and 0 < top_k < V else 0
+    kp = max(top_k, 1)  # candidates kept per tile and row
+    tiles = triton.cdiv(V, BLOCK_V)
+    cand = torch.empty((R, tiles * kp), dtype=torch.int64, device=x.device)
+    inv_temp = 1.0 / temperature if sample else 1.0
+    # unread pointer arguments get a placeholder tensor
+    rows_arg = cand if rows is None else rows
+    seed, offset = (seed, offset) if sample else (cand, cand)
+    grid = lambda meta: (tiles, triton.cdiv(R, meta["BLOCK_M"]))  # noqa: E731
+    _lm_head_tile_kernel[grid](
+        x, norm_weight, weight, rows_arg, seed, offset,
+        cand if logits_out is None else logits_out, cand,
+        R, H, V, eps, inv_temp, min(triton.next_power_of_2(R), 64),
+        x.stride(0), weight.stride(0), 0 if logits_out is None else logits_out.stride(0),
+        cand.stride(0),
+        HAS_ROWS=rows is not None, WRITE_LOGITS=logits_out is not None,
+        NOISE=sample and not top_k, KP=kp, BLOCK_V=BLOCK_V,
+    )
+    n_cand = cand.shape[1]
+    while n_cand > _CHUNK:
+        chunks = triton.cdiv(n_cand, _CHUNK)
+        out = torch.empty((R, chunks * kp), dtype=torch.int64, device=x.device)
+        _top_candidates_kernel[(R, chunks)](cand, out, n_cand, cand.stride(0), out.stride(0),
+                                           KP=kp, BLOCK=_CHUNK)
+        cand, n_cand = out, out.shape[1]
+    block = triton.next_power_of_2(n_cand)
+    block_r = max(1, min(16, _CHUNK // block))  # rows per program: a block of <= _CHUNK keys
+    _select_kernel[(triton.cdiv(R, block_r),)](
+        cand, rows_arg, seed, offset, tokens_out,
+        R, V, n_cand, top_k, inv_temp, cand.stride(0),
+        HAS_ROWS=rows is not None, TOP_K_SAMPLE=top_k > 0, BLOCK_R=block_r, BLOCK=block,
+    )
+
+
+@torch.library.custom_op("d3kernels::lm_head", mutates_args=("logits_out", "tokens_out"))
+def _lm_head_op(x: torch.Tensor, norm_weight: torch.Tensor, weight: torch.Tensor, eps: float,
+                temperature: float, top_k: int, seed: Optional[torch.Tensor],
+                offset: Optional[torch.Tensor],
+                rows: Optional[torch.Tensor], logits_out: Optional[torch.Tensor],
+                tokens_out: torch.Tensor) -> None:
+    _launch(x, norm_weight, weight, eps, temperature, top_k, seed, offset, rows, logits_out,
+            tokens_out)
+
+
+@_lm_head_op.register_fake
+def _(x, norm_weight, weight, eps, temperature, top_k, seed, offset, rows, logits_out,
+      tokens_out):
+    return None
+
+
+def _scalar_tensor(name: str, value, device: torch.device) -> torch.Tensor:
+    """An int64 [1] tensor on ``device``: a tensor is checked and used as is (graph-safe)."""
+    if isinstance(value, torch.Tensor):
+        check_tensor(name, value, dtype=torch.int64, device=device)
+        if value.numel() != 1:
+            raise ValueError(f"{name} must hold one value, got shape {list(value.shape)}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an int or an int64 tensor, got {type(value).__name__}")
+    return torch.tensor([value], dtype=torch.int64, device=device)
+
+
+def lm_head(x: torch.Tensor, norm_weight: torch.Tensor, weight: torch.Tensor, eps: float, *,
+            temperature: float = 0.0, top_k: int | None = None, seed=None, offset=0,
+            rows: torch.Tensor | None = None, logits_out: torch.Tensor | None = None,
+            tokens_out: torch.Tensor | None = None) -> torch.Tensor:
+    """Final RMSNorm + vocab projection + greedy or sampled token, one pass over the vocab.
+
+    Args:
+        x: [M, H] fp32/fp16/bf16, last hidden states (before the final norm).
+        norm_weight: [H], x's dtype, the final norm's weight.
+        weight: [V, H], x's dtype, the vocab projection (any V, e.g. 128256).
+        eps: RMSNorm epsilon.
+        temperature: 0 for greedy (argmax; ties go to the smallest index, as torch.argmax);
+            > 0 samples softmax(logits / temperature) by Gumbel-max.
+        top_k: None, or 1..64: sample among the top_k logits only (ties at the k-th value go to
+            the smaller index). Ignored when greedy; top_k >= V samples the whole vocab.
+        seed: int or int64 tensor [1] on x's device, the Philox seed; None draws one from torch's
+            default CPU generator (follows torch.manual_seed). Only read when sampling.
+        offset: int or int64 tensor [1] on x's device, added to the noise counter
+            ``row * V + vocab_index``: give each step a new offset (advancing by M * V keeps
+            every draw of a run distinct). Pass tensors to keep a captured CUDA graph
+            replayable: the kernels read them at run time (an int is copied to the device).
+        rows: None (all rows) or int32 [R] of distinct rows of x to process; other entries of
+            the outputs are left as they were.
+        logits_out: optional fp32 [M, V] buffer that receives the logits (processed rows only).
+        tokens_out: optional int64 [M] buffer for the token ids; allocated when None.
+
+    Returns:
+        int64 [M] token ids (``tokens_out`` when given; unprocessed rows of a fresh buffer hold
+        uninitialized values). fp32 logits; no [M, V] tensor exists unless ``logits_out`` asks.
+    """
+    check_tensor("x", x, ndim=2, dtype=FLOAT_DTYPES)
+    M, H = x.shape
+    dev, dt = x.device, x.dtype
+    check_tensor("norm_weight", norm_weight, shape=(H,), dtype=dt, device=dev)
+    check_tensor("weight", weight, ndim=2, dtype=dt, device=dev)
+    check_tensor("weight", weight, shape=(None, H))
+    V = weight.shape[0]
+    if V == 0:
+        raise ValueError("weight must have at least one vocab row")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:
+        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or not temperature >= 0:
+        raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
+                              or not 1 <= top_k <= MAX_TOP_K):
+        raise ValueError(f"top_k must be None or an int in [1, {MAX_TOP_K}], got {top_k!r}")
+    check_rows(rows, M, dev)
+    if logits_out is not None:
+        check_tensor("logits_out", logits_out, shape=(M, V), dtype=torch.float32, device=dev)
+    if tokens_out is None:
+        tokens_out = torch.empty((M,), dtype=torch.int64, device=dev)
+    else:
+        check_tensor("tokens_out", tokens_out, shape=(M,), dtype=torch.int64, device=dev)
+    if temperature > 0:
+        if seed is None:
+            seed = int(torch.randint(0, 2 ** 62, ()))
+        seed = _scalar_tensor("seed", seed, dev)
+        offset = _scalar_tensor("offset", offset, dev)
+    else:  # greedy reads neither, and must not copy them to the device (graph capture)
+        seed = offset = None
+    check_launchable(x)
+    _lm_head_op(x, norm_weight, weight, float(eps), float(temperature), top_k or 0, seed, offset,
+                rows, logits_out, tokens_out)
+    return tokens_out

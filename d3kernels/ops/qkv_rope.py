@@ -1,0 +1,205 @@
+"""QKV projection with rotate-half RoPE in the epilogue and K/V written straight into the cache.
+
+One launch computes ``x @ w_qkv.T`` for every token of the active rows, rotates Q and K, returns Q
+and stores K and V at each token's cache position. The rotation pairs column i of a head with
+column i + D/2, so a program owns matching column blocks of both halves of one head (two
+accumulators) and can rotate them without seeing any other program's output.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from d3kernels.ops._checks import FLOAT_DTYPES, check_launchable, check_rows, check_tensor
+from d3kernels.ops._tuning import autotune
+
+# BLOCK_HALF columns of each half of a head per program. Small-M configs serve decode (a GEMV per
+# row group, bound by the weight read: small N tiles give enough programs to fill the GPU); the
+# large-M ones serve prefill. The first one is also the interpreter's.
+_CONFIGS = [
+    triton.Config({"BLOCK_M": 16, "BLOCK_HALF": 16, "BLOCK_K": 256}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 16, "BLOCK_HALF": 32, "BLOCK_K": 128}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 16, "BLOCK_HALF": 16, "BLOCK_K": 512}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 32, "BLOCK_HALF": 32, "BLOCK_K": 128}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_HALF": 32, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_HALF": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_HALF": 32, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_HALF": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop configs whose half-head block is wider than the (power-of-two padded) half head."""
+    half = max(16, triton.next_power_of_2(named_args["HALF"]))
+    return [c for c in configs if c.kwargs["BLOCK_HALF"] <= half]
+
+
+def _m_bucket(m: int) -> int:
+    """Autotune key for the token count: decode sizes apart, every prefill length alike."""
+    return min(triton.next_power_of_2(m), 256)
+
+
+@autotune(_CONFIGS, key=["M_BUCKET", "H", "HALF"], prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _qkv_rope_kernel(
+    x_ptr, w_ptr, cos_ptr, sin_ptr, start_ptr, rows_ptr, q_ptr, k_ptr, v_ptr,
+    M, T, H, HALF, POS_LIMIT,
+    M_BUCKET,  # read only by the autotuner's key
+    stride_xb, stride_xt, stride_wn, stride_cos, stride_sin,
+    stride_qb, stride_qt, stride_qh,
+    stride_cb, stride_ch, stride_ct,
+    NUM_HEADS: tl.constexpr, NUM_KV: tl.constexpr, HAS_ROWS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    half_blocks = tl.cdiv(HALF, BLOCK_HALF)
+    head = pid_n // half_blocks  # over the Q heads, then the K heads, then the V heads
+    cols = (pid_n % half_blocks) * BLOCK_HALF + tl.arange(0, BLOCK_HALF)
+    col_mask = cols < HALF
+
+    # Tokens of all active rows are flattened into M = R*T, so a decode batch shares one M tile
+    # and reads the weights once.
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = m < M
+    r = m // T
+    t = m % T
+    if HAS_ROWS:
+        b = tl.load(rows_ptr + r, mask=m_mask, other=0)
+    else:
+        b = r
+    b = b.to(tl.int64)
+    pos = tl.load(start_ptr + b, mask=m_mask, other=0) + t
+
+    w_lo = w_ptr + (head * 2 * HALF + cols).to(tl.int64) * stride_wn
+    w_hi = w_lo + HALF * stride_wn
+    x_row = x_ptr + b * stride_xb + t * stride_xt
+    acc_lo = tl.zeros((BLOCK_M, BLOCK_HALF), dtype=tl.float32)
+    acc_hi = tl.zeros((BLOCK_M, BLOCK_HALF), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = k < H
+        xk = tl.load(x_row[:, None] + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        w_mask = k_mask[:, None] & col_mask[None, :]
+        acc_lo = tl.dot(xk, tl.load(w_lo[None, :] + k[:, None], mask=w_mask, other=0.0), acc_lo)
+        acc_hi = tl.dot(xk, tl.load(w_hi[None, :] + k[:, None], mask=w_mask, other=0.0), acc_hi)
+
+    # Rotate-half RoPE: out[i] = x[i] cos[i] - x[i+D/2] sin[i],
+    # out[i+D/2] = x[i+D/2] cos[i+D/2] + x[i] sin[i+D/2]. V heads pass through.
+    # A position past the cache or the tables is the caller's bug; masking keeps memory safe.
+    tile_mask = m_mask[:, None] & col_mask[None, :] & (pos < POS_LIMIT)[:, None]
+    cos_row = cos_ptr + pos.to(tl.int64)[:, None] * stride_cos + cols[None, :]
+    sin_row = sin_ptr + pos.to(tl.int64)[:, None] * stride_sin + cols[None, :]
+    cos_lo = tl.load(cos_row, mask=tile_mask, other=0.0).to(tl.float32)
+    cos_hi = tl.load(cos_row + HALF, mask=tile_mask, other=0.0).to(tl.float32)
+    sin_lo = tl.load(sin_row, mask=tile_mask, other=0.0).to(tl.float32)
+    sin_hi = tl.load(sin_row + HALF, mask=tile_mask, other=0.0).to(tl.float32)
+    is_v = head >= NUM_HEADS + NUM_KV
+    out_lo = tl.where(is_v, acc_lo, acc_lo * cos_lo - acc_hi * sin_lo)
+    out_hi = tl.where(is_v, acc_hi, acc_hi * cos_hi + acc_lo * sin_hi)
+
+    if head < NUM_HEADS:
+        dst = q_ptr + (b * stride_qb + t * stride_qt + head * stride_qh)[:, None] + cols[None, :]
+    else:
+        kv_head = (head - NUM_HEADS) % NUM_KV
+        offs = (b * stride_cb + kv_head * stride_ch + pos.to(tl.int64) * stride_ct)[:, None] \
+            + cols[None, :]
+        if is_v:
+            dst = v_ptr + offs
+        else:
+            dst = k_ptr + offs
+    tl.store(dst, out_lo.to(dst.dtype.element_ty), mask=tile_mask)
+    tl.store(dst + HALF, out_hi.to(dst.dtype.element_ty), mask=tile_mask)
+
+
+def _launch(x, w_qkv, cos, sin, start, k_cache, v_cache, q_out, rows, num_heads, num_kv_heads):
+    B, T, H = x.shape
+    R = B if rows is None else rows.shape[0]
+    M = R * T
+    head_dim = k_cache.shape[-1]
+    if M == 0:
+        return
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),  # noqa: E731
+                         (num_heads + 2 * num_kv_heads)
+                         * triton.cdiv(head_dim // 2, meta["BLOCK_HALF"]))
+    _qkv_rope_kernel[grid](
+        x, w_qkv, cos, sin, start, start if rows is None else rows, q_out, k_cache, v_cache,
+        M, T, H, head_dim // 2, min(k_cache.shape[2], cos.shape[0]), _m_bucket(M),
+        x.stride(0), x.stride(1), w_qkv.stride(0), cos.stride(0), sin.stride(0),
+        q_out.stride(0), q_out.stride(1), q_out.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        NUM_HEADS=num_heads, NUM_KV=num_kv_heads, HAS_ROWS=rows is not None,
+    )
+
+
+@torch.library.custom_op("d3kernels::qkv_rope", mutates_args=("k_cache", "v_cache", "q_out"))
+def _qkv_rope_op(x: torch.Tensor, w_qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 start: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 q_out: torch.Tensor, rows: Optional[torch.Tensor], num_heads: int,
+                 num_kv_heads: int) -> None:
+    _launch(x, w_qkv, cos, sin, start, k_cache, v_cache, q_out, rows, num_heads, num_kv_heads)
+
+
+@_qkv_rope_op.register_fake
+def _(x, w_qkv, cos, sin, start, k_cache, v_cache, q_out, rows, num_heads, num_kv_heads):
+    return None
+
+
+def qkv_rope(x: torch.Tensor, w_qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+             start: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
+             num_heads: int, num_kv_heads: int, rows: torch.Tensor | None = None,
+             q_out: torch.Tensor | None = None) -> torch.Tensor:
+    """Q/K/V projection + rotate-half RoPE + KV-cache write, one launch.
+
+    Args:
+        x: [B, T, H] fp32/fp16/bf16, the attention input (already RMS-normed).
+        w_qkv: [Q + 2K, H], x's dtype: Q = num_heads*D query rows, then K = num_kv_heads*D key
+            rows, then K value rows (the engine's ``w_qkv[j]``).
+        cos, sin: [T_max', D] float RoPE tables (``d3kernels.model.rope_tables``; llama3 scaling
+            already folded in), rows indexed by cache position.
+        start: int32 [B], cache position of x[b, 0]; token t of row b sits at start[b] + t.
+        k_cache, v_cache: [B, num_kv_heads, T_max, D], x's dtype, one layer of the stacked cache
+            (a strided view is fine; both must have the same strides). K (rotated) and V of every
+            processed token are written at [b, :, start[b] + t]; nothing else is touched.
+            Positions must be < min(T_max, T_max'): tokens past that are not written.
+        num_heads, num_kv_heads: head counts (GQA allowed); D = k_cache.shape[-1], even.
+        rows: None (all rows) or int32 [R] of distinct batch rows to process; other rows of the
+            cache and of ``q_out`` are left as they were.
+        q_out: optional [B, T, num_heads, D] buffer (x's dtype) for Q; allocated when None.
+
+    Returns:
+        q [B, T, num_heads, D] with RoPE applied (``q_out`` when given; rows not processed hold
+        whatever was there, uninitialized memory for a fresh buffer). fp32 accumulation.
+    """
+    check_tensor("x", x, ndim=3, dtype=FLOAT_DTYPES)
+    B, T, H = x.shape
+    dev, dt = x.device, x.dtype
+    for name, value in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    check_tensor("k_cache", k_cache, ndim=4, dtype=dt, device=dev)
+    D = k_cache.shape[-1]
+    if D % 2:
+        raise ValueError(f"k_cache: head_dim must be even for RoPE, got {D}")
+    check_tensor("k_cache", k_cache, shape=(B, num_kv_heads, None, D))
+    check_tensor("v_cache", v_cache, shape=tuple(k_cache.shape), dtype=dt, device=dev)
+    if v_cache.stride() != k_cache.stride():
+        raise ValueError(f"v_cache must have k_cache's strides {list(k_cache.stride())}, got "
+                         f"{list(v_cache.stride())}")
+    check_tensor("w_qkv", w_qkv, shape=((num_heads + 2 * num_kv_heads) * D, H), dtype=dt,
+                 device=dev)
+    check_tensor("cos", cos, shape=(None, D), dtype=FLOAT_DTYPES, device=dev)
+    check_tensor("sin", sin, shape=tuple(cos.shape), dtype=FLOAT_DTYPES, device=dev)
+    check_tensor("start", start, shape=(B,), dtype=torch.int32, device=dev)
+    check_rows(rows, B, dev)
+    if q_out is None:
+        q_out = torch.empty((B, T, num_heads, D), dtype=dt, device=dev)
+    else:
+        check_tensor("q_out", q_out, shape=(B, T, num_heads, D), dtype=dt, device=dev)
+    check_launchable(x)
+    _qkv_rope_op(x, w_qkv, cos, sin, start, k_cache, v_cache, q_out, rows, num_heads,
+                 num_kv_heads)
+    return q_out

@@ -1,0 +1,227 @@
+"""The SwiGLU MLP as two fused GEMMs: gate/up with a silu·mul epilogue, down with a residual add.
+
+``swiglu_gate_up``: each program computes the gate tile and the matching up tile of the same
+columns, so the [M, 2I] projection never reaches memory. ``down_residual``: the residual tile is
+read, added to in fp32 and written back in the epilogue.
+
+Decode (a few rows) is bound by reading the weight: one BLOCK_M tile covers the whole batch, so
+each weight element is read once, and thin N tiles give enough programs to keep every SM
+streaming. Prefill uses ordinary square-ish tiles. Rows are addressed through ``rows`` inside the
+kernel (no gather/scatter copies).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from d3kernels.ops._checks import FLOAT_DTYPES, check_launchable, check_rows, check_tensor
+from d3kernels.ops._tuning import autotune
+
+
+def _configs(decode, prefill):
+    """Decode tiles (BLOCK_M 16, 32) first: the interpreter runs only the first config."""
+    tiles = [(bm, *d) for bm in (16, 32) for d in decode] + prefill
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w,
+                          num_stages=s) for bm, bn, bk, w, s in tiles]
+
+
+# (BLOCK_N, BLOCK_K, warps, stages) for decode; (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) for
+# prefill. gate_up holds two accumulators, so its prefill tiles are a size smaller than down's.
+# Every 16-bit config's pipeline stays under Hopper's 227 KB of shared memory per block (fp32
+# ones that do not fit are skipped by the autotuner).
+_GATE_UP_CONFIGS = _configs(
+    decode=[(64, 128, 4, 4), (32, 128, 4, 4), (32, 256, 4, 3), (64, 256, 4, 2), (16, 256, 4, 4)],
+    prefill=[(64, 64, 64, 4, 4), (128, 64, 64, 8, 3), (64, 128, 64, 4, 3), (128, 128, 32, 8, 3),
+             (128, 64, 32, 4, 4)],
+)
+_DOWN_CONFIGS = _configs(
+    decode=[(64, 128, 4, 4), (32, 128, 4, 4), (32, 256, 4, 3), (16, 256, 4, 4), (16, 512, 4, 3)],
+    prefill=[(64, 64, 64, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 64, 8, 3),
+             (128, 256, 64, 8, 3)],
+)
+
+
+def _prune_by_rows(configs, named_args, **kwargs):
+    """Decode tiles for up to 32 rows (a taller tile only multiplies masked-out zero rows, a
+    shorter one rereads the weight), prefill tiles beyond. Falls back to all the configs given,
+    which in the interpreter is the single first one."""
+    bucket = named_args["M_BUCKET"]
+    if bucket <= 32:
+        keep = [c for c in configs if c.kwargs["BLOCK_M"] <= bucket]
+    else:
+        keep = [c for c in configs if 64 <= c.kwargs["BLOCK_M"] <= bucket]
+    return keep or configs
+
+
+@autotune(_GATE_UP_CONFIGS, key=["M_BUCKET", "N", "K"],
+          prune_configs_by={"early_config_prune": _prune_by_rows})
+@triton.jit
+def _gate_up_kernel(x_ptr, w_ptr, out_ptr, rows_ptr, R, N, K, M_BUCKET,
+                    stride_x, stride_w, stride_out,
+                    HAS_ROWS: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # out[row, n] = silu(x[row] · w[n]) * (x[row] · w[N + n]) for the R active rows.
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < R
+    if HAS_ROWS:
+        row = tl.load(rows_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+    else:
+        row = offs_m.to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+
+    x_ptrs = x_ptr + row[:, None] * stride_x + offs_k[None, :]
+    # Weight tiles are read as [BLOCK_K, BLOCK_N] views of the row-major [2N, K] weight.
+    wg_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_w + offs_k[:, None]
+    wu_ptrs = wg_ptrs + N * stride_w
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_mask = offs_k < K - k * BLOCK_K
+        xt = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        w_mask = k_mask[:, None] & n_mask[None, :]
+        acc_g = tl.dot(xt, tl.load(wg_ptrs, mask=w_mask, other=0.0), acc_g)
+        acc_u = tl.dot(xt, tl.load(wu_ptrs, mask=w_mask, other=0.0), acc_u)
+        x_ptrs += BLOCK_K
+        wg_ptrs += BLOCK_K
+        wu_ptrs += BLOCK_K
+
+    h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+    out_ptrs = out_ptr + row[:, None] * stride_out + offs_n[None, :]
+    tl.store(out_ptrs, h.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@autotune(_DOWN_CONFIGS, key=["M_BUCKET", "N", "K"],
+          prune_configs_by={"early_config_prune": _prune_by_rows},
+          # The residual is updated in place: each timing run must start from the original.
+          restore_value=["res_ptr"])
+@triton.jit
+def _down_residual_kernel(h_ptr, w_ptr, res_ptr, rows_ptr, R, N, K, M_BUCKET,
+                          stride_h, stride_w, stride_res,
+                          HAS_ROWS: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # res[row, n] += h[row] · w[n] for the R active rows.
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < R
+    if HAS_ROWS:
+        row = tl.load(rows_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+    else:
+        row = offs_m.to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+
+    h_ptrs = h_ptr + row[:, None] * stride_h + offs_k[None, :]
+    w_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_w + offs_k[:, None]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_mask = offs_k < K - k * BLOCK_K
+        ht = tl.load(h_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        wt = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(ht, wt, acc)
+        h_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+
+    mask = m_mask[:, None] & n_mask[None, :]
+    res_ptrs = res_ptr + row[:, None] * stride_res + offs_n[None, :]
+    res = tl.load(res_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(res_ptrs, (res + acc).to(res_ptr.dtype.element_ty), mask=mask)
+
+
+def _m_bucket(n_rows: int) -> int:
+    """Autotuning key for the row count: 16, 32, ..., 256, so decode batches up to 16 share one
+    tuning and so do prefill lengths past 128."""
+    return max(16, min(triton.next_power_of_2(n_rows), 256))
+
+
+def _grid(n_rows: int, n: int):
+    return lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))
+
+
+@torch.library.custom_op("d3kernels::swiglu_gate_up", mutates_args=("out",))
+def _gate_up_op(x: torch.Tensor, w_gate_up: torch.Tensor, rows: Optional[torch.Tensor],
+                out: torch.Tensor) -> None:
+    n_rows = x.shape[0] if rows is None else rows.numel()
+    inter, hidden = out.shape[1], x.shape[1]
+    if n_rows == 0 or inter == 0:
+        return
+    _gate_up_kernel[_grid(n_rows, inter)](
+        x, w_gate_up, out, rows, n_rows, inter, hidden, _m_bucket(n_rows),
+        x.stride(0), w_gate_up.stride(0), out.stride(0), HAS_ROWS=rows is not None)
+
+
+@_gate_up_op.register_fake
+def _(x, w_gate_up, rows, out) -> None:
+    return None
+
+
+@torch.library.custom_op("d3kernels::down_residual", mutates_args=("residual",))
+def _down_residual_op(h: torch.Tensor, w_down: torch.Tensor, residual: torch.Tensor,
+                      rows: Optional[torch.Tensor]) -> None:
+    n_rows = h.shape[0] if rows is None else rows.numel()
+    hidden, inter = w_down.shape
+    if n_rows == 0 or hidden == 0:
+        return
+    _down_residual_kernel[_grid(n_rows, hidden)](
+        h, w_down, residual, rows, n_rows, hidden, inter, _m_bucket(n_rows),
+        h.stride(0), w_down.stride(0), residual.stride(0), HAS_ROWS=rows is not None)
+
+
+@_down_residual_op.register_fake
+def _(h, w_down, residual, rows) -> None:
+    return None
+
+
+def swiglu_gate_up(x: torch.Tensor, w_gate_up: torch.Tensor, *, rows: torch.Tensor | None = None,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """``out = silu(x @ gate.T) * (x @ up.T)`` with gate, up = w_gate_up[:I], w_gate_up[I:].
+
+    x: [M, H] fp32/fp16/bf16 (rows may be strided, the last dim must be dense);
+    w_gate_up: [2I, H], x's dtype, gate rows first then up rows (the engine's stacking).
+    rows: None or int32 [R] of distinct row indices: only those rows of x are read and of out
+    written; the other rows of out keep what they held (uninitialized if allocated here).
+    out: optional [M, I] buffer of x's dtype (allocation-free, CUDA-graph capturable).
+    Returns out. fp32 accumulation; on a GPU fp32 inputs multiply in tf32.
+    """
+    check_tensor("x", x, ndim=2, dtype=FLOAT_DTYPES)
+    M, H = x.shape
+    check_tensor("w_gate_up", w_gate_up, shape=(None, H), dtype=x.dtype, device=x.device)
+    if w_gate_up.shape[0] % 2:
+        raise ValueError(f"w_gate_up must stack gate and up rows ([2I, H]), got "
+                         f"{w_gate_up.shape[0]} rows")
+    inter = w_gate_up.shape[0] // 2
+    if out is not None:
+        check_tensor("out", out, shape=(M, inter), dtype=x.dtype, device=x.device)
+    check_rows(rows, M, x.device)
+    check_launchable(x)
+    if out is None:
+        out = torch.empty((M, inter), dtype=x.dtype, device=x.device)
+    torch.ops.d3kernels.swiglu_gate_up(x, w_gate_up, rows, out)
+    return out
+
+
+def down_residual(h: torch.Tensor, w_down: torch.Tensor, residual: torch.Tensor, *,
+                  rows: torch.Tensor | None = None) -> None:
+    """In place: ``residual += h @ w_down.T``, added in fp32 and stored in residual's dtype.
+
+    h: [M, I] fp32/fp16/bf16; w_down: [H, I] and residual: [M, H], h's dtype (rows of h and
+    residual may be strided, last dims dense). rows: None or int32 [R] of distinct row indices:
+    only those rows of h are read and of residual updated; the others are left untouched.
+    Allocates nothing (CUDA-graph capturable). On a GPU fp32 inputs multiply in tf32.
+    """
+    check_tensor("h", h, ndim=2, dtype=FLOAT_DTYPES)
+    M, inter = h.shape
+    check_tensor("w_down", w_down, shape=(None, inter), dtype=h.dtype, device=h.device)
+    check_tensor("residual", residual, shape=(M, w_down.shape[0]), dtype=h.dtype,
+                 device=h.device)
+    check_rows(rows, M, h.device)
+    check_launchable(h)
+    torch.ops.d3kernels.down_residual(h, w_down, residual, rows)

@@ -1,0 +1,154 @@
+"""pytest-benchmark suite (GPU only): attention over the KV cache vs torch SDPA, eager and compiled.
+
+    python -m pytest perf/ops/bench_attention.py --benchmark-only [--benchmark-json=out.json]
+
+Llama-2-7B (32 q / 32 kv heads) and Llama-3-8B (32 / 8) heads, head_dim 128, bf16.
+Decode: batch 1, 8, 32 x context 512, 4096 (a full cache of that length); d3kernels'
+split-KV ``attention_decode`` (caller-provided out and workspace, as in a captured step) vs
+``F.scaled_dot_product_attention(q, k_cache[:, :, :ctx], v_cache[:, :, :ctx], enable_gqa=True)``
+eager and under torch.compile. Calls rotate over enough cache copies (>= 256 MiB) that each one
+reads its K/V from HBM, not from L2, as a decode step does. extra_info: per-call time, achieved
+GB/s of K/V read and its fraction of a device-to-device copy measured in the same run.
+Prefill: one 2048-token causal prompt, ``attention_prefill`` vs SDPA(is_causal=True), TFLOP/s
+counting the causal half (4·Hq·D·T²/2 flops).
+Each round runs the op ``calls`` times then synchronizes (warm-up rounds first, median
+reported), so the table's times are per round. Groups hold one shape, so the table's columns
+compare the implementations.
+"""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    pytest.skip("GPU benchmark: needs CUDA", allow_module_level=True)
+
+from d3kernels.ops.attention import (attention_decode, attention_decode_splits,  # noqa: E402
+                                     attention_decode_workspace, attention_prefill)
+
+MODELS = {"llama2-7b": (32, 32), "llama3-8b": (32, 8)}  # (q heads, kv heads)
+D, DTYPE = 128, torch.bfloat16
+IMPLS = ["d3kernels", "eager", "compile"]
+COLD_BYTES = 256 * 2**20  # more than an H100/H200 L2 (50/60 MB) several times over
+# One compiled graph per shape: keep dynamo from falling back to eager.
+torch._dynamo.config.cache_size_limit = 64
+
+
+@pytest.fixture(scope="module")
+def copy_gbps() -> float:
+    """Bandwidth of a 1 GiB device-to-device copy, bytes read + written, median of 20."""
+    src = torch.randn(2**28, device="cuda")
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(23):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * src.numel() * 4 / sorted(times[3:])[10] / 1e9
+
+
+def timed(benchmark, fn) -> float:
+    """Warm up (compile, autotune), then rounds of enough calls to last ~2 ms; returns the median
+    seconds per call."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    calls = max(1, min(200, int(2.0 / max(start.elapsed_time(end), 1e-3))))
+
+    def run():
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(run, rounds=20, warmup_rounds=3)
+    per_call = benchmark.stats.stats.median / calls
+    benchmark.extra_info.update(calls=calls, us=per_call * 1e6)
+    return per_call
+
+
+def _sdpa(impl: str, **kw):
+    def attn(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kw)
+
+    return torch.compile(attn, dynamic=False) if impl == "compile" else attn
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("ctx", [512, 4096])
+@pytest.mark.parametrize("batch", [1, 8, 32])
+@pytest.mark.parametrize("model", list(MODELS))
+def test_decode(benchmark, copy_gbps, model, batch, ctx, impl):
+    Hq, Hkv = MODELS[model]
+    torch.manual_seed(batch * ctx + Hkv)
+    kv_bytes = 2 * batch * Hkv * ctx * D * DTYPE.itemsize
+    caches = [(torch.randn(batch, Hkv, ctx, D, device="cuda", dtype=DTYPE),
+               torch.randn(batch, Hkv, ctx, D, device="cuda", dtype=DTYPE))
+              for _ in range(max(1, -(-COLD_BYTES // kv_bytes)))]
+    q = torch.randn(batch, Hq, D, device="cuda", dtype=DTYPE)
+    rotation = itertools.cycle(caches)
+
+    if impl == "d3kernels":
+        context_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+        splits = attention_decode_splits(batch, Hkv, ctx, q.device)
+        workspace = attention_decode_workspace(batch, Hq, D, splits, q.device)
+        out = torch.empty_like(q)
+
+        def fn():
+            k, v = next(rotation)
+            attention_decode(q, k, v, context_lens, out=out, workspace=workspace)
+
+        benchmark.extra_info.update(num_splits=splits)
+    else:
+        torch._dynamo.reset()
+        attn = _sdpa(impl)
+        q4 = q[:, :, None]  # [B, Hq, 1, D]
+
+        def fn():
+            k, v = next(rotation)
+            attn(q4, k[:, :, :ctx], v[:, :, :ctx])
+
+    benchmark.group = f"attention decode {model} B={batch} ctx={ctx}"
+    benchmark.extra_info.update(impl=impl, model=model, batch=batch, ctx=ctx, dtype=str(DTYPE))
+    per_call = timed(benchmark, fn)
+    gbps = kv_bytes / per_call / 1e9
+    benchmark.extra_info.update(GBps=gbps, bw_fraction=gbps / copy_gbps, copy_GBps=copy_gbps)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("model", list(MODELS))
+def test_prefill(benchmark, model, impl):
+    Hq, Hkv = MODELS[model]
+    T = 2048
+    torch.manual_seed(Hkv)
+    q = torch.randn(1, T, Hq, D, device="cuda", dtype=DTYPE)
+    k = torch.randn(1, Hkv, T, D, device="cuda", dtype=DTYPE)
+    v = torch.randn(1, Hkv, T, D, device="cuda", dtype=DTYPE)
+    if impl == "d3kernels":
+        start = torch.zeros(1, dtype=torch.int32, device="cuda")
+        lengths = torch.full((1,), T, dtype=torch.int32, device="cuda")
+        out = torch.empty_like(q)
+
+        def fn():
+            attention_prefill(q, k, v, start, lengths, out=out)
+    else:
+        torch._dynamo.reset()
+        attn = _sdpa(impl, is_causal=True)
+        qt = q.transpose(1, 2)  # [1, Hq, T, D], the engine's layout for SDPA
+
+        def fn():
+            attn(qt, k, v)
+
+    benchmark.group = f"attention prefill {model} T={T}"
+    benchmark.extra_info.update(impl=impl, model=model, tokens=T, dtype=str(DTYPE))
+    per_call = timed(benchmark, fn)
+    benchmark.extra_info.update(TFLOPs=4 * Hq * D * T * T / 2 / per_call / 1e12)

@@ -1,0 +1,118 @@
+"""pytest-benchmark: kv_backfill against torch eager and torch.compile composites (GPU only).
+
+    python -m pytest perf/ops/bench_kv_backfill.py --benchmark-only [--benchmark-json=out.json]
+
+Llama-2-7B shapes, bf16: the K/V of 16 skipped layers (8..23, the middle half a D³ step drops)
+filled for 1 token (an eager backfill) and for 64 tokens at different rows and positions (a
+deferred one). The torch composite is the engine's batched path (one norm, one batched matmul
+over a contiguous run of layers, indexed cache writes); "loop" is a Python loop over layers.
+extra_info: median ms (do_bench), GB/s (K/V weights read + cache written) and its fraction of a
+copy's bandwidth measured in the same run, and on the triton rows the speedups.
+"""
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("GPU benchmark: needs CUDA", allow_module_level=True)
+
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+
+from d3kernels.config import LlamaConfig  # noqa: E402
+from d3kernels.model import rope_tables  # noqa: E402
+from d3kernels.ops.kv_backfill import kv_backfill  # noqa: E402
+from perf.report import copy_bandwidth  # noqa: E402
+
+CFG = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32,
+                  num_heads=32, num_kv_heads=32, head_dim=128)
+DTYPE, EPS, BATCH, T_MAX = torch.bfloat16, 1e-5, 8, 2048
+FIRST, LAST = 8, 24  # the skipped run [8, 24)
+
+
+@pytest.fixture(scope="module")
+def copy_gbs():
+    return copy_bandwidth(torch.device("cuda"), mbytes=1024)
+
+
+@pytest.fixture(scope="module")
+def state():
+    """Stacked Llama-2-7B attention weights and cache (random, bf16)."""
+    L, H = CFG.num_layers, CFG.hidden_size
+    w_qkv = torch.randn(L, CFG.q_size + 2 * CFG.kv_size, H, dtype=DTYPE, device="cuda") * H ** -0.5
+    norm = torch.rand(L, H, dtype=DTYPE, device="cuda") + 0.5
+    shape = (L, BATCH, CFG.num_kv_heads, T_MAX, CFG.head_dim)
+    k_cache = torch.zeros(shape, dtype=DTYPE, device="cuda")
+    v_cache = torch.zeros(shape, dtype=DTYPE, device="cuda")
+    cos, sin = rope_tables(CFG, T_MAX, DTYPE, "cuda")
+    return w_qkv, norm, k_cache, v_cache, cos, sin
+
+
+def _rope(x, cos, sin):
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+def torch_backfill(x, norm, w_qkv, cos, sin, positions, rows, k_cache, v_cache, a: int, b: int):
+    """The engine's batched path for the contiguous run of layers [a, b)."""
+    n, M = b - a, x.shape[0]
+    normed = F.rms_norm(x, (x.shape[-1],), None, EPS) * norm[a:b, None, :]  # [n, M, H]
+    kv = torch.matmul(normed, w_qkv[a:b, CFG.q_size:].transpose(1, 2))  # [n, M, 2K]
+    k, v = kv.view(n, M, 2, CFG.num_kv_heads, CFG.head_dim).unbind(2)
+    pos = positions.long()
+    c, s = cos[pos][:, None], sin[pos][:, None]
+    rows = rows.long()
+    k_cache[a:b][:, rows, :, pos] = _rope(k, c, s).transpose(0, 1)
+    v_cache[a:b][:, rows, :, pos] = v.transpose(0, 1)
+
+
+def torch_backfill_loop(x, norm, w_qkv, cos, sin, positions, rows, k_cache, v_cache, a, b):
+    """One layer at a time: the per-layer launches a fused backfill replaces."""
+    for layer in range(a, b):
+        torch_backfill(x, norm, w_qkv, cos, sin, positions, rows, k_cache, v_cache, layer,
+                       layer + 1)
+
+
+_compiled = torch.compile(torch_backfill)
+
+
+def _median_ms(fn):
+    fn()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+@pytest.mark.parametrize("impl", ["triton", "eager", "compile", "loop"])
+@pytest.mark.parametrize("tokens", [1, 64])
+def test_kv_backfill(benchmark, copy_gbs, state, tokens, impl):
+    w_qkv, norm, k_cache, v_cache, cos, sin = state
+    gen = torch.Generator().manual_seed(tokens)
+    flat = torch.randperm(BATCH * T_MAX, generator=gen)[:tokens]
+    positions = (flat % T_MAX).to(torch.int32).cuda()
+    rows = (flat // T_MAX).to(torch.int32).cuda()
+    x = torch.randn(tokens, CFG.hidden_size, dtype=DTYPE, device="cuda")
+    layers = torch.arange(FIRST, LAST, dtype=torch.int32, device="cuda")
+    args = (x, norm, w_qkv, cos, sin, positions, rows, k_cache, v_cache)
+    fns = {
+        "triton": lambda: kv_backfill(x, layers, norm, w_qkv, cos, sin, positions, rows,
+                                      k_cache, v_cache, q_size=CFG.q_size, eps=EPS),
+        "eager": lambda: torch_backfill(*args, FIRST, LAST),
+        "compile": lambda: _compiled(*args, FIRST, LAST),
+        "loop": lambda: torch_backfill_loop(*args, FIRST, LAST),
+    }
+    fn = fns[impl]
+    ms = _median_ms(fn)
+    n = LAST - FIRST
+    nbytes = x.element_size() * n * (2 * CFG.kv_size * CFG.hidden_size + tokens * 2 * CFG.kv_size)
+    info = {"tokens": tokens, "layers": n, "impl": impl, "median_ms": ms,
+            "GB_s": nbytes / ms / 1e6, "frac_copy_bw": nbytes / ms / 1e6 / copy_gbs,
+            "copy_GB_s": copy_gbs}
+    if impl == "triton":
+        for other in ("eager", "compile", "loop"):
+            info[f"speedup_vs_{other}"] = _median_ms(fns[other]) / ms
+    benchmark.extra_info.update(info)
+
+    def step():
+        fn()
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(step, rounds=30, warmup_rounds=3)

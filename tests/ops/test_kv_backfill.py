@@ -1,0 +1,195 @@
+"""kv_backfill: norm + K/V projection + RoPE + cache write of many layers and tokens, one launch."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import reference
+from d3kernels.config import LlamaConfig
+from d3kernels.model import rope_tables
+from d3kernels.ops.kv_backfill import kv_backfill
+from d3kernels.ops.qkv_rope import qkv_rope
+from tests.ops.conftest import DEVICE, DTYPES, TOL, assert_close, gpu, randn, rel_err
+
+EPS = 1e-5
+
+
+def _config(H, num_heads, num_kv, D, L, theta=10000.0):
+    return LlamaConfig(vocab_size=32, hidden_size=H, intermediate_size=16, num_layers=L,
+                       num_heads=num_heads, num_kv_heads=num_kv, head_dim=D, rope_theta=theta)
+
+
+def _weights(cfg, dtype):
+    H = cfg.hidden_size
+    norm = (torch.rand(cfg.num_layers, H, dtype=torch.float64) + 0.5).to(dtype=dtype, device=DEVICE)
+    w = randn(cfg.num_layers, cfg.q_size + 2 * cfg.kv_size, H, dtype=dtype, scale=H ** -0.5)
+    return norm, w
+
+
+def _reference(x, layers, norm, w, positions, cfg):
+    """{layer: (k [M, kv_heads, D], v [M, kv_heads, D])} in float64."""
+    M, D = x.shape[0], cfg.head_dim
+    inv_freq = reference.rope_inv_freq(D, cfg.rope_theta, cfg.rope_scaling)
+    out = {}
+    for layer in layers:
+        h = reference.rms_norm(x.double().cpu(), norm[layer].double().cpu(), EPS)
+        k, v = (h @ w[layer, cfg.q_size:].double().cpu().T).split(cfg.kv_size, dim=-1)
+        k = reference.apply_rope(k.reshape(1, M, cfg.num_kv_heads, D),
+                                 positions.long().cpu()[None], inv_freq)[0]
+        out[layer] = k, v.reshape(M, cfg.num_kv_heads, D)
+    return out
+
+
+def _tokens(M, B, t_max, gen):
+    """M distinct (row, position) pairs, in random order."""
+    flat = torch.randperm(B * t_max, generator=gen)[:M]
+    return (flat % t_max).to(torch.int32).to(DEVICE), (flat // t_max).to(torch.int32).to(DEVICE)
+
+
+CASES = [  # (H, num_kv, ratio, D, L, B, t_max)
+    (96, 2, 3, 64, 6, 3, 20),
+    (200, 1, 8, 128, 5, 2, 24),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layers, M", [
+    ([1, 2, 3], 13),   # a contiguous run
+    ([4, 0, 2], 1),    # scattered, out of order
+    ([4, 0, 2], 13),
+    ([3], 1),          # one layer, one token
+])
+@pytest.mark.parametrize("case", CASES)
+def test_kv_backfill_matches_reference(case, layers, M, dtype):
+    H, num_kv, ratio, D, L, B, t_max = case
+    seed = 100 * CASES.index(case) + 10 * len(layers) + M + DTYPES.index(dtype) + layers[0]
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    cfg = _config(H, num_kv * ratio, num_kv, D, L)
+    cos, sin = rope_tables(cfg, t_max, dtype, DEVICE)
+    norm, w = _weights(cfg, dtype)
+    x = randn(M, H, dtype=dtype, scale=3.0)
+    positions, cache_rows = _tokens(M, B, t_max, gen)
+    k_cache = randn(L, B, num_kv, t_max, D, dtype=dtype)
+    v_cache = randn(L, B, num_kv, t_max, D, dtype=dtype)
+    written = torch.zeros(L, B, 1, t_max, 1, dtype=torch.bool, device=DEVICE)
+    for layer in layers:
+        written[layer, cache_rows.long(), 0, positions.long()] = True
+    written = written.expand_as(k_cache)
+    k_cache[written], v_cache[written] = float("nan"), float("nan")
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+
+    kv_backfill(x, torch.tensor(layers, dtype=torch.int32, device=DEVICE), norm, w, cos, sin,
+                positions, cache_rows, k_cache, v_cache, q_size=cfg.q_size, eps=EPS)
+
+    ref = _reference(x, layers, norm, w, positions, cfg)
+    rows_, pos_ = cache_rows.long(), positions.long()
+    for layer in layers:
+        assert_close(k_cache[layer, rows_, :, pos_], ref[layer][0], dtype)
+        assert_close(v_cache[layer, rows_, :, pos_], ref[layer][1], dtype)
+    assert torch.equal(k_cache[~written], k_before[~written])
+    assert torch.equal(v_cache[~written], v_before[~written])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kv_backfill_equals_per_layer_path(dtype):
+    """Same K/V as running qkv_rope on the layer's normed input, layer by layer (one token per
+    row, different positions): the deferred fill agrees with the eager one."""
+    torch.manual_seed(7 + DTYPES.index(dtype))
+    H, nkv, nh, D, L, B, t_max = 96, 2, 6, 64, 4, 3, 20
+    cfg = _config(H, nh, nkv, D, L)
+    cos, sin = rope_tables(cfg, t_max, dtype, DEVICE)
+    norm, w = _weights(cfg, dtype)
+    x = randn(B, H, dtype=dtype, scale=2.0)
+    positions = torch.tensor([4, 0, 19], dtype=torch.int32, device=DEVICE)
+    rows = torch.arange(B, dtype=torch.int32, device=DEVICE)
+    layers = [0, 2, 3]
+    k_fill = torch.zeros(L, B, nkv, t_max, D, dtype=dtype, device=DEVICE)
+    v_fill = torch.zeros_like(k_fill)
+    kv_backfill(x, torch.tensor(layers, dtype=torch.int32, device=DEVICE), norm, w, cos, sin,
+                positions, rows, k_fill, v_fill, q_size=cfg.q_size, eps=EPS)
+    k_step, v_step = torch.zeros_like(k_fill), torch.zeros_like(v_fill)
+    for layer in layers:
+        normed = F.rms_norm(x, (H,), norm[layer], EPS)
+        qkv_rope(normed[:, None], w[layer], cos, sin, positions, k_step[layer], v_step[layer],
+                 num_heads=nh, num_kv_heads=nkv)
+    for filled, stepped in ((k_fill, k_step), (v_fill, v_step)):
+        assert (filled != 0).sum() == (stepped != 0).sum() > 0
+        assert rel_err(filled, stepped) <= TOL[dtype]
+
+
+def test_kv_backfill_no_tokens_or_layers_is_a_no_op():
+    cfg = _config(32, 2, 1, 32, 2)
+    cos, sin = rope_tables(cfg, 4, torch.float32, DEVICE)
+    norm, w = _weights(cfg, torch.float32)
+    k = torch.zeros(2, 1, 1, 4, 32, device=DEVICE)
+    v = torch.zeros_like(k)
+    none = torch.zeros(0, dtype=torch.int32, device=DEVICE)
+    kv_backfill(randn(0, 32), torch.tensor([1], dtype=torch.int32, device=DEVICE), norm, w, cos,
+                sin, none, none, k, v, q_size=64, eps=EPS)
+    one = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    kv_backfill(randn(1, 32), none, norm, w, cos, sin, one, one, k, v, q_size=64, eps=EPS)
+    assert k.abs().sum() == 0 and v.abs().sum() == 0
+
+
+def _small_inputs():
+    L, B, H, nh, nkv, D, t_max, M = 2, 2, 32, 2, 1, 32, 8, 3
+    cfg = _config(H, nh, nkv, D, L)
+    cos, sin = rope_tables(cfg, t_max, torch.float32, DEVICE)
+    norm, w = _weights(cfg, torch.float32)
+    idx = torch.tensor([0, 3, 5], dtype=torch.int32, device=DEVICE)
+    return dict(x=randn(M, H), layers=torch.tensor([1, 0], dtype=torch.int32, device=DEVICE),
+                norm_weight=norm, w_qkv=w, cos=cos, sin=sin, positions=idx,
+                cache_rows=torch.tensor([0, 1, 1], dtype=torch.int32, device=DEVICE),
+                k_cache=torch.zeros(L, B, nkv, t_max, D, device=DEVICE),
+                v_cache=torch.zeros(L, B, nkv, t_max, D, device=DEVICE), q_size=nh * D, eps=EPS)
+
+
+@pytest.mark.parametrize("change, name", [
+    (dict(layers=torch.tensor([1, 0])), "layers"),
+    (dict(positions=torch.zeros(2, dtype=torch.int32)), "positions"),
+    (dict(cache_rows=torch.zeros(3, dtype=torch.int64)), "cache_rows"),
+    (dict(q_size=32), "w_qkv"),
+    (dict(norm_weight=torch.ones(3, 32)), "norm_weight"),
+    (dict(k_cache=torch.zeros(2, 2, 1, 8, 32, dtype=torch.float16)), "k_cache"),
+    (dict(v_cache=torch.zeros(2, 2, 1, 8, 64)[..., :32]), "v_cache"),
+    (dict(eps=-1.0), "eps"),
+])
+def test_kv_backfill_bad_input(change, name):
+    kwargs = _small_inputs()
+    kwargs.update({k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v
+                   for k, v in change.items()})
+    with pytest.raises(ValueError, match=name):
+        kv_backfill(**kwargs)
+
+
+def test_kv_backfill_opcheck():
+    kw = _small_inputs()
+    args = (kw["x"], kw["layers"], kw["norm_weight"], kw["w_qkv"], kw["cos"], kw["sin"],
+            kw["positions"], kw["cache_rows"], kw["k_cache"], kw["v_cache"], kw["q_size"], EPS)
+    torch.library.opcheck(torch.ops.d3kernels.kv_backfill.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@gpu
+@pytest.mark.parametrize("M", [1, 64])
+def test_kv_backfill_llama2_7b_shapes_bf16(M):
+    """16 of Llama-2-7B's 32 layers (the skipped half of a D³ step), bf16."""
+    torch.manual_seed(M)
+    gen = torch.Generator().manual_seed(M)
+    H, nh, D, L, B, t_max = 4096, 32, 128, 32, 8, 256
+    cfg = _config(H, nh, nh, D, L)
+    cos, sin = rope_tables(cfg, t_max, torch.bfloat16, DEVICE)
+    norm, w = _weights(cfg, torch.bfloat16)
+    x = randn(M, H, dtype=torch.bfloat16)
+    positions, cache_rows = _tokens(M, B, t_max, gen)
+    k_cache = torch.zeros(L, B, nh, t_max, D, dtype=torch.bfloat16, device=DEVICE)
+    v_cache = torch.zeros_like(k_cache)
+    layers = list(range(8, 24))
+    kv_backfill(x, torch.tensor(layers, dtype=torch.int32, device=DEVICE), norm, w, cos, sin,
+                positions, cache_rows, k_cache, v_cache, q_size=cfg.q_size, eps=EPS)
+    ref = _reference(x, layers, norm, w, positions, cfg)
+    rows_, pos_ = cache_rows.long(), positions.long()
+    for layer in layers:
+        assert_close(k_cache[layer, rows_, :, pos_], ref[layer][0], torch.bfloat16)
+        assert_close(v_cache[layer, rows_, :, pos_], ref[layer][1], torch.bfloat16)
+    assert k_cache[:8].abs().sum() == 0 and k_cache[24:].abs().sum() == 0

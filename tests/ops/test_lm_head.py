@@ -1,0 +1,222 @@
+"""lm_head: final norm + vocab projection + greedy / Gumbel-max sampling, against the reference."""
+import pytest
+import torch
+
+import reference
+from d3kernels.ops import lm_head as lm_head_module
+from d3kernels.ops.lm_head import lm_head
+from tests.ops.conftest import DEVICE, DTYPES, assert_close, gpu, poisoned, randn
+
+EPS = 1e-5
+
+
+def _inputs(M, H, V, dtype, scale=1.0):
+    x = randn(M, H, dtype=dtype, scale=3.0)
+    norm = (torch.rand(H, dtype=torch.float64) + 0.5).to(dtype=dtype, device=DEVICE)
+    w = randn(V, H, dtype=dtype, scale=scale * H ** -0.5)
+    return x, norm, w
+
+
+def _ref_logits(x, norm, w):
+    return reference.lm_head(x.double().cpu(), norm.double().cpu(), w.double().cpu(), EPS)
+
+
+def _assert_greedy(tokens, logits, ref):
+    """tokens is exactly torch.argmax of the kernel's own logits; against the reference, each
+    token's logit is the row max within twice the kernel's logit error, and where the
+    reference's top two are further apart than that, the token is the reference argmax."""
+    tokens, logits = tokens.cpu(), logits.cpu()
+    assert torch.equal(tokens, logits.argmax(dim=1))
+    tol = 2 * (logits.double() - ref).abs().max().item() + 1e-12
+    picked = ref.gather(1, tokens[:, None])[:, 0]
+    assert (picked >= ref.max(dim=1).values - tol).all()
+    top2 = ref.topk(2, dim=1).values
+    clear = top2[:, 0] - top2[:, 1] > tol
+    assert clear.any()
+    assert torch.equal(tokens[clear], ref.argmax(dim=1)[clear])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M, H, V, rows", [
+    (1, 96, 1000, None),
+    (5, 200, 2050, None),          # vocab just past a 128-column tile boundary
+    (17, 96, 300, None),           # rows just past a 16-row tile
+    (6, 200, 1000, [5, 1, 3]),
+])
+def test_lm_head_greedy_and_logits(M, H, V, rows, dtype):
+    torch.manual_seed(M * 7 + V + DTYPES.index(dtype))
+    x, norm, w = _inputs(M, H, V, dtype)
+    ref = _ref_logits(x, norm, w)
+    logits = poisoned((M, V), torch.float32)
+    tokens = torch.full((M,), -1, dtype=torch.int64, device=DEVICE)
+    rows_t = None if rows is None else torch.tensor(rows, dtype=torch.int32, device=DEVICE)
+    out = lm_head(x, norm, w, EPS, rows=rows_t, logits_out=logits, tokens_out=tokens)
+    assert out is tokens
+    active = torch.arange(M) if rows is None else torch.tensor(rows)
+    assert_close(logits[active.to(DEVICE)], ref[active], dtype)
+    _assert_greedy(tokens[active.to(DEVICE)], logits[active.to(DEVICE)], ref[active])
+    inactive = torch.tensor([b for b in range(M) if b not in active.tolist()], dtype=torch.long)
+    if len(inactive):
+        assert logits[inactive.to(DEVICE)].isnan().all()
+        assert (tokens[inactive.to(DEVICE)] == -1).all()
+    # without logits_out: the same tokens, fresh buffer
+    assert torch.equal(lm_head(x, norm, w, EPS, rows=rows_t)[active.to(DEVICE)],
+                       tokens[active.to(DEVICE)])
+
+
+def test_lm_head_greedy_ties_pick_the_smallest_index():
+    torch.manual_seed(1)
+    x, norm, w = _inputs(3, 64, 700, torch.float32)
+    w[650] = w[9] = w[300] = 4 * w[0].abs().max() * torch.sign(x[0] * norm)  # same logit thrice
+    tokens = lm_head(x[:1], norm, w, EPS)
+    assert tokens.item() == 9
+
+
+def _sample(x, norm, w, **kw):
+    return lm_head(x, norm, w, EPS, temperature=kw.pop("temperature", 0.7), **kw)
+
+
+def test_lm_head_sampling_is_repeatable_and_offset_dependent():
+    torch.manual_seed(2)
+    x, norm, w = _inputs(16, 96, 500, torch.float32, scale=0.3)  # flat-ish: many tokens likely
+    a = _sample(x, norm, w, seed=123, offset=0)
+    assert torch.equal(a, _sample(x, norm, w, seed=123, offset=0))
+    b = _sample(x, norm, w, seed=123, offset=16 * 500)
+    c = _sample(x, norm, w, seed=124, offset=0)
+    assert (a != b).sum() >= 4 and (a != c).sum() >= 4
+    # a row's draw depends on its batch row, not on which other rows run
+    rows = torch.tensor([11, 2], dtype=torch.int32, device=DEVICE)
+    sub = _sample(x, norm, w, seed=123, offset=0, rows=rows)
+    assert torch.equal(sub[rows.long()], a[rows.long()])
+    # seed and offset as device tensors (what a captured graph reads): same draws as ints
+    seed_t = torch.tensor([123], dtype=torch.int64, device=DEVICE)
+    offset_t = torch.tensor([16 * 500], dtype=torch.int64, device=DEVICE)
+    assert torch.equal(_sample(x, norm, w, seed=seed_t, offset=offset_t), b)
+    offset_t -= 16 * 500  # advanced in place, as between graph replays
+    assert torch.equal(_sample(x, norm, w, seed=seed_t, offset=offset_t), a)
+
+
+def _frequencies(x, norm, w, calls, **kw):
+    M, V = x.shape[0], w.shape[0]
+    counts = torch.zeros(V, dtype=torch.float64)
+    for i in range(calls):
+        tokens = _sample(x, norm, w, seed=99, offset=i * M * V, **kw).cpu()
+        counts += torch.bincount(tokens, minlength=V).double()
+    return counts / (M * calls)
+
+
+@pytest.mark.parametrize("top_k, draws, tol", [(None, 4000, 0.03), (5, 2000, 0.04)])
+def test_lm_head_sampling_distribution(top_k, draws, tol):
+    """Draws of one row's token over V = 40 match softmax(logits / T) (renormalized over the
+    top_k); tol is over 3.5 standard deviations of a frequency."""
+    torch.manual_seed(3)
+    temperature = 0.8
+    x1, norm, w = _inputs(1, 32, 40, torch.float32, scale=1.5)
+    x = x1.expand(draws // 10, 32).contiguous()  # rows x 10 offsets, all independent noise
+    ref = _ref_logits(x1, norm, w)[0] / temperature
+    if top_k is not None:
+        ref = ref.masked_fill(ref < ref.topk(top_k).values[-1], float("-inf"))
+    probs = ref.softmax(dim=0)
+    assert probs.max() < 0.6  # a distribution worth testing
+    freq = _frequencies(x, norm, w, 10, temperature=temperature, top_k=top_k)
+    assert (freq - probs).abs().max() < tol
+    if top_k is not None:
+        assert freq[probs == 0].sum() == 0
+
+
+def test_lm_head_top_k_one_is_greedy_and_top_k_stays_in_top_k():
+    torch.manual_seed(4)
+    x, norm, w = _inputs(17, 96, 1000, torch.float32, scale=0.3)
+    ref = _ref_logits(x, norm, w)
+    greedy = lm_head(x, norm, w, EPS)
+    for offset in (0, 17 * 1000):
+        assert torch.equal(_sample(x, norm, w, top_k=1, seed=5, offset=offset), greedy)
+    for k in (5, 64):
+        top = ref.topk(k, dim=1).indices
+        tokens = _sample(x, norm, w, top_k=k, seed=6, offset=0).cpu()
+        assert (top == tokens[:, None]).any(dim=1).all()
+        assert len(set(tokens.tolist())) > 1
+
+
+def test_lm_head_cut_down_stage(monkeypatch):
+    """Candidate lists longer than one phase-2 block are first cut down in parallel: same tokens."""
+    torch.manual_seed(5)
+    x, norm, w = _inputs(3, 64, 1000, torch.float32, scale=0.3)
+    sampled = _sample(x, norm, w, top_k=5, seed=7, offset=3)
+    greedy = lm_head(x, norm, w, EPS)
+    monkeypatch.setattr(lm_head_module, "_CHUNK", 16)  # 8 tiles x 8 candidates: 64 -> 32 -> 16
+    assert torch.equal(_sample(x, norm, w, top_k=5, seed=7, offset=3), sampled)
+    monkeypatch.setattr(lm_head_module, "_CHUNK", 4)  # greedy: 8 tile maxima -> 2
+    assert torch.equal(lm_head(x, norm, w, EPS), greedy)
+
+
+@pytest.mark.parametrize("change, name", [
+    (dict(weight=torch.zeros(50, 31)), "weight"),
+    (dict(norm_weight=torch.ones(32, dtype=torch.float16)), "norm_weight"),
+    (dict(temperature=-1.0), "temperature"),
+    (dict(temperature=1.0, top_k=65), "top_k"),
+    (dict(temperature=1.0, top_k=0), "top_k"),
+    (dict(temperature=1.0, seed=torch.tensor([1], dtype=torch.int32)), "seed"),
+    (dict(temperature=1.0, offset=1.5), "offset"),
+    (dict(logits_out=torch.zeros(2, 50, dtype=torch.float16)), "logits_out"),
+    (dict(tokens_out=torch.zeros(2, dtype=torch.int32)), "tokens_out"),
+    (dict(rows=torch.tensor([0], dtype=torch.int64)), "rows"),
+])
+def test_lm_head_bad_input(change, name):
+    kwargs = dict(x=randn(2, 32), norm_weight=torch.ones(32, device=DEVICE),
+                  weight=randn(50, 32), eps=EPS)
+    kwargs.update({k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v
+                   for k, v in change.items()})
+    with pytest.raises(ValueError, match=name):
+        lm_head(**kwargs)
+
+
+@pytest.mark.parametrize("temperature, top_k, with_logits", [(0.0, 0, True), (1.0, 4, False)])
+def test_lm_head_opcheck(temperature, top_k, with_logits):
+    x, norm, w = _inputs(2, 32, 300, torch.float32)
+    one = torch.ones(1, dtype=torch.int64, device=DEVICE)
+    args = (x, norm, w, EPS, temperature, top_k, one, one,
+            torch.tensor([1], dtype=torch.int32, device=DEVICE),
+            torch.empty(2, 300, device=DEVICE) if with_logits else None,
+            torch.empty(2, dtype=torch.int64, device=DEVICE))
+    torch.library.opcheck(torch.ops.d3kernels.lm_head.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@gpu
+@pytest.mark.parametrize("V", [128256, 32000])
+@pytest.mark.parametrize("M", [1, 8, 32])
+def test_lm_head_llama_vocab_bf16(V, M):
+    torch.manual_seed(V + M)
+    x, norm, w = _inputs(M, 4096, V, torch.bfloat16)
+    ref = _ref_logits(x, norm, w)
+    logits = poisoned((M, V), torch.float32)
+    tokens = lm_head(x, norm, w, EPS, logits_out=logits)
+    assert_close(logits, ref, torch.bfloat16)
+    _assert_greedy(tokens, logits, ref)
+    top = ref.topk(50, dim=1).indices
+    sampled = lm_head(x, norm, w, EPS, temperature=1.0, top_k=50, seed=1).cpu()
+    assert (top == sampled[:, None]).any(dim=1).all()
+
+
+@gpu
+def test_lm_head_cuda_graph_replay_advances_offset():
+    x, norm, w = _inputs(8, 256, 4096, torch.float16, scale=0.2)
+    seed = torch.tensor([7], dtype=torch.int64, device=DEVICE)
+    offset = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+    tokens = torch.empty(8, dtype=torch.int64, device=DEVICE)
+    kw = dict(temperature=1.0, top_k=20, seed=seed, offset=offset, tokens_out=tokens)
+    lm_head(x, norm, w, EPS, **kw)  # warm-up: compile and autotune outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        lm_head(x, norm, w, EPS, **kw)
+    draws = []
+    for step in range(3):
+        offset.fill_(step * 8 * 4096)
+        graph.replay()
+        draws.append(tokens.clone())
+        expect = lm_head(x, norm, w, EPS, temperature=1.0, top_k=20, seed=7,
+                         offset=step * 8 * 4096)
+        assert torch.equal(draws[-1], expect)
+    assert not torch.equal(draws[0], draws[1]) or not torch.equal(draws[1], draws[2])
+

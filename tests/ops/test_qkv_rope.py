@@ -1,0 +1,170 @@
+"""qkv_rope: Q/K/V projection + RoPE epilogue + cache write, against the float64 reference."""
+import pytest
+import torch
+
+import reference
+from d3kernels.config import LlamaConfig
+from d3kernels.model import rope_tables
+from d3kernels.ops.qkv_rope import qkv_rope
+from tests.ops.conftest import DEVICE, DTYPES, assert_close, gpu, poisoned, randn
+
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                  "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+
+
+def _config(H, num_heads, num_kv, D, scaling=None, theta=10000.0):
+    return LlamaConfig(vocab_size=32, hidden_size=H, intermediate_size=16, num_layers=1,
+                       num_heads=num_heads, num_kv_heads=num_kv, head_dim=D, rope_theta=theta,
+                       rope_scaling=scaling)
+
+
+def _reference(x, w, start, cfg):
+    """float64 q [B, T, heads, D], k and v [B, T, kv_heads, D], positions [B, T]."""
+    B, T, _ = x.shape
+    D = cfg.head_dim
+    qkv = x.double().cpu() @ w.double().cpu().T
+    q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+    pos = start.long().cpu()[:, None] + torch.arange(T)
+    inv_freq = reference.rope_inv_freq(D, cfg.rope_theta, cfg.rope_scaling)
+    q = reference.apply_rope(q.reshape(B, T, cfg.num_heads, D), pos, inv_freq)
+    k = reference.apply_rope(k.reshape(B, T, cfg.num_kv_heads, D), pos, inv_freq)
+    return q, k, v.reshape(B, T, cfg.num_kv_heads, D), pos
+
+
+def _run_case(seed, B, T, H, num_kv, ratio, D, dtype, rows, t_max, scaling=None):
+    torch.manual_seed(seed)
+    cfg = _config(H, num_kv * ratio, num_kv, D, scaling)
+    cos, sin = rope_tables(cfg, t_max, dtype, DEVICE)
+    x = randn(B, T, H, dtype=dtype)
+    w = randn(cfg.q_size + 2 * cfg.kv_size, H, dtype=dtype, scale=H ** -0.5)
+    start = torch.randint(0, t_max - T + 1, (B,), dtype=torch.int32).to(DEVICE)
+    q_ref, k_ref, v_ref, pos = _reference(x, w, start, cfg)
+    active = list(range(B)) if rows is None else rows
+
+    # cache: random sentinels everywhere, NaN where this call must write
+    k_cache, v_cache = randn(B, num_kv, t_max, D, dtype=dtype), randn(B, num_kv, t_max, D,
+                                                                        dtype=dtype)
+    written = torch.zeros(B, 1, t_max, 1, dtype=torch.bool)
+    for b in active:
+        written[b, 0, pos[b]] = True
+    written = written.expand(B, num_kv, t_max, D).to(DEVICE)
+    k_cache[written], v_cache[written] = float("nan"), float("nan")
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    q_out = poisoned((B, T, cfg.num_heads, D), dtype)
+
+    rows_t = None if rows is None else torch.tensor(rows, dtype=torch.int32, device=DEVICE)
+    q = qkv_rope(x, w, cos, sin, start, k_cache, v_cache, num_heads=cfg.num_heads,
+                 num_kv_heads=num_kv, rows=rows_t, q_out=q_out)
+    assert q is q_out
+    idx = torch.tensor(active)
+    assert_close(q[idx.to(DEVICE)], q_ref[idx], dtype)
+    k_got = torch.stack([k_cache[b][:, pos[b].to(DEVICE)].transpose(0, 1) for b in active])
+    v_got = torch.stack([v_cache[b][:, pos[b].to(DEVICE)].transpose(0, 1) for b in active])
+    assert_close(k_got, k_ref[idx], dtype)
+    assert_close(v_got, v_ref[idx], dtype)
+    # nothing else moved: other slots keep their sentinels, other rows of q stay poisoned
+    assert torch.equal(k_cache[~written], k_before[~written])
+    assert torch.equal(v_cache[~written], v_before[~written])
+    inactive = [b for b in range(B) if b not in active]
+    if inactive:
+        assert q[torch.tensor(inactive, device=DEVICE)].isnan().all()
+
+
+CASES = [  # (B, T, H, num_kv, ratio, D, rows, t_max)
+    (2, 1, 96, 2, 1, 64, None, 40),          # decode, MHA
+    (3, 17, 200, 1, 8, 128, [2, 0], 48),     # prefill chunk past a 16-token block, GQA 8, subset
+    (4, 17, 96, 2, 3, 128, [1, 3], 40),      # GQA 3, head_dim 128, subset
+    (5, 1, 200, 1, 3, 64, [4, 0, 2], 24),    # decode subset, rows out of order
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES)
+def test_qkv_rope_matches_reference(case, dtype):
+    B, T, H, num_kv, ratio, D, rows, t_max = case
+    _run_case(10 * CASES.index(case) + DTYPES.index(dtype), B, T, H, num_kv, ratio, D, dtype,
+              rows, t_max)
+
+
+def test_qkv_rope_llama3_scaling():
+    _run_case(11, 2, 17, 96, 1, 8, 64, torch.float32, None, 200, scaling=LLAMA3_SCALING)
+
+
+def test_qkv_rope_allocates_q_and_writes_strided_cache_view():
+    """q_out omitted; the cache is one layer of a stacked [L, B, ...] cache."""
+    torch.manual_seed(3)
+    B, T, H, nkv, nh, D, L, t_max = 2, 3, 96, 2, 6, 64, 3, 16
+    cfg = _config(H, nh, nkv, D)
+    cos, sin = rope_tables(cfg, t_max, torch.float32, DEVICE)
+    x = randn(B, T, H)
+    w = randn(cfg.q_size + 2 * cfg.kv_size, H, scale=H ** -0.5)
+    start = torch.tensor([5, 0], dtype=torch.int32, device=DEVICE)
+    stacked_k = torch.zeros(L, B + 1, nkv, t_max, D, device=DEVICE)
+    stacked_v = torch.zeros_like(stacked_k)
+    q = qkv_rope(x, w, cos, sin, start, stacked_k[1, :B], stacked_v[1, :B], num_heads=nh,
+                 num_kv_heads=nkv)
+    q_ref, k_ref, v_ref, _ = _reference(x, w, start, cfg)
+    assert_close(q, q_ref, torch.float32)
+    assert_close(stacked_k[1, 0, :, 5:8].transpose(0, 1), k_ref[0], torch.float32)
+    assert_close(stacked_v[1, 1, :, 0:3].transpose(0, 1), v_ref[1], torch.float32)
+    assert stacked_k[0].abs().sum() == 0 and stacked_k[2].abs().sum() == 0
+    assert stacked_k[1, B].abs().sum() == 0
+
+
+def _small_inputs(dtype=torch.float32):
+    B, T, H, nh, nkv, D, t_max = 2, 1, 32, 2, 1, 32, 8
+    cos, sin = rope_tables(_config(H, nh, nkv, D), t_max, dtype, DEVICE)
+    return dict(x=randn(B, T, H, dtype=dtype), w_qkv=randn((nh + 2 * nkv) * D, H, dtype=dtype),
+                cos=cos, sin=sin, start=torch.tensor([1, 3], dtype=torch.int32, device=DEVICE),
+                k_cache=torch.zeros(B, nkv, t_max, D, dtype=dtype, device=DEVICE),
+                v_cache=torch.zeros(B, nkv, t_max, D, dtype=dtype, device=DEVICE),
+                num_heads=nh, num_kv_heads=nkv)
+
+
+@pytest.mark.parametrize("change, name", [
+    (dict(w_qkv=torch.zeros(100, 32)), "w_qkv"),
+    (dict(start=torch.tensor([1, 3])), "start"),
+    (dict(num_heads=0), "num_heads"),
+    (dict(x=torch.zeros(2, 1, 32, dtype=torch.float16)), "k_cache"),
+    (dict(rows=torch.tensor([0, 1, 1])), "rows"),
+    (dict(v_cache=torch.zeros(2, 1, 8, 64)[..., :32]), "v_cache"),  # other strides
+    (dict(cos=torch.zeros(8, 16)), "cos"),
+    (dict(q_out=torch.zeros(2, 1, 2, 16)), "q_out"),
+])
+def test_qkv_rope_bad_input(change, name):
+    kwargs = _small_inputs()
+    kwargs.update({k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v
+                   for k, v in change.items()})
+    with pytest.raises(ValueError, match=name):
+        qkv_rope(**kwargs)
+
+
+def test_qkv_rope_opcheck():
+    kw = _small_inputs()
+    q_out = torch.empty(2, 1, 2, 32, device=DEVICE)
+    args = (kw["x"], kw["w_qkv"], kw["cos"], kw["sin"], kw["start"], kw["k_cache"],
+            kw["v_cache"], q_out, torch.tensor([1], dtype=torch.int32, device=DEVICE), 2, 1)
+    torch.library.opcheck(torch.ops.d3kernels.qkv_rope.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@gpu
+@pytest.mark.parametrize("num_kv", [32, 8])  # Llama-2-7B, Llama-3-8B
+@pytest.mark.parametrize("T", [1, 33])
+def test_qkv_rope_llama_shapes_bf16(num_kv, T):
+    torch.manual_seed(num_kv + T)
+    B, H, nh, D, t_max = 4, 4096, 32, 128, 512
+    cfg = _config(H, nh, num_kv, D, theta=500000.0)
+    cos, sin = rope_tables(cfg, t_max, torch.bfloat16, DEVICE)
+    x = randn(B, T, H, dtype=torch.bfloat16)
+    w = randn(cfg.q_size + 2 * cfg.kv_size, H, dtype=torch.bfloat16, scale=H ** -0.5)
+    start = torch.tensor([0, 100, 300, 7], dtype=torch.int32, device=DEVICE)
+    k_cache = torch.zeros(B, num_kv, t_max, D, dtype=torch.bfloat16, device=DEVICE)
+    v_cache = torch.zeros_like(k_cache)
+    q = qkv_rope(x, w, cos, sin, start, k_cache, v_cache, num_heads=nh, num_kv_heads=num_kv)
+    q_ref, k_ref, v_ref, pos = _reference(x, w, start, cfg)
+    assert_close(q, q_ref, torch.bfloat16)
+    for b in range(B):
+        p = pos[b].to(DEVICE)
+        assert_close(k_cache[b][:, p].transpose(0, 1), k_ref[b], torch.bfloat16)
+        assert_close(v_cache[b][:, p].transpose(0, 1), v_ref[b], torch.bfloat16)

@@ -1,0 +1,261 @@
+"""swiglu_gate_up and down_residual, alone and composed, against the float64 reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import reference
+from d3kernels.ops import swiglu as mod
+from d3kernels.ops.swiglu import down_residual, swiglu_gate_up
+from tests.ops.conftest import DEVICE, DTYPES, assert_close, gpu, poisoned, randn
+
+SHAPES = [(M, H, inter) for M in (1, 3, 17, 40) for H in (96, 200) for inter in (160, 352)]
+# Active-row subsets need at least two rows.
+MLP_CASES = [(*shape, use_rows) for shape in SHAPES for use_rows in (False, True)
+             if shape[0] > 1 or not use_rows]
+
+
+def _weights(H, inter, dtype):
+    """Llama-like scales, so every product is O(1) and silu sees both signs."""
+    w_gate_up = randn(2 * inter, H, dtype=dtype, scale=H ** -0.5)
+    w_down = randn(H, inter, dtype=dtype, scale=inter ** -0.5)
+    return w_gate_up, w_down
+
+
+def _rows(M, seed):
+    """None for a single row; otherwise a shuffled subset of about two thirds of the batch."""
+    if M == 1:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(M, generator=g)[: max(1, 2 * M // 3)]
+    return perm.to(torch.int32).to(DEVICE)
+
+
+def _gate_up_ref(x, w_gate_up):
+    x, w = x.double().cpu(), w_gate_up.double().cpu()
+    gate, up = x @ w[: w.shape[0] // 2].T, x @ w[w.shape[0] // 2:].T
+    return gate / (1 + torch.exp(-gate)) * up
+
+
+def _idle(M, rows):
+    mask = torch.ones(M, dtype=torch.bool)
+    mask[rows.long().cpu()] = False
+    return mask
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,H,inter,use_rows", MLP_CASES)
+def test_swiglu_mlp(dtype, M, H, inter, use_rows):
+    """gate_up then down_residual == residual + reference.swiglu_mlp; idle rows untouched."""
+    seed = M * 100_003 + H * 1009 + inter * 7 + use_rows * 3 + DTYPES.index(dtype)
+    torch.manual_seed(seed)
+    x = randn(M, H, dtype=dtype)
+    w_gate_up, w_down = _weights(H, inter, dtype)
+    residual = randn(M, H, dtype=dtype, scale=0.5)
+    start = residual.clone()
+    rows = _rows(M, seed) if use_rows else None
+    h = swiglu_gate_up(x, w_gate_up, rows=rows, out=poisoned((M, inter), dtype))
+    down_residual(h, w_down, residual, rows=rows)
+
+    w = w_gate_up.double().cpu()
+    ref = start.double().cpu() + reference.swiglu_mlp(
+        x.double().cpu(), w[:inter], w[inter:], w_down.double().cpu())
+    if rows is None:
+        assert_close(residual, ref, dtype)
+        return
+    active, idle = rows.long().cpu(), _idle(M, rows)
+    residual, start = residual.cpu(), start.cpu()
+    assert_close(residual[active], ref[active], dtype)
+    assert torch.equal(residual[idle], start[idle]), "rows not listed must keep their residual"
+    assert h.cpu()[idle].isnan().all(), "rows not listed must not be written"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,H,inter", [(1, 200, 352), (17, 96, 160), (40, 200, 160)])
+def test_swiglu_gate_up(dtype, M, H, inter):
+    torch.manual_seed(M * 1000 + H + inter)
+    x = randn(M, H + 24, dtype=dtype)[:, :H]  # strided rows
+    w_gate_up, _ = _weights(H, inter, dtype)
+    out = poisoned((M, inter), dtype)
+    assert swiglu_gate_up(x, w_gate_up, out=out) is out
+    assert_close(out, _gate_up_ref(x, w_gate_up), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_swiglu_gate_up_allocates(dtype):
+    torch.manual_seed(4)
+    x = randn(3, 96, dtype=dtype)
+    w_gate_up, _ = _weights(96, 160, dtype)
+    out = swiglu_gate_up(x, w_gate_up)
+    assert out.shape == (3, 160) and out.dtype == dtype
+    assert_close(out, _gate_up_ref(x, w_gate_up), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,H,inter", [(1, 96, 352), (17, 200, 160), (40, 96, 352)])
+def test_down_residual(dtype, M, H, inter):
+    torch.manual_seed(M * 999 + H + inter)
+    h = randn(M, inter + 8, dtype=dtype)[:, :inter]
+    _, w_down = _weights(H, inter, dtype)
+    residual = randn(M, H + 16, dtype=dtype, scale=0.5)[:, :H]
+    ref = residual.double().cpu() + h.double().cpu() @ w_down.double().cpu().T
+    down_residual(h, w_down, residual)
+    assert_close(residual, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_down_residual_rows(dtype):
+    M, H, inter = 40, 200, 352
+    torch.manual_seed(41)
+    h = randn(M, inter, dtype=dtype)
+    _, w_down = _weights(H, inter, dtype)
+    residual = randn(M, H, dtype=dtype)
+    start = residual.clone()
+    rows = _rows(M, 41)
+    down_residual(h, w_down, residual, rows=rows)
+    ref = start.double().cpu() + h.double().cpu() @ w_down.double().cpu().T
+    active, idle = rows.long().cpu(), _idle(M, rows)
+    residual, start = residual.cpu(), start.cpu()
+    assert_close(residual[active], ref[active], dtype)
+    assert torch.equal(residual[idle], start[idle])
+
+
+def test_swiglu_empty_rows():
+    x = randn(3, 96)
+    w_gate_up, w_down = _weights(96, 160, torch.float32)
+    none = torch.empty(0, dtype=torch.int32, device=DEVICE)
+    out = swiglu_gate_up(x, w_gate_up, rows=none, out=poisoned((3, 160), torch.float32))
+    assert out.isnan().all()
+    residual = randn(3, 96)
+    start = residual.clone()
+    down_residual(out, w_down, residual, rows=none)
+    assert torch.equal(residual, start)
+
+
+def test_swiglu_bad_input():
+    x = randn(3, 96)
+    w_gate_up, w_down = _weights(96, 160, torch.float32)
+    h, residual = randn(3, 160), randn(3, 96)
+    gate_up_cases = [
+        (dict(x=x[0]), "x"),
+        (dict(x=x.t().contiguous().t()), "x"),
+        (dict(w_gate_up=w_gate_up[:, :64]), "w_gate_up"),
+        (dict(w_gate_up=w_gate_up[:319]), "w_gate_up"),
+        (dict(w_gate_up=w_gate_up.half()), "w_gate_up"),
+        (dict(out=torch.empty(3, 320)), "out"),
+        (dict(rows=torch.tensor([0], device=DEVICE)), "rows"),
+    ]
+    for override, name in gate_up_cases:
+        args = dict(x=x, w_gate_up=w_gate_up, rows=None, out=None) | override
+        with pytest.raises(ValueError, match=rf"^{name}\b"):
+            swiglu_gate_up(args.pop("x"), args.pop("w_gate_up"), **args)
+    down_cases = [
+        (dict(h=h.long()), "h"),
+        (dict(w_down=w_down[:, :100]), "w_down"),
+        (dict(residual=residual[:, :95]), "residual"),
+        (dict(residual=residual[:2]), "residual"),
+        (dict(residual=residual.half()), "residual"),
+        (dict(rows=torch.zeros(4, dtype=torch.int32, device=DEVICE)), "rows"),
+    ]
+    for override, name in down_cases:
+        args = dict(h=h, w_down=w_down, residual=residual, rows=None) | override
+        with pytest.raises(ValueError, match=rf"^{name}\b"):
+            down_residual(args.pop("h"), args.pop("w_down"), args.pop("residual"), **args)
+
+
+def test_swiglu_opcheck():
+    x = randn(3, 96)
+    w_gate_up, w_down = _weights(96, 160, torch.float32)
+    rows = torch.tensor([2, 0], dtype=torch.int32, device=DEVICE)
+    utils = ("test_schema", "test_faketensor")
+    for r in (None, rows):
+        torch.library.opcheck(torch.ops.d3kernels.swiglu_gate_up.default,
+                              (x, w_gate_up, r, torch.empty(3, 160)), test_utils=utils)
+        torch.library.opcheck(torch.ops.d3kernels.down_residual.default,
+                              (randn(3, 160), w_down, randn(3, 96), r), test_utils=utils)
+
+
+@gpu
+@pytest.mark.parametrize("M", [1, 32, 128])
+@pytest.mark.parametrize("H,inter", [(4096, 11008), (4096, 14336)])
+def test_swiglu_mlp_llama_shapes(M, H, inter):
+    """bf16 at Llama-2-7B / Llama-3-8B MLP shapes, decode and a prefill-sized block."""
+    dtype = torch.bfloat16
+    torch.manual_seed(M + inter)
+    x = randn(M, H, dtype=dtype)
+    w_gate_up, w_down = _weights(H, inter, dtype)
+    residual = randn(M, H, dtype=dtype, scale=0.5)
+    start = residual.clone()
+    rows = _rows(M, M)
+    h = swiglu_gate_up(x, w_gate_up, rows=rows, out=poisoned((M, inter), dtype))
+    down_residual(h, w_down, residual, rows=rows)
+    w = w_gate_up.double().cpu()
+    ref = start.double().cpu() + reference.swiglu_mlp(
+        x.double().cpu(), w[:inter], w[inter:], w_down.double().cpu())
+    active = slice(None) if rows is None else rows.long().cpu()
+    assert_close(residual.cpu()[active], ref[active], dtype)
+
+
+@gpu
+def test_swiglu_cuda_graph():
+    """The decode MLP (caller-provided buffers, in-place residual) captures and replays."""
+    M, H, inter, dtype = 8, 4096, 11008, torch.bfloat16
+    x = randn(M, H, dtype=dtype)
+    w_gate_up, w_down = _weights(H, inter, dtype)
+    residual = randn(M, H, dtype=dtype)
+    start = residual.clone()
+    h = poisoned((M, inter), dtype)
+    rows = torch.tensor([5, 1, 2], dtype=torch.int32, device=DEVICE)
+
+    def mlp():
+        swiglu_gate_up(x, w_gate_up, rows=rows, out=h)
+        down_residual(h, w_down, residual, rows=rows)
+
+    mlp()  # autotune outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        mlp()
+    residual.copy_(start)
+    graph.replay()
+    torch.cuda.synchronize()
+    w = w_gate_up.double().cpu()
+    ref = start.double().cpu() + reference.swiglu_mlp(
+        x.double().cpu(), w[:inter], w[inter:], w_down.double().cpu())
+    active, idle = rows.long().cpu(), _idle(M, rows)
+    residual, start = residual.cpu(), start.cpu()
+    assert_close(residual[active], ref[active], dtype)
+    assert torch.equal(residual[idle], start[idle])
+
+
+def _launch(cfg):
+    """A config's tile sizes, warps and stages, as launch arguments of the bare jit function."""
+    return dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def test_every_config():
+    """Each tile config the GPU autotuner may pick is correct (ragged tiles, active rows)."""
+    M, H, inter, dtype = 40, 200, 160, torch.float16
+    torch.manual_seed(8)
+    x = randn(M, H, dtype=dtype)
+    w_gate_up, w_down = _weights(H, inter, dtype)
+    rows = torch.arange(M - 2, -1, -2, dtype=torch.int32, device=DEVICE)  # 20 even rows, reversed
+    active, idle = rows.long().cpu(), _idle(M, rows)
+    h_ref = _gate_up_ref(x, w_gate_up)
+    h_in = h_ref.to(dtype).to(DEVICE)
+    n_rows, bucket = rows.numel(), mod._m_bucket(rows.numel())
+    for cfg in mod._GATE_UP_CONFIGS:
+        out = poisoned((M, inter), dtype)
+        mod._gate_up_kernel.fn[mod._grid(n_rows, inter)(cfg.kwargs)](
+            x, w_gate_up, out, rows, n_rows, inter, H, bucket, x.stride(0),
+            w_gate_up.stride(0), out.stride(0), HAS_ROWS=True, **_launch(cfg))
+        assert_close(out.cpu()[active], h_ref[active], dtype)
+        assert out.cpu()[idle].isnan().all(), cfg
+    for cfg in mod._DOWN_CONFIGS:
+        residual = randn(M, H, dtype=dtype)
+        start = residual.clone().cpu()
+        mod._down_residual_kernel.fn[mod._grid(n_rows, H)(cfg.kwargs)](
+            h_in, w_down, residual, rows, n_rows, H, inter, bucket, h_in.stride(0),
+            w_down.stride(0), residual.stride(0), HAS_ROWS=True, **_launch(cfg))
+        ref = start.double() + h_in.double().cpu() @ w_down.double().cpu().T
+        assert_close(residual.cpu()[active], ref[active], dtype)
+        assert torch.equal(residual.cpu()[idle], start[idle]), cfg

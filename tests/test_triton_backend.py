@@ -1,0 +1,132 @@
+"""LlamaD3(backend="triton"): the fused kernels assembled into prefill and decode steps.
+
+On the CPU the kernels run in Triton's interpreter (tiny model, fp32 and fp16); GPU-only tests
+cover bf16, realistic shapes and CUDA-graph replay.
+"""
+import pytest
+import torch
+
+from d3kernels import DepthSchedule, LlamaD3
+from d3kernels.sampling import Sampling
+from tests.ops.conftest import CUDA, DEVICE, TOL, gpu, rel_err
+from tests.test_d3_generation import oracle
+
+TINY_SEED = 11
+
+
+@pytest.fixture(scope="module")
+def tiny_triton():
+    return LlamaD3.random("tiny", dtype=torch.float32, device=DEVICE, seed=TINY_SEED,
+                          backend="triton")
+
+
+@pytest.fixture(scope="module")
+def tiny_torch64():
+    return LlamaD3.random("tiny", dtype=torch.float64, seed=TINY_SEED, backend="torch")
+
+
+@pytest.mark.parametrize("order", ["lower", "upper", (4, 2, 6, 3, 5)], ids=str)
+def test_d3_tokens_match_oracle(tiny_triton, order):
+    s = DepthSchedule(alpha=0.75, start=1, head=2, tail=1, order=order)
+    prompt = torch.randint(0, 512, (13,)).tolist()
+    out = tiny_triton.generate(prompt, 7, s, stop_tokens=())
+    tokens, depths = oracle(tiny_triton, prompt, 7, s)
+    assert out.depths[0] == depths and min(depths) < 8
+    assert out.tokens[0] == tokens
+
+
+def test_batch_of_different_lengths_equals_alone(tiny_triton):
+    s = DepthSchedule(alpha=0.8, head=2, tail=1)
+    prompts = [torch.randint(0, 512, (n,)).tolist() for n in (1, 17)]
+    batch = tiny_triton.generate(prompts, 4, s, stop_tokens=())
+    for prompt, tokens in zip(prompts, batch.tokens):
+        assert tiny_triton.generate(prompt, 4, s, stop_tokens=()).tokens[0] == tokens
+
+
+def _teacher_forced_cache(model, prompts, steps, schedule):
+    """Prefill, then decode the given tokens (same for every backend); return the KV cache."""
+    L = model.config.num_layers
+    B, lengths = len(prompts), [len(p) for p in prompts]
+    cache = model.new_cache(B, max(lengths) + len(steps[0]) + 1)
+    ids = torch.zeros(B, max(lengths), dtype=torch.long)
+    for r, p in enumerate(prompts):
+        ids[r, :len(p)] = torch.tensor(p)
+    with torch.inference_mode():
+        model.prefill(ids.to(model.device), lengths, cache, Sampling())
+        for i, col in enumerate(zip(*steps), start=1):
+            kept = schedule.kept_layers(schedule.depth(i, L), L)
+            model.decode_step(torch.tensor(col, device=model.device),
+                              [n + i - 1 for n in lengths], kept, cache, Sampling())
+    span = max(lengths) + len(steps[0])
+    return cache.k[:, :B, :, :span].float(), cache.v[:, :B, :, :span].float()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16] +
+                         ([torch.bfloat16] if CUDA else []))
+def test_kv_cache_matches_float64_torch_backend(tiny_torch64, dtype):
+    """Every cache entry, backfilled ones included, against the float64 torch backend."""
+    model = LlamaD3(tiny_torch64.config, tiny_torch64.state_dict(), dtype=dtype, device=DEVICE,
+                    backend="triton")
+    s = DepthSchedule(alpha=0.6, head=2, tail=2, order="upper")
+    prompts = [torch.randint(0, 512, (n,)).tolist() for n in (6, 11)]
+    steps = [torch.randint(0, 512, (4,)).tolist() for _ in prompts]
+    k, v = _teacher_forced_cache(model, prompts, steps, s)
+    k_ref, v_ref = _teacher_forced_cache(tiny_torch64, prompts, steps, s)
+    for r, n in enumerate(len(p) + 4 for p in prompts):  # slots each row really wrote
+        assert rel_err(k[:, r, :, :n], k_ref[:, r, :, :n]) <= TOL[dtype]
+        assert rel_err(v[:, r, :, :n], v_ref[:, r, :, :n]) <= TOL[dtype]
+
+
+def test_fused_sampling(tiny_triton):
+    prompt = [3, 1, 4]
+    s = DepthSchedule(alpha=0.5, head=1, tail=1)  # shallow steps keep the interpreter quick
+    a = tiny_triton.generate(prompt, 3, s, temperature=1.0, seed=5, stop_tokens=())
+    b = tiny_triton.generate(prompt, 3, s, temperature=1.0, seed=5, stop_tokens=())
+    assert a.tokens == b.tokens
+    greedy = tiny_triton.generate(prompt, 3, s, stop_tokens=())
+    top1 = tiny_triton.generate(prompt, 3, s, temperature=0.8, top_k=1, seed=1, stop_tokens=())
+    nucleus = tiny_triton.generate(prompt, 3, s, temperature=0.8, top_p=1e-6, seed=1,
+                                   stop_tokens=())
+    assert top1.tokens == greedy.tokens == nucleus.tokens
+
+
+def test_backend_choice_and_errors(monkeypatch):
+    assert LlamaD3.random("tiny").backend == ("triton" if CUDA else "torch")
+    assert LlamaD3.random("tiny", dtype=torch.float64).backend == "torch"
+    with pytest.raises(ValueError, match="float64"):
+        LlamaD3.random("tiny", dtype=torch.float64, backend="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        LlamaD3.random("tiny", backend="triton", device="cpu")
+
+
+@gpu
+@pytest.mark.parametrize("preset", ["smollm2-135m", "llama-2-7b"])
+def test_gpu_triton_matches_torch_backend(preset):
+    torch.manual_seed(0)
+    triton_model = LlamaD3.random(preset, dtype=torch.bfloat16, device="cuda", backend="triton",
+                                  max_seq_len=1024)
+    torch_model = LlamaD3(triton_model.config, triton_model.state_dict(), dtype=torch.float32,
+                          device="cuda", backend="torch", max_seq_len=1024)
+    s = DepthSchedule(alpha=0.9, head=4, tail=2)
+    prompts = [torch.randint(0, triton_model.config.vocab_size, (n,)).tolist() for n in (37, 200)]
+    steps = [torch.randint(0, triton_model.config.vocab_size, (6,)).tolist() for _ in prompts]
+    k, v = _teacher_forced_cache(triton_model, prompts, steps, s)
+    k_ref, v_ref = _teacher_forced_cache(torch_model, prompts, steps, s)
+    for r, n in enumerate(len(p) + 6 for p in prompts):
+        assert rel_err(k[:, r, :, :n], k_ref[:, r, :, :n]) <= TOL[torch.bfloat16]
+        assert rel_err(v[:, r, :, :n], v_ref[:, r, :, :n]) <= TOL[torch.bfloat16]
+
+
+@gpu
+def test_gpu_cuda_graph_replay_equals_eager():
+    kwargs = dict(dtype=torch.bfloat16, device="cuda", backend="triton", seed=3)
+    graphed = LlamaD3.random("smollm2-135m", cuda_graphs=True, **kwargs)
+    eager = LlamaD3.random("smollm2-135m", cuda_graphs=False, **kwargs)
+    s = DepthSchedule(alpha=0.9, head=4, tail=2)
+    prompts = [torch.randint(0, 49152, (n,)).tolist() for n in (20, 33)]
+    for sampling in (dict(), dict(temperature=0.9, top_k=20, seed=4)):
+        a = graphed.generate(prompts, 24, s, stop_tokens=(), **sampling)
+        b = eager.generate(prompts, 24, s, stop_tokens=(), **sampling)
+        assert a.tokens == b.tokens
+    assert len(graphed._triton._graphs) > 1  # one graph per distinct depth was captured

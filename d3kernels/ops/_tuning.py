@@ -13,3 +13,32 @@ def interpreting() -> bool:
 def autotune(configs: list[triton.Config], key: list[str], **kwargs):
     """``triton.autotune`` over ``configs`` on a GPU; only the first config in the interpreter."""
     return triton.autotune(configs=configs[:1] if interpreting() else configs, key=key, **kwargs)
+
+
+def m_bucket(m: int, cap: int, floor: int = 1) -> int:
+    """Autotune key for a row or token count: its next power of two clamped to [floor, cap], so
+    decode sizes tune apart while every count past cap (prefill lengths) shares one tuning."""
+    return max(floor, min(triton.next_power_of_2(m), cap))
+
+
+# Configs of the QKV-with-RoPE GEMMs (qkv_rope, kv_backfill): a program owns BLOCK_HALF matching
+# columns of both halves of one head, so RoPE happens in its epilogue. Small-M configs serve decode
+# (a GEMV per row group, bound by the weight read: small N tiles give enough programs to fill the
+# GPU); the large-M ones serve prefill. The first one is also the interpreter's.
+HALF_HEAD_CONFIGS = [
+    triton.Config({"BLOCK_M": 16, "BLOCK_HALF": 16, "BLOCK_K": 256}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 16, "BLOCK_HALF": 32, "BLOCK_K": 128}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 16, "BLOCK_HALF": 16, "BLOCK_K": 512}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 32, "BLOCK_HALF": 32, "BLOCK_K": 128}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_HALF": 32, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_HALF": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_HALF": 32, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_HALF": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+]
+
+
+def prune_half_head(configs, named_args, **kwargs):
+    """Drop configs whose half-head block is wider than the (power-of-two padded) half head,
+    read from the kernel's ``HALF`` argument."""
+    half = max(16, triton.next_power_of_2(named_args["HALF"]))
+    return [c for c in configs if c.kwargs["BLOCK_HALF"] <= half]

@@ -14,27 +14,17 @@ import triton
 import triton.language as tl
 
 from d3kernels.ops._checks import FLOAT_DTYPES, check_launchable, check_tensor
-from d3kernels.ops._tuning import autotune
+from d3kernels.ops._tuning import HALF_HEAD_CONFIGS, autotune, m_bucket, prune_half_head
+from d3kernels.ops.qkv_rope import rope_rotate_half
 
-# As in qkv_rope: a program owns BLOCK_HALF matching columns of both halves of one K or V head,
-# so RoPE happens in its epilogue. Few tokens (one step's backfill) is the common case.
-_CONFIGS = [
-    triton.Config({"BLOCK_M": 16, "BLOCK_HALF": 16, "BLOCK_K": 256}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 16, "BLOCK_HALF": 32, "BLOCK_K": 128}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 16, "BLOCK_HALF": 16, "BLOCK_K": 512}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 32, "BLOCK_HALF": 32, "BLOCK_K": 128}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_HALF": 32, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_HALF": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
-]
+# As in qkv_rope, a program owns BLOCK_HALF matching columns of both halves of one K or V head,
+# so RoPE happens in its epilogue. Few tokens (one step's backfill) is the common case: only
+# qkv_rope's decode and mid-size tiles (BLOCK_M <= 64), not its BLOCK_M 128 prefill ones.
+_CONFIGS = HALF_HEAD_CONFIGS[:6]
 
 
-def _prune(configs, named_args, **kwargs):
-    """Drop configs whose half-head block is wider than the (power-of-two padded) half head."""
-    half = max(16, triton.next_power_of_2(named_args["HALF"]))
-    return [c for c in configs if c.kwargs["BLOCK_HALF"] <= half]
-
-
-@autotune(_CONFIGS, key=["M_BUCKET", "H", "HALF"], prune_configs_by={"early_config_prune": _prune})
+@autotune(_CONFIGS, key=["M_BUCKET", "H", "HALF"],
+          prune_configs_by={"early_config_prune": prune_half_head})
 @triton.jit
 def _kv_backfill_kernel(
     x_ptr, layers_ptr, nw_ptr, w_ptr, cos_ptr, sin_ptr, pos_ptr, crow_ptr, k_ptr, v_ptr,
@@ -91,16 +81,8 @@ def _kv_backfill_kernel(
     offs = (layer * stride_cl + crow * stride_cb + (head % NUM_KV) * stride_ch
             + pos.to(tl.int64) * stride_ct)[:, None] + cols[None, :]
     if is_k:
-        # Rotate-half RoPE: out[i] = k[i] cos[i] - k[i+D/2] sin[i],
-        # out[i+D/2] = k[i+D/2] cos[i+D/2] + k[i] sin[i+D/2].
-        cos_row = cos_ptr + pos.to(tl.int64)[:, None] * stride_cos + cols[None, :]
-        sin_row = sin_ptr + pos.to(tl.int64)[:, None] * stride_sin + cols[None, :]
-        cos_lo = tl.load(cos_row, mask=tile_mask, other=0.0).to(tl.float32)
-        cos_hi = tl.load(cos_row + HALF, mask=tile_mask, other=0.0).to(tl.float32)
-        sin_lo = tl.load(sin_row, mask=tile_mask, other=0.0).to(tl.float32)
-        sin_hi = tl.load(sin_row + HALF, mask=tile_mask, other=0.0).to(tl.float32)
-        out_lo = acc_lo * cos_lo - acc_hi * sin_lo
-        out_hi = acc_hi * cos_hi + acc_lo * sin_hi
+        out_lo, out_hi = rope_rotate_half(acc_lo, acc_hi, cos_ptr, sin_ptr, pos, cols, stride_cos,
+                                          stride_sin, HALF, tile_mask)
         dst = k_ptr + offs
     else:
         out_lo = acc_lo
@@ -122,7 +104,7 @@ def _launch(x, layers, norm_weight, w_qkv, cos, sin, positions, cache_rows, k_ca
     _kv_backfill_kernel[grid](
         x, layers, norm_weight, w_qkv, cos, sin, positions, cache_rows, k_cache, v_cache,
         M, H, head_dim // 2, q_size, min(k_cache.shape[3], cos.shape[0]), eps,
-        min(triton.next_power_of_2(M), 64),
+        m_bucket(M, cap=64),
         x.stride(0), norm_weight.stride(0), w_qkv.stride(0), w_qkv.stride(1),
         cos.stride(0), sin.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),

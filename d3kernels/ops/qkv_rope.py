@@ -14,35 +14,30 @@ import triton
 import triton.language as tl
 
 from d3kernels.ops._checks import FLOAT_DTYPES, check_launchable, check_rows, check_tensor
-from d3kernels.ops._tuning import autotune
+from d3kernels.ops._tuning import HALF_HEAD_CONFIGS, autotune, m_bucket, prune_half_head
 
-# BLOCK_HALF columns of each half of a head per program. Small-M configs serve decode (a GEMV per
-# row group, bound by the weight read: small N tiles give enough programs to fill the GPU); the
-# large-M ones serve prefill. The first one is also the interpreter's.
-_CONFIGS = [
-    triton.Config({"BLOCK_M": 16, "BLOCK_HALF": 16, "BLOCK_K": 256}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 16, "BLOCK_HALF": 32, "BLOCK_K": 128}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 16, "BLOCK_HALF": 16, "BLOCK_K": 512}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 32, "BLOCK_HALF": 32, "BLOCK_K": 128}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_HALF": 32, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_HALF": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_HALF": 32, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_HALF": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-]
+# BLOCK_HALF columns of each half of a head per program: all the shared configs, decode
+# (BLOCK_M 16, 32) and prefill (64, 128) tiles; the first one is also the interpreter's.
+_CONFIGS = HALF_HEAD_CONFIGS
 
 
-def _prune(configs, named_args, **kwargs):
-    """Drop configs whose half-head block is wider than the (power-of-two padded) half head."""
-    half = max(16, triton.next_power_of_2(named_args["HALF"]))
-    return [c for c in configs if c.kwargs["BLOCK_HALF"] <= half]
+@triton.jit
+def rope_rotate_half(acc_lo, acc_hi, cos_ptr, sin_ptr, pos, cols, stride_cos, stride_sin, HALF,
+                     mask):
+    """Rotate-half RoPE of a [BLOCK_M, BLOCK_HALF] tile pair, columns ``cols`` of the low and high
+    half of one head at positions ``pos``: out[i] = x[i] cos[i] - x[i+D/2] sin[i],
+    out[i+D/2] = x[i+D/2] cos[i+D/2] + x[i] sin[i+D/2]. Also kv_backfill's epilogue."""
+    cos_row = cos_ptr + pos.to(tl.int64)[:, None] * stride_cos + cols[None, :]
+    sin_row = sin_ptr + pos.to(tl.int64)[:, None] * stride_sin + cols[None, :]
+    cos_lo = tl.load(cos_row, mask=mask, other=0.0).to(tl.float32)
+    cos_hi = tl.load(cos_row + HALF, mask=mask, other=0.0).to(tl.float32)
+    sin_lo = tl.load(sin_row, mask=mask, other=0.0).to(tl.float32)
+    sin_hi = tl.load(sin_row + HALF, mask=mask, other=0.0).to(tl.float32)
+    return acc_lo * cos_lo - acc_hi * sin_lo, acc_hi * cos_hi + acc_lo * sin_hi
 
 
-def _m_bucket(m: int) -> int:
-    """Autotune key for the token count: decode sizes apart, every prefill length alike."""
-    return min(triton.next_power_of_2(m), 256)
-
-
-@autotune(_CONFIGS, key=["M_BUCKET", "H", "HALF"], prune_configs_by={"early_config_prune": _prune})
+@autotune(_CONFIGS, key=["M_BUCKET", "H", "HALF"],
+          prune_configs_by={"early_config_prune": prune_half_head})
 @triton.jit
 def _qkv_rope_kernel(
     x_ptr, w_ptr, cos_ptr, sin_ptr, start_ptr, rows_ptr, q_ptr, k_ptr, v_ptr,
@@ -87,19 +82,14 @@ def _qkv_rope_kernel(
         acc_lo = tl.dot(xk, tl.load(w_lo[None, :] + k[:, None], mask=w_mask, other=0.0), acc_lo)
         acc_hi = tl.dot(xk, tl.load(w_hi[None, :] + k[:, None], mask=w_mask, other=0.0), acc_hi)
 
-    # Rotate-half RoPE: out[i] = x[i] cos[i] - x[i+D/2] sin[i],
-    # out[i+D/2] = x[i+D/2] cos[i+D/2] + x[i] sin[i+D/2]. V heads pass through.
+    # RoPE on Q and K heads; V heads pass through.
     # A position past the cache or the tables is the caller's bug; masking keeps memory safe.
     tile_mask = m_mask[:, None] & col_mask[None, :] & (pos < POS_LIMIT)[:, None]
-    cos_row = cos_ptr + pos.to(tl.int64)[:, None] * stride_cos + cols[None, :]
-    sin_row = sin_ptr + pos.to(tl.int64)[:, None] * stride_sin + cols[None, :]
-    cos_lo = tl.load(cos_row, mask=tile_mask, other=0.0).to(tl.float32)
-    cos_hi = tl.load(cos_row + HALF, mask=tile_mask, other=0.0).to(tl.float32)
-    sin_lo = tl.load(sin_row, mask=tile_mask, other=0.0).to(tl.float32)
-    sin_hi = tl.load(sin_row + HALF, mask=tile_mask, other=0.0).to(tl.float32)
+    rot_lo, rot_hi = rope_rotate_half(acc_lo, acc_hi, cos_ptr, sin_ptr, pos, cols, stride_cos,
+                                      stride_sin, HALF, tile_mask)
     is_v = head >= NUM_HEADS + NUM_KV
-    out_lo = tl.where(is_v, acc_lo, acc_lo * cos_lo - acc_hi * sin_lo)
-    out_hi = tl.where(is_v, acc_hi, acc_hi * cos_hi + acc_lo * sin_hi)
+    out_lo = tl.where(is_v, acc_lo, rot_lo)
+    out_hi = tl.where(is_v, acc_hi, rot_hi)
 
     if head < NUM_HEADS:
         dst = q_ptr + (b * stride_qb + t * stride_qt + head * stride_qh)[:, None] + cols[None, :]
@@ -127,7 +117,7 @@ def _launch(x, w_qkv, cos, sin, start, k_cache, v_cache, q_out, rows, num_heads,
                          * triton.cdiv(head_dim // 2, meta["BLOCK_HALF"]))
     _qkv_rope_kernel[grid](
         x, w_qkv, cos, sin, start, start if rows is None else rows, q_out, k_cache, v_cache,
-        M, T, H, head_dim // 2, min(k_cache.shape[2], cos.shape[0]), _m_bucket(M),
+        M, T, H, head_dim // 2, min(k_cache.shape[2], cos.shape[0]), m_bucket(M, cap=256),
         x.stride(0), x.stride(1), w_qkv.stride(0), cos.stride(0), sin.stride(0),
         q_out.stride(0), q_out.stride(1), q_out.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),

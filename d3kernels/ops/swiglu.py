@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from d3kernels.ops._checks import FLOAT_DTYPES, check_launchable, check_rows, check_tensor
-from d3kernels.ops._tuning import autotune
+from d3kernels.ops._tuning import autotune, m_bucket
 
 
 def _configs(decode, prefill):
@@ -139,7 +139,7 @@ def _down_residual_kernel(h_ptr, w_ptr, res_ptr, rows_ptr, R, N, K, M_BUCKET,
 def _m_bucket(n_rows: int) -> int:
     """Autotuning key for the row count: 16, 32, ..., 256, so decode batches up to 16 share one
     tuning and so do prefill lengths past 128."""
-    return max(16, min(triton.next_power_of_2(n_rows), 256))
+    return m_bucket(n_rows, cap=256, floor=16)
 
 
 def _grid(n_rows: int, n: int):

@@ -8,12 +8,13 @@ split-KV ``attention_decode`` (caller-provided out and workspace, as in a captur
 ``F.scaled_dot_product_attention(q, k_cache[:, :, :ctx], v_cache[:, :, :ctx], enable_gqa=True)``
 eager and under torch.compile. Calls rotate over enough cache copies (>= 256 MiB) that each one
 reads its K/V from HBM, not from L2, as a decode step does. extra_info: per-call time, achieved
-GB/s of K/V read and its fraction of a device-to-device copy measured in the same run.
+GB/s of K/V read and its fraction of a device-to-device copy measured in the same run (the
+``copy_gbps`` fixture of perf/ops/conftest.py).
 Prefill: one 2048-token causal prompt, ``attention_prefill`` vs SDPA(is_causal=True), TFLOP/s
 counting the causal half (4·Hq·D·T²/2 flops).
 Each round runs the op ``calls`` times then synchronizes (warm-up rounds first, median
-reported), so the table's times are per round. Groups hold one shape, so the table's columns
-compare the implementations.
+reported; perf/ops/timing.py), so the table's times are per round. Groups hold one shape, so the
+table's columns compare the implementations.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ if not torch.cuda.is_available():
 
 from d3kernels.ops.attention import (attention_decode, attention_decode_splits,  # noqa: E402
                                      attention_decode_workspace, attention_prefill)
+from perf.ops.timing import measure  # noqa: E402
 
 MODELS = {"llama2-7b": (32, 32), "llama3-8b": (32, 8)}  # (q heads, kv heads)
 D, DTYPE = 128, torch.bfloat16
@@ -35,45 +37,6 @@ IMPLS = ["d3kernels", "eager", "compile"]
 COLD_BYTES = 256 * 2**20  # more than an H100/H200 L2 (50/60 MB) several times over
 # One compiled graph per shape: keep dynamo from falling back to eager.
 torch._dynamo.config.cache_size_limit = 64
-
-
-@pytest.fixture(scope="module")
-def copy_gbps() -> float:
-    """Bandwidth of a 1 GiB device-to-device copy, bytes read + written, median of 20."""
-    src = torch.randn(2**28, device="cuda")
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(23):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return 2 * src.numel() * 4 / sorted(times[3:])[10] / 1e9
-
-
-def timed(benchmark, fn) -> float:
-    """Warm up (compile, autotune), then rounds of enough calls to last ~2 ms; returns the median
-    seconds per call."""
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    torch.cuda.synchronize()
-    calls = max(1, min(200, int(2.0 / max(start.elapsed_time(end), 1e-3))))
-
-    def run():
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-
-    benchmark.pedantic(run, rounds=20, warmup_rounds=3)
-    per_call = benchmark.stats.stats.median / calls
-    benchmark.extra_info.update(calls=calls, us=per_call * 1e6)
-    return per_call
 
 
 def _sdpa(impl: str, **kw):
@@ -119,9 +82,7 @@ def test_decode(benchmark, copy_gbps, model, batch, ctx, impl):
 
     benchmark.group = f"attention decode {model} B={batch} ctx={ctx}"
     benchmark.extra_info.update(impl=impl, model=model, batch=batch, ctx=ctx, dtype=str(DTYPE))
-    per_call = timed(benchmark, fn)
-    gbps = kv_bytes / per_call / 1e9
-    benchmark.extra_info.update(GBps=gbps, bw_fraction=gbps / copy_gbps, copy_GBps=copy_gbps)
+    measure(benchmark, fn, nbytes=kv_bytes, copy_gbps=copy_gbps)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -150,5 +111,4 @@ def test_prefill(benchmark, model, impl):
 
     benchmark.group = f"attention prefill {model} T={T}"
     benchmark.extra_info.update(impl=impl, model=model, tokens=T, dtype=str(DTYPE))
-    per_call = timed(benchmark, fn)
-    benchmark.extra_info.update(TFLOPs=4 * Hq * D * T * T / 2 / per_call / 1e12)
+    measure(benchmark, fn, flops=4 * Hq * D * T * T // 2)

@@ -6,8 +6,10 @@ Llama-2-7B shapes, bf16: the K/V of 16 skipped layers (8..23, the middle half a 
 filled for 1 token (an eager backfill) and for 64 tokens at different rows and positions (a
 deferred one). The torch composite is the engine's batched path (one norm, one batched matmul
 over a contiguous run of layers, indexed cache writes); "loop" is a Python loop over layers.
-extra_info: median ms (do_bench), GB/s (K/V weights read + cache written) and its fraction of a
-copy's bandwidth measured in the same run, and on the triton rows the speedups.
+extra_info: per-call time, GB/s (K/V weights read + cache written) and its fraction of a copy's
+bandwidth measured in the same run (perf/ops/conftest.py), and on the triton rows the speedups.
+Each round runs the op ``calls`` times then synchronizes (warm-up rounds first, median reported;
+perf/ops/timing.py), so the table's times are per round.
 """
 import pytest
 import torch
@@ -16,22 +18,16 @@ if not torch.cuda.is_available():
     pytest.skip("GPU benchmark: needs CUDA", allow_module_level=True)
 
 import torch.nn.functional as F  # noqa: E402
-import triton  # noqa: E402
 
 from d3kernels.config import LlamaConfig  # noqa: E402
 from d3kernels.model import rope_tables  # noqa: E402
 from d3kernels.ops.kv_backfill import kv_backfill  # noqa: E402
-from perf.report import copy_bandwidth  # noqa: E402
+from perf.ops.timing import measure, record_speedups  # noqa: E402
 
 CFG = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32,
                   num_heads=32, num_kv_heads=32, head_dim=128)
 DTYPE, EPS, BATCH, T_MAX = torch.bfloat16, 1e-5, 8, 2048
 FIRST, LAST = 8, 24  # the skipped run [8, 24)
-
-
-@pytest.fixture(scope="module")
-def copy_gbs():
-    return copy_bandwidth(torch.device("cuda"), mbytes=1024)
 
 
 @pytest.fixture(scope="module")
@@ -75,15 +71,9 @@ def torch_backfill_loop(x, norm, w_qkv, cos, sin, positions, rows, k_cache, v_ca
 _compiled = torch.compile(torch_backfill)
 
 
-def _median_ms(fn):
-    fn()
-    torch.cuda.synchronize()
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-
 @pytest.mark.parametrize("impl", ["triton", "eager", "compile", "loop"])
 @pytest.mark.parametrize("tokens", [1, 64])
-def test_kv_backfill(benchmark, copy_gbs, state, tokens, impl):
+def test_kv_backfill(benchmark, copy_gbps, state, tokens, impl):
     w_qkv, norm, k_cache, v_cache, cos, sin = state
     gen = torch.Generator().manual_seed(tokens)
     flat = torch.randperm(BATCH * T_MAX, generator=gen)[:tokens]
@@ -99,20 +89,9 @@ def test_kv_backfill(benchmark, copy_gbs, state, tokens, impl):
         "compile": lambda: _compiled(*args, FIRST, LAST),
         "loop": lambda: torch_backfill_loop(*args, FIRST, LAST),
     }
-    fn = fns[impl]
-    ms = _median_ms(fn)
     n = LAST - FIRST
     nbytes = x.element_size() * n * (2 * CFG.kv_size * CFG.hidden_size + tokens * 2 * CFG.kv_size)
-    info = {"tokens": tokens, "layers": n, "impl": impl, "median_ms": ms,
-            "GB_s": nbytes / ms / 1e6, "frac_copy_bw": nbytes / ms / 1e6 / copy_gbs,
-            "copy_GB_s": copy_gbs}
+    benchmark.extra_info.update(tokens=tokens, layers=n, impl=impl)
+    per_call = measure(benchmark, fns[impl], nbytes=nbytes, copy_gbps=copy_gbps)
     if impl == "triton":
-        for other in ("eager", "compile", "loop"):
-            info[f"speedup_vs_{other}"] = _median_ms(fns[other]) / ms
-    benchmark.extra_info.update(info)
-
-    def step():
-        fn()
-        torch.cuda.synchronize()
-
-    benchmark.pedantic(step, rounds=30, warmup_rounds=3)
+        record_speedups(benchmark, per_call, {k: f for k, f in fns.items() if k != impl})

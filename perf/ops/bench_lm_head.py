@@ -5,8 +5,10 @@
 Final norm + vocab projection + token choice at Llama-3-8B (vocab 128256) and Llama-2-7B (32000)
 shapes, hidden 4096, bf16, batch 1, 8 and 32; greedy and top-k 50 sampling at temperature 0.8.
 The torch composite materializes fp32 logits, then argmax or topk + softmax + multinomial.
-extra_info: median ms (do_bench), GB/s (weight + input read) and its fraction of a copy's
-bandwidth measured in the same run, and on the triton rows the speedups.
+extra_info: per-call time, GB/s (weight + input read) and its fraction of a copy's bandwidth
+measured in the same run (perf/ops/conftest.py), and on the triton rows the speedups. Each round
+runs the op ``calls`` times then synchronizes (warm-up rounds first, median reported;
+perf/ops/timing.py), so the table's times are per round.
 """
 import pytest
 import torch
@@ -15,19 +17,13 @@ if not torch.cuda.is_available():
     pytest.skip("GPU benchmark: needs CUDA", allow_module_level=True)
 
 import torch.nn.functional as F  # noqa: E402
-import triton  # noqa: E402
 
 from d3kernels.ops.lm_head import lm_head  # noqa: E402
 from d3kernels.sampling import sample  # noqa: E402
-from perf.report import copy_bandwidth  # noqa: E402
+from perf.ops.timing import measure, record_speedups  # noqa: E402
 
 H, DTYPE, EPS, TEMPERATURE, TOP_K = 4096, torch.bfloat16, 1e-5, 0.8, 50
 VOCABS = {"llama3-8b": 128256, "llama2-7b": 32000}
-
-
-@pytest.fixture(scope="module")
-def copy_gbs():
-    return copy_bandwidth(torch.device("cuda"), mbytes=1024)
 
 
 @pytest.fixture(scope="module")
@@ -46,17 +42,11 @@ def torch_lm_head(x, norm, weight, greedy: bool):
 _compiled = torch.compile(torch_lm_head)
 
 
-def _median_ms(fn):
-    fn()
-    torch.cuda.synchronize()
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-
 @pytest.mark.parametrize("impl", ["triton", "eager", "compile"])
 @pytest.mark.parametrize("mode", ["greedy", "top_k"])
 @pytest.mark.parametrize("batch", [1, 8, 32])
 @pytest.mark.parametrize("model", list(VOCABS))
-def test_lm_head(benchmark, copy_gbs, weights, model, batch, mode, impl):
+def test_lm_head(benchmark, copy_gbps, weights, model, batch, mode, impl):
     weight = weights[model]
     x = torch.randn(batch, H, dtype=DTYPE, device="cuda")
     norm = torch.rand(H, dtype=DTYPE, device="cuda") + 0.5
@@ -70,19 +60,9 @@ def test_lm_head(benchmark, copy_gbs, weights, model, batch, mode, impl):
         "eager": lambda: torch_lm_head(x, norm, weight, greedy),
         "compile": lambda: _compiled(x, norm, weight, greedy),
     }
-    fn = fns[impl]
-    ms = _median_ms(fn)
     nbytes = x.element_size() * (weight.numel() + x.numel())
-    info = {"model": model, "vocab": weight.shape[0], "batch": batch, "mode": mode,
-            "impl": impl, "median_ms": ms, "GB_s": nbytes / ms / 1e6,
-            "frac_copy_bw": nbytes / ms / 1e6 / copy_gbs, "copy_GB_s": copy_gbs}
+    benchmark.extra_info.update(model=model, vocab=weight.shape[0], batch=batch, mode=mode,
+                                impl=impl)
+    per_call = measure(benchmark, fns[impl], nbytes=nbytes, copy_gbps=copy_gbps)
     if impl == "triton":
-        info["speedup_vs_eager"] = _median_ms(fns["eager"]) / ms
-        info["speedup_vs_compile"] = _median_ms(fns["compile"]) / ms
-    benchmark.extra_info.update(info)
-
-    def step():
-        fn()
-        torch.cuda.synchronize()
-
-    benchmark.pedantic(step, rounds=30, warmup_rounds=3)
+        record_speedups(benchmark, per_call, {k: f for k, f in fns.items() if k != impl})

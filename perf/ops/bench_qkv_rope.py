@@ -4,9 +4,11 @@
 
 Llama-2-7B (32/32 heads) and Llama-3-8B (32/8) attention inputs, bf16: decode at batch 1, 8, 32
 (one token per row, rows at different cache positions; the cost does not depend on the context)
-and a 2048-token prefill. extra_info: median ms (do_bench), GB/s and its fraction of a copy's
-bandwidth measured in the same run (decode), TFLOP/s (prefill), and on the triton rows the
-speedup over eager and torch.compile.
+and a 2048-token prefill. extra_info: per-call time, GB/s and its fraction of a copy's bandwidth
+measured in the same run (perf/ops/conftest.py; the figure for decode), TFLOP/s (for prefill),
+and on the triton rows the speedup over eager and torch.compile. Each round runs the op ``calls``
+times then synchronizes (warm-up rounds first, median reported; perf/ops/timing.py), so the
+table's times are per round.
 """
 import pytest
 import torch
@@ -15,23 +17,17 @@ if not torch.cuda.is_available():
     pytest.skip("GPU benchmark: needs CUDA", allow_module_level=True)
 
 import torch.nn.functional as F  # noqa: E402
-import triton  # noqa: E402
 
 from d3kernels.config import LlamaConfig  # noqa: E402
 from d3kernels.model import rope_tables  # noqa: E402
 from d3kernels.ops.qkv_rope import qkv_rope  # noqa: E402
-from perf.report import copy_bandwidth  # noqa: E402
+from perf.ops.timing import measure, record_speedups  # noqa: E402
 
 H, D, T_MAX = 4096, 128, 4096
 DTYPE = torch.bfloat16
 MODELS = {"llama2-7b": (32, 32), "llama3-8b": (32, 8)}
 SHAPES = {"decode-b1": (1, 1), "decode-b8": (8, 1), "decode-b32": (32, 1),
           "prefill-2048": (1, 2048)}
-
-
-@pytest.fixture(scope="module")
-def copy_gbs():
-    return copy_bandwidth(torch.device("cuda"), mbytes=1024)
 
 
 def _rope(x, cos, sin):
@@ -54,16 +50,10 @@ def torch_qkv_rope(x, w, cos, sin, start, k_cache, v_cache, nh: int, nkv: int):
 _compiled = torch.compile(torch_qkv_rope)
 
 
-def _median_ms(fn):
-    fn()
-    torch.cuda.synchronize()
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-
 @pytest.mark.parametrize("impl", ["triton", "eager", "compile"])
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("model", list(MODELS))
-def test_qkv_rope(benchmark, copy_gbs, model, shape, impl):
+def test_qkv_rope(benchmark, copy_gbps, model, shape, impl):
     nh, nkv = MODELS[model]
     B, T = SHAPES[shape]
     cfg = LlamaConfig(vocab_size=32000, hidden_size=H, intermediate_size=11008, num_layers=1,
@@ -81,20 +71,10 @@ def test_qkv_rope(benchmark, copy_gbs, model, shape, impl):
         "eager": lambda: torch_qkv_rope(x, w, cos, sin, start, k_cache, v_cache, nh, nkv),
         "compile": lambda: _compiled(x, w, cos, sin, start, k_cache, v_cache, nh, nkv),
     }
-    fn = fns[impl]
-    ms = _median_ms(fn)
     elem = x.element_size()
     nbytes = elem * (w.numel() + x.numel() + B * T * (nh + 2 * nkv) * D)  # weights, x, q/k/v
-    info = {"model": model, "shape": shape, "impl": impl, "median_ms": ms,
-            "GB_s": nbytes / ms / 1e6, "frac_copy_bw": nbytes / ms / 1e6 / copy_gbs,
-            "TFLOP_s": 2 * B * T * w.numel() / ms / 1e9, "copy_GB_s": copy_gbs}
+    benchmark.extra_info.update(model=model, shape=shape, impl=impl)
+    per_call = measure(benchmark, fns[impl], nbytes=nbytes, flops=2 * B * T * w.numel(),
+                       copy_gbps=copy_gbps)
     if impl == "triton":
-        info["speedup_vs_eager"] = _median_ms(fns["eager"]) / ms
-        info["speedup_vs_compile"] = _median_ms(fns["compile"]) / ms
-    benchmark.extra_info.update(info)
-
-    def step():
-        fn()
-        torch.cuda.synchronize()
-
-    benchmark.pedantic(step, rounds=30, warmup_rounds=3)
+        record_speedups(benchmark, per_call, {k: f for k, f in fns.items() if k != impl})

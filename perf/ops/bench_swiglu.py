@@ -5,9 +5,10 @@
 ``residual + (silu(x @ gate.T) * (x @ up.T)) @ down.T`` at Llama-2-7B (H 4096, I 11008) and
 Llama-3-8B (H 4096, I 14336) shapes, bf16, decode batches 1, 8, 32 and a 2048-token prefill.
 d3kernels runs ``swiglu_gate_up`` then ``down_residual`` (in place, into caller buffers). Each round
-runs the MLP ``calls`` times then synchronizes (warm-up rounds first, median reported), so the
-table's times are per round; extra_info holds the per-call time, achieved GB/s (weights plus
-activations), its fraction of a device-to-device copy measured in the same run, and TFLOP/s.
+runs the MLP ``calls`` times then synchronizes (warm-up rounds first, median reported;
+perf/ops/timing.py), so the table's times are per round; extra_info holds the per-call time,
+achieved GB/s (weights plus activations), its fraction of a device-to-device copy measured in the
+same run (perf/ops/conftest.py), and TFLOP/s.
 Groups hold one shape, so the table's columns compare the implementations. Liger-Kernel's column
 (its silu·mul kernel between torch matmuls) appears only where it is installed.
 """
@@ -21,6 +22,7 @@ if not torch.cuda.is_available():
     pytest.skip("GPU benchmark: needs CUDA", allow_module_level=True)
 
 from d3kernels.ops.swiglu import down_residual, swiglu_gate_up  # noqa: E402
+from perf.ops.timing import measure  # noqa: E402
 
 try:
     from liger_kernel.ops.swiglu import LigerSiLUMulFunction
@@ -35,22 +37,6 @@ IMPLS = ["d3kernels", "eager", "compile"] + (["liger"] if LigerSiLUMulFunction i
 torch._dynamo.config.cache_size_limit = 64
 
 
-@pytest.fixture(scope="module")
-def copy_gbps() -> float:
-    """Bandwidth of a 1 GiB device-to-device copy, bytes read + written, median of 20."""
-    src = torch.randn(2**28, device="cuda")
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(23):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return 2 * src.numel() * 4 / sorted(times[3:])[10] / 1e9
-
-
 @pytest.fixture(scope="module", params=list(MODELS))
 def weights(request):
     """Stacked [2I, H] gate/up and [H, I] down weights at Llama scales (never zeros)."""
@@ -59,30 +45,6 @@ def weights(request):
     w_gate_up = torch.randn(2 * inter, H, device="cuda", dtype=DTYPE) * H ** -0.5
     w_down = torch.randn(H, inter, device="cuda", dtype=DTYPE) * inter ** -0.5
     return request.param, w_gate_up, w_down
-
-
-def timed(benchmark, fn, nbytes: int, flops: int, copy_gbps: float) -> None:
-    """Warm up (compile, autotune), then rounds of enough calls to last ~2 ms, median."""
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    torch.cuda.synchronize()
-    calls = max(1, min(200, int(2.0 / max(start.elapsed_time(end), 1e-3))))
-
-    def run():
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-
-    benchmark.pedantic(run, rounds=20, warmup_rounds=3)
-    per_call = benchmark.stats.stats.median / calls
-    gbps = nbytes / per_call / 1e9
-    benchmark.extra_info.update(calls=calls, us=per_call * 1e6, GBps=gbps,
-                                bw_fraction=gbps / copy_gbps, copy_GBps=copy_gbps,
-                                TFLOPs=flops / per_call / 1e12)
 
 
 def _impl(name: str, w_gate_up: torch.Tensor, w_down: torch.Tensor, h: torch.Tensor):
@@ -116,4 +78,5 @@ def test_swiglu_mlp(benchmark, copy_gbps, weights, impl, M):
     nbytes = (3 * inter * H + 3 * M * H + 2 * M * inter) * x.element_size()
     benchmark.group = f"swiglu {model} M={M}"
     benchmark.extra_info.update(impl=impl, model=model, M=M, H=H, I=inter, dtype=str(DTYPE))
-    timed(benchmark, lambda: fn(x, r), nbytes, 6 * M * H * inter, copy_gbps)
+    measure(benchmark, lambda: fn(x, r), nbytes=nbytes, flops=6 * M * H * inter,
+            copy_gbps=copy_gbps)

@@ -144,8 +144,9 @@ def cmd_chat(args) -> int:
     if model.tokenizer is None or model.tokenizer.chat_template is None:
         print("error: chat needs a tokenizer with a chat template", file=sys.stderr)
         return 2
-    messages = [{"role": "system", "content": args.system}] if args.system else []
-    print("d3kernels chat: type a message, Ctrl-D or /exit to quit.", file=sys.stderr)
+    conv = model.chat(system=args.system, schedule=schedule, **_sampling(args))
+    print("d3kernels chat: type a message, /reset to start over, Ctrl-D or /exit to quit.",
+          file=sys.stderr)
     while True:
         try:
             line = input("> ")
@@ -154,12 +155,30 @@ def cmd_chat(args) -> int:
             return 0
         if line.strip() in ("/exit", "/quit"):
             return 0
+        if line.strip() == "/reset":
+            conv.reset()
+            print("-- conversation reset", file=sys.stderr)
+            continue
         if not line.strip():
             continue
-        messages.append({"role": "user", "content": line})
-        # Each turn re-runs the whole conversation through a full-depth prefill.
-        result = _stream_reply(model, model.tokenizer.encode_chat(messages), args, schedule)
-        messages.append({"role": "assistant", "content": result.texts[0]})
+        # One KV cache for the whole conversation: only what this turn adds is prefilled.
+        decoder = model.tokenizer.stream_decoder()
+
+        def show(tok):
+            sys.stdout.write(decoder.push(tok.token))
+            sys.stdout.flush()
+
+        try:
+            result = conv.send(line, args.max_new_tokens, stream=show)
+        except ValueError as e:  # e.g. the conversation is full; it stays as it was
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        sys.stdout.write(decoder.flush() + "\n")
+        turn = conv.turns[-1]
+        print(f"-- turn {len(conv.turns)}: prefilled {turn.prefill_tokens} tokens, "
+              f"{turn.cached_tokens} reused from the cache"
+              + (" (history re-rendered differently: rebuilt)" if turn.rebuilt else ""),
+              file=sys.stderr)
         _print_stats(result, out=sys.stderr)
 
 

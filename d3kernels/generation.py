@@ -7,6 +7,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from d3kernels.kv_cache import KVCache
 from d3kernels.sampling import Sampling
 from d3kernels.schedule import DepthSchedule
 from d3kernels.stats import GenerationStats, step_bytes
@@ -40,6 +41,8 @@ class _Plan:
     schedule: DepthSchedule
     sampling: Sampling
     stop_tokens: frozenset[int]
+    cache: KVCache | None = None       # a cache that already holds each row's history
+    past_lengths: list[int] | None = None  # tokens of history per row in ``cache``
 
 
 def _as_token_lists(model, prompts) -> list[list[int]]:
@@ -73,16 +76,41 @@ def _as_token_lists(model, prompts) -> list[list[int]]:
 
 
 def _plan(model, prompts, max_new_tokens, schedule, temperature, top_k, top_p, seed,
-          stop_tokens) -> _Plan:
+          stop_tokens, cache=None, past_lengths=None) -> _Plan:
     """Validate every argument before any work, so bad input changes nothing."""
     token_lists = _as_token_lists(model, prompts)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
             or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    longest = max(len(p) for p in token_lists)
-    if longest + max_new_tokens > model.max_seq_len:
-        raise ValueError(f"prompt of {longest} tokens plus max_new_tokens={max_new_tokens} "
-                         f"exceeds the cache (max_seq_len={model.max_seq_len})")
+    if (cache is None) != (past_lengths is None):
+        raise ValueError("cache and past_lengths go together: pass both (to continue from a "
+                         "cache holding history) or neither")
+    if cache is None:
+        longest = max(len(p) for p in token_lists)
+        if longest + max_new_tokens > model.max_seq_len:
+            raise ValueError(f"prompt of {longest} tokens plus max_new_tokens={max_new_tokens} "
+                             f"exceeds the cache (max_seq_len={model.max_seq_len})")
+    else:
+        if not isinstance(cache, KVCache):
+            raise ValueError(f"cache must be a KVCache, got {type(cache).__name__}")
+        if cache.k.dtype != model.dtype or cache.k.device.type != model.device.type \
+                or cache.k.shape[0] != model.config.num_layers:
+            raise ValueError("cache was not made for this model (its layers, dtype or device "
+                             "differ)")
+        if len(token_lists) > cache.batch_size:
+            raise ValueError(f"{len(token_lists)} prompts but the cache has "
+                             f"{cache.batch_size} rows")
+        past_lengths = list(past_lengths)
+        if len(past_lengths) != len(token_lists) or not all(
+                isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in past_lengths):
+            raise ValueError(f"past_lengths must hold one int >= 0 per prompt, got "
+                             f"{past_lengths!r}")
+        capacity = min(cache.seq_len, model.max_seq_len)
+        for r, (n, p) in enumerate(zip(past_lengths, token_lists)):
+            if n + len(p) + max_new_tokens > capacity:
+                raise ValueError(f"row {r}: {n} cached tokens + a prompt of {len(p)} tokens + "
+                                 f"max_new_tokens={max_new_tokens} exceed the cache "
+                                 f"({capacity} tokens)")
     schedule = DepthSchedule.full() if schedule is None else schedule
     if not isinstance(schedule, DepthSchedule):
         raise ValueError(f"schedule must be a DepthSchedule or None, got {schedule!r}")
@@ -95,7 +123,8 @@ def _plan(model, prompts, max_new_tokens, schedule, temperature, top_k, top_p, s
     if not all(isinstance(t, int) and 0 <= t < model.config.vocab_size for t in stop_tokens):
         raise ValueError(f"stop_tokens must be token ids in [0, {model.config.vocab_size}), "
                          f"got {sorted(stop_tokens)}")
-    return _Plan(token_lists, max_new_tokens, schedule, sampling, stop_tokens)
+    return _Plan(token_lists, max_new_tokens, schedule, sampling, stop_tokens, cache,
+                 past_lengths)
 
 
 @torch.inference_mode()
@@ -105,7 +134,11 @@ def _run(model, plan: _Plan) -> Iterator[StreamedToken]:
     elem = model.embed.element_size()
     prompts = plan.prompts
     B, lengths = len(prompts), [len(p) for p in prompts]
-    cache = model.new_cache(B, max(lengths) + plan.max_new_tokens)
+    past = plan.past_lengths
+    if plan.cache is None:
+        cache = model.new_cache(B, max(lengths) + plan.max_new_tokens)
+    else:
+        cache = plan.cache
     ids = torch.zeros(B, max(lengths), dtype=torch.long)
     for r, p in enumerate(prompts):
         ids[r, :len(p)] = torch.tensor(p)
@@ -122,12 +155,12 @@ def _run(model, plan: _Plan) -> Iterator[StreamedToken]:
                 yield StreamedToken(r, t, i, depth)
 
     t0 = time.perf_counter()
-    nxt = model.prefill(ids.to(model.device), lengths, cache, plan.sampling)
+    nxt = model.prefill(ids.to(model.device), lengths, cache, plan.sampling, past)
     step_tokens = nxt.tolist()  # the host needs the token for stops and streaming
     prefill_seconds = time.perf_counter() - t0
     yield from take(step_tokens, 0, L)
 
-    positions = list(lengths)
+    positions = list(lengths) if past is None else [n + p for n, p in zip(lengths, past)]
     decode_tokens = layers_run = full_bytes = d3_bytes = steps = 0
     decode_seconds = 0.0
     for i in range(1, plan.max_new_tokens):
@@ -177,16 +210,22 @@ class TokenStream:
 def generate_stream(model, prompts, max_new_tokens: int = 64,
                     schedule: DepthSchedule | None = None, *, temperature: float = 0.0,
                     top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                    stop_tokens=None) -> TokenStream:
+                    stop_tokens=None, cache: KVCache | None = None,
+                    past_lengths: list[int] | None = None) -> TokenStream:
     """Generate up to ``max_new_tokens`` per prompt with the D³ depth schedule, as an iterator.
 
     prompts: a string, a list of token ids, or a batch of either (rows may differ in length).
     schedule: None decodes at full depth. temperature 0 is greedy; seed makes sampling
     repeatable. stop_tokens: None uses the tokenizer's (or config's) end tokens; () disables.
+    cache, past_lengths: continue from a KVCache whose row r already holds past_lengths[r]
+    tokens of history (slots 0..past_lengths[r]-1, complete at every layer): prompt r is
+    prefilled at full depth at the positions after it, attending to it, and the schedule
+    starts at i = 0 (multi-turn chat; :class:`d3kernels.chat.Conversation` drives this).
+    None (both): a fresh cache, positions from 0. Generation writes the cache in place.
     Every argument is checked here, before any work.
     """
     return TokenStream(_run(model, _plan(model, prompts, max_new_tokens, schedule, temperature,
-                                         top_k, top_p, seed, stop_tokens)))
+                                         top_k, top_p, seed, stop_tokens, cache, past_lengths)))
 
 
 def generate(model, prompts, max_new_tokens: int = 64, schedule: DepthSchedule | None = None, *,

@@ -247,12 +247,18 @@ class LlamaD3:
 
     # ---- passes -------------------------------------------------------------------------------
 
-    def _forward_full(self, ids: torch.Tensor, lengths: list[int], cache: KVCache | None):
+    def _forward_full(self, ids: torch.Tensor, lengths: list[int], cache: KVCache | None,
+                      start: list[int] | None = None):
         """All layers over right-padded ids [B, T]; row b holds lengths[b] real tokens.
 
-        Writes K/V of positions 0..T-1 into ``cache`` when given. Returns the residual
+        start: None (every row begins at position 0) or the cache position of ids[b, 0] per
+        row, for a chunk that extends a cache already holding positions 0..start[b]-1: the
+        chunk attends to that history and causally within itself. Writes K/V of the real tokens
+        into ``cache`` when given (with a start > 0 a cache is required). Returns the residual
         stream after the last layer, [B, T, H].
         """
+        if start is not None and any(start):
+            return self._forward_chunk(ids, lengths, cache, start)
         B, T = ids.shape
         cos, sin = self.rope_cos[:T, None], self.rope_sin[:T, None]
         mask = None
@@ -268,6 +274,33 @@ class LlamaD3:
                 cache.k[j, :B, :, :T] = k
                 cache.v[j, :B, :, :T] = v
             attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                                  enable_gqa=True)
+            x = self._finish_layer(j, x, attn)
+        return x
+
+    def _forward_chunk(self, ids: torch.Tensor, lengths: list[int], cache: KVCache,
+                       start: list[int]) -> torch.Tensor:
+        """_forward_full for a chunk at positions start[b]..start[b]+lengths[b]-1 of each row,
+        on top of the history already in ``cache``: K/V of the real tokens go to those slots,
+        and each query attends to cache slots 0..its own position."""
+        B, T = ids.shape
+        dev = self.device
+        st = torch.tensor(start, device=dev)
+        pos = st[:, None] + torch.arange(T, device=dev)  # [B, T]
+        valid = torch.arange(T, device=dev)[None, :] < torch.tensor(lengths, device=dev)[:, None]
+        rope_pos = pos.clamp(max=self.max_seq_len - 1)  # padded tokens may run past the table
+        cos, sin = self.rope_cos[rope_pos][:, :, None], self.rope_sin[rope_pos][:, :, None]
+        rows, cols = valid.nonzero(as_tuple=True)  # the real tokens: row, index in the chunk
+        slots = pos[rows, cols]
+        span = max(s + n for s, n in zip(start, lengths))
+        mask = (torch.arange(span, device=dev)[None, None, :] <= pos[:, :, None])[:, None]
+        x = self.embed[ids]
+        for j in range(self.config.num_layers):
+            q, k, v = self._qkv(j, x, cos, sin)
+            cache.k[j][rows, :, slots] = k[rows, :, cols]
+            cache.v[j][rows, :, slots] = v[rows, :, cols]
+            attn = F.scaled_dot_product_attention(q, cache.k[j, :B, :, :span],
+                                                  cache.v[j, :B, :, :span], attn_mask=mask,
                                                   enable_gqa=True)
             x = self._finish_layer(j, x, attn)
         return x
@@ -296,14 +329,25 @@ class LlamaD3:
                              f"[0, {self.config.vocab_size})")
 
     def prefill(self, ids: torch.Tensor, lengths: list[int], cache: KVCache,
-                sampling: Sampling) -> torch.Tensor:
+                sampling: Sampling, start: list[int] | None = None) -> torch.Tensor:
         """Full-depth pass over right-padded prompts ids [B, T]; fills cache slots 0..T-1.
 
-        Returns the next token [B] (long) after each row's last real token.
+        start: None, or per row the number of tokens already in ``cache`` (row b's history,
+        slots 0..start[b]-1): the chunk is then written at slots start[b]..start[b]+lengths[b]-1
+        and attends to that history (multi-turn chat; the caller checks that
+        start[b] + lengths[b] fits the cache). Returns the next token [B] (long) after each
+        row's last real token.
         """
+        if start is not None:
+            if len(start) != ids.shape[0]:
+                raise ValueError(f"start must hold one position per row ({ids.shape[0]}), "
+                                 f"got {len(start)}")
+            if any(s + n > min(cache.seq_len, self.max_seq_len) for s, n in zip(start, lengths)):
+                raise ValueError(f"start + lengths exceeds the cache ({cache.seq_len} slots, "
+                                 f"max_seq_len {self.max_seq_len})")
         if self._triton is not None:
-            return self._triton.prefill(ids, lengths, cache, sampling)
-        x = self._forward_full(ids, lengths, cache)
+            return self._triton.prefill(ids, lengths, cache, sampling, start)
+        x = self._forward_full(ids, lengths, cache, start)
         last = torch.tensor(lengths, device=self.device) - 1
         return sampling(self._head(x[torch.arange(ids.shape[0], device=self.device), last]))
 
@@ -380,6 +424,13 @@ class LlamaD3:
         if c is None or c.batch_size < batch_size or c.seq_len < seq_len:
             self.cache = c = KVCache(self.config, batch_size, seq_len, self.dtype, self.device)
         return c
+
+    def chat(self, system: str | None = None, schedule: DepthSchedule | None = None, **kwargs):
+        """A :class:`d3kernels.chat.Conversation` that keeps one KV cache across turns; see
+        there for every argument (sampling options, stop_tokens, max_seq_len)."""
+        from d3kernels.chat import Conversation
+
+        return Conversation(self, system=system, schedule=schedule, **kwargs)
 
     def generate(self, prompts, max_new_tokens: int = 64, schedule: DepthSchedule | None = None,
                  **kwargs):

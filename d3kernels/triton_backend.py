@@ -82,11 +82,13 @@ class TritonBackend:
     # ---- passes -------------------------------------------------------------------------------
 
     def prefill(self, ids: torch.Tensor, lengths: list[int], cache: KVCache,
-                sampling: Sampling) -> torch.Tensor:
-        """Full-depth pass over right-padded ids [B, T]; fills cache slots 0..T-1."""
+                sampling: Sampling, start: list[int] | None = None) -> torch.Tensor:
+        """Full-depth pass over right-padded ids [B, T]; fills cache slots start[b]..
+        start[b]+T-1 (start None: 0), attending to the history already cached before them."""
         m, cfg = self.m, self.m.config
         B, T = ids.shape
-        start = torch.zeros(B, dtype=torch.int32, device=m.device)
+        start = torch.tensor([0] * B if start is None else start, dtype=torch.int32,
+                             device=m.device)
         lens = torch.tensor(lengths, dtype=torch.int32, device=m.device)
         residual = m.embed[ids.reshape(-1)]  # [B*T, H], updated in place layer by layer
         for j in range(cfg.num_layers):

@@ -50,6 +50,10 @@ class Conversation:
         stop_tokens: None uses the tokenizer's (or config's) end tokens; () disables.
         max_seq_len: the conversation's capacity in tokens (its own cache, allocated on the
             first turn); None: ``model.max_seq_len``.
+        backfill, backfill_timing: ``"propagate"`` | ``"mask"`` and ``"eager"`` | ``"deferred"``
+            (None: the model's; see :class:`d3kernels.LlamaD3`). Deferred: each reply's
+            skipped-layer K/V is filled in one batched launch per group of layers when the next
+            turn's prefill is about to read it (or on :meth:`flush_backfill`).
 
     Attributes:
         messages: the chat so far ([{"role", "content"}], text turns only).
@@ -64,7 +68,8 @@ class Conversation:
     def __init__(self, model, system: str | None = None,
                  schedule: DepthSchedule | None = None, *, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                 stop_tokens=None, max_seq_len: int | None = None):
+                 stop_tokens=None, max_seq_len: int | None = None,
+                 backfill: str | None = None, backfill_timing: str | None = None):
         if max_seq_len is None:
             max_seq_len = model.max_seq_len
         if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) \
@@ -79,8 +84,10 @@ class Conversation:
         self.stop_tokens = stop_tokens
         self._sampling_args = (temperature, top_k, top_p, seed)
         # Validates schedule, sampling and stop tokens now, not at the first turn.
-        plan = _plan(model, [[0]], 1, schedule, *self._sampling_args, stop_tokens)
+        plan = _plan(model, [[0]], 1, schedule, *self._sampling_args, stop_tokens,
+                     backfill=backfill, backfill_timing=backfill_timing)
         self._sampling: Sampling = plan.sampling
+        self.backfill, self.backfill_timing = plan.backfill, plan.backfill_timing
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
         self.cached_ids: list[int] = []
         self.pending: list[int] = []
@@ -101,6 +108,11 @@ class Conversation:
         """Forget every turn (the system message stays); the cache is kept for reuse."""
         self.messages = [m for m in self.messages[:1] if m["role"] == "system"]
         self.cached_ids, self.pending, self.turns = [], [], []
+
+    def flush_backfill(self) -> int:
+        """Fill the K/V a deferred backfill still owes (the next turn would do it anyway), so
+        the cache is complete now. Returns the (layer, slot) entries filled."""
+        return 0 if self._cache is None else self.model.flush_backfill(self._cache)
 
     # ---- turns --------------------------------------------------------------------------------
 
@@ -170,7 +182,7 @@ class Conversation:
             self._cache = KVCache(m.config, 1, self.max_seq_len, m.dtype, m.device)
         # Every other argument (ids in the vocabulary, max_new_tokens) is checked here.
         plan = _plan(m, [prefill], max_new_tokens, self.schedule, *self._sampling_args,
-                     self.stop_tokens, self._cache, [past])
+                     self.stop_tokens, self._cache, [past], self.backfill, self.backfill_timing)
         plan.sampling = self._sampling  # one random stream across turns
         if rebuild:  # slots 0.. are overwritten: until this turn ends, nothing is cached
             self.cached_ids, self.pending = [], []

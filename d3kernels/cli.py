@@ -1,8 +1,9 @@
-"""``d3kernels generate`` and ``d3kernels chat``: D³ decoding on a real model from the shell."""
+"""``d3kernels generate``, ``chat`` and ``eval``: D³ decoding on a real model from the shell."""
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import sys
 import time
 
@@ -182,6 +183,115 @@ def cmd_chat(args) -> int:
         _print_stats(result, out=sys.stderr)
 
 
+def _min_depth(text: str):
+    if text.lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--min-depths takes ints or 'none', got {text!r}")
+
+
+def cmd_eval(args) -> int:
+    from pathlib import Path
+
+    from d3kernels import eval as ev
+
+    schedules = ev.schedule_grid(args.alphas, args.starts, args.min_depths, args.heads,
+                                 args.tails, args.orders)
+    prompts = ev.load_prompts(args.prompts)
+    if args.limit is not None:
+        if args.limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {args.limit}")
+        prompts = prompts[:args.limit]
+    held = None if args.no_held else ev.load_held_text(args.held)
+    if args.max_new_tokens < 2:
+        raise ValueError(f"--max-new-tokens must be >= 2 (one decode step to time), got "
+                         f"{args.max_new_tokens}")
+    if args.timing_repeats < 1:
+        raise ValueError(f"--timing-repeats must be >= 1, got {args.timing_repeats}")
+    if args.held_reply_tokens is not None and args.held_reply_tokens < 1:
+        raise ValueError(f"--held-reply-tokens must be >= 1, got {args.held_reply_tokens}")
+    if args.min_agreement is not None and not 0 <= args.min_agreement <= 1:
+        raise ValueError(f"--min-agreement must be in [0, 1], got {args.min_agreement}")
+    model = _load(args)
+    for s in schedules:
+        s.validate(model.config.num_layers)
+    print(f"d3kernels eval: {len(schedules)} schedules x {len(prompts)} prompts, "
+          f"{args.max_new_tokens} new tokens each", file=sys.stderr, flush=True)
+    results = ev.evaluate(model, prompts, schedules, args.max_new_tokens, held,
+                          progress=not args.quiet, chat=not args.raw,
+                          timing_repeats=args.timing_repeats,
+                          held_reply_tokens=args.held_reply_tokens)
+    print(ev.format_table(results))
+    out = Path(args.out)
+    csv_path = ev.write_csv(results, out / "eval.csv")
+    print(f"-- wrote {csv_path}")
+    try:
+        png = ev.plot(results, out / "eval.png",
+                      title=f"D³ on {Path(str(args.model)).name}: {len(prompts)} prompts, "
+                            f"{args.max_new_tokens} tokens, {args.device}")
+        print(f"-- wrote {png}")
+    except ImportError as e:
+        print(f"-- no PNG: {e}", file=sys.stderr)
+    if args.max_nll_increase is not None or args.min_agreement is not None:
+        budget = " and ".join(
+            b for b in (args.max_nll_increase is not None
+                        and f"ΔNLL <= {args.max_nll_increase:g}",
+                        args.min_agreement is not None
+                        and f"exact match >= {args.min_agreement:g}") if b)
+        best = ev.best_under_budget(results, args.max_nll_increase, args.min_agreement)
+        if best is None:
+            print(f"-- no schedule meets the budget ({budget})")
+        else:
+            print(f"-- best under budget ({budget}): {ev.describe(best.schedule)}: "
+                  f"{best.realized_speedup:.2f}x realized, work ratio {best.work_ratio:.2f}x, "
+                  f"exact match {best.exact_match:.2f}, ΔNLL {best.delta_nll:+.3f}")
+            print(f"-- schedule: {json.dumps(best.schedule.to_dict())}")
+    return 0
+
+
+def _add_eval_args(e: argparse.ArgumentParser) -> None:
+    g = e.add_argument_group("model")
+    g.add_argument("--model", default="smollm2-135m-instruct",
+                   help="a known name, a .gguf file or an HF checkpoint directory "
+                        "(default: %(default)s)")
+    g.add_argument("--dtype", choices=DTYPES, default="float32", help="(default: %(default)s)")
+    g.add_argument("--device", default="cpu", help="(default: %(default)s)")
+    s = e.add_argument_group("schedule grid (every combination is evaluated)")
+    s.add_argument("--alphas", type=float, nargs="+", default=[1.0, 0.995, 0.99, 0.98],
+                   help="(default: %(default)s; 1 is the full-depth row)")
+    s.add_argument("--starts", type=int, nargs="+", default=[0], help="(default: %(default)s)")
+    s.add_argument("--min-depths", type=_min_depth, nargs="+", default=[None],
+                   help="ints or 'none' (= head + tail) (default: none)")
+    s.add_argument("--heads", type=int, nargs="+", default=[4], help="(default: %(default)s)")
+    s.add_argument("--tails", type=int, nargs="+", default=[2], help="(default: %(default)s)")
+    s.add_argument("--orders", type=_order, nargs="+", default=["lower"],
+                   help="lower, upper or comma-separated flex layers (default: lower)")
+    d = e.add_argument_group("data and output")
+    d.add_argument("--prompts", metavar="FILE", default=None,
+                   help="one prompt per line, '#' comments (default: the shipped set)")
+    d.add_argument("--held", metavar="FILE", default=None,
+                   help="held text for perplexity (default: the shipped one)")
+    d.add_argument("--no-held", action="store_true", help="skip held-text perplexity")
+    d.add_argument("--held-reply-tokens", type=int, default=None, metavar="N",
+                   help="restart the schedule every N held tokens (default: the whole held "
+                        "text is one reply, so its late tokens run at min_depth)")
+    d.add_argument("--raw", action="store_true", help="prompts without the chat template")
+    d.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    d.add_argument("--max-new-tokens", type=int, default=32, help="(default: %(default)s)")
+    d.add_argument("--timing-repeats", type=int, default=1,
+                   help="timed passes per schedule, fastest kept (default: %(default)s)")
+    d.add_argument("--out", default="eval_out", metavar="DIR",
+                   help="where eval.csv and eval.png go (default: %(default)s)")
+    d.add_argument("--quiet", action="store_true", help="no progress bar")
+    b = e.add_argument_group("quality budget: print the fastest schedule within it")
+    b.add_argument("--max-nll-increase", type=float, default=None,
+                   help="largest ΔNLL (nats/token) vs full depth")
+    b.add_argument("--min-agreement", type=float, default=None,
+                   help="smallest exact-match rate with full depth, in [0, 1]")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="d3kernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -198,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--system", default=None, help="a system message")
     _add_model_args(c)
     c.set_defaults(func=cmd_chat)
+    e = sub.add_parser("eval", help="sweep D³ schedules: quality vs full depth, realized speedup")
+    _add_eval_args(e)
+    e.set_defaults(func=cmd_eval)
     return parser
 
 

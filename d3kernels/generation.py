@@ -43,6 +43,9 @@ class _Plan:
     stop_tokens: frozenset[int]
     cache: KVCache | None = None       # a cache that already holds each row's history
     past_lengths: list[int] | None = None  # tokens of history per row in ``cache``
+    backfill: str = "propagate"
+    backfill_timing: str = "eager"
+    flush_backfill: bool = False
 
 
 def _as_token_lists(model, prompts) -> list[list[int]]:
@@ -76,9 +79,13 @@ def _as_token_lists(model, prompts) -> list[list[int]]:
 
 
 def _plan(model, prompts, max_new_tokens, schedule, temperature, top_k, top_p, seed,
-          stop_tokens, cache=None, past_lengths=None) -> _Plan:
+          stop_tokens, cache=None, past_lengths=None, backfill=None, backfill_timing=None,
+          flush_backfill=False) -> _Plan:
     """Validate every argument before any work, so bad input changes nothing."""
     token_lists = _as_token_lists(model, prompts)
+    backfill, backfill_timing = model.resolve_backfill(backfill, backfill_timing)
+    if not isinstance(flush_backfill, bool):
+        raise ValueError(f"flush_backfill must be a bool, got {flush_backfill!r}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
             or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
@@ -124,7 +131,7 @@ def _plan(model, prompts, max_new_tokens, schedule, temperature, top_k, top_p, s
         raise ValueError(f"stop_tokens must be token ids in [0, {model.config.vocab_size}), "
                          f"got {sorted(stop_tokens)}")
     return _Plan(token_lists, max_new_tokens, schedule, sampling, stop_tokens, cache,
-                 past_lengths)
+                 past_lengths, backfill, backfill_timing, flush_backfill)
 
 
 @torch.inference_mode()
@@ -154,8 +161,10 @@ def _run(model, plan: _Plan) -> Iterator[StreamedToken]:
                 finished[r] = t in plan.stop_tokens
                 yield StreamedToken(r, t, i, depth)
 
+    backfill_bytes0 = cache.backfill_bytes
     t0 = time.perf_counter()
-    nxt = model.prefill(ids.to(model.device), lengths, cache, plan.sampling, past)
+    nxt = model.prefill(ids.to(model.device), lengths, cache, plan.sampling, past,
+                        backfill=plan.backfill)
     step_tokens = nxt.tolist()  # the host needs the token for stops and streaming
     prefill_seconds = time.perf_counter() - t0
     yield from take(step_tokens, 0, L)
@@ -169,7 +178,8 @@ def _run(model, plan: _Plan) -> Iterator[StreamedToken]:
         depth = plan.schedule.depth(i, L)
         kept = plan.schedule.kept_layers(depth, L)
         t0 = time.perf_counter()
-        nxt = model.decode_step(nxt, positions, kept, cache, plan.sampling)
+        nxt = model.decode_step(nxt, positions, kept, cache, plan.sampling,
+                                backfill=plan.backfill, backfill_timing=plan.backfill_timing)
         step_tokens = nxt.tolist()
         decode_seconds += time.perf_counter() - t0
         steps += 1
@@ -181,8 +191,11 @@ def _run(model, plan: _Plan) -> Iterator[StreamedToken]:
         positions = [p + 1 for p in positions]
         yield from take(step_tokens, i, depth)
 
+    if plan.flush_backfill:
+        model.flush_backfill(cache)
     stats = GenerationStats(L, sum(lengths), prefill_seconds, decode_tokens, steps,
-                            decode_seconds, layers_run, full_bytes, d3_bytes)
+                            decode_seconds, layers_run, full_bytes, d3_bytes,
+                            cache.backfill_bytes - backfill_bytes0)
     texts = None
     if model.tokenizer is not None:
         texts = [model.tokenizer.decode(t) for t in tokens]
@@ -211,7 +224,9 @@ def generate_stream(model, prompts, max_new_tokens: int = 64,
                     schedule: DepthSchedule | None = None, *, temperature: float = 0.0,
                     top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                     stop_tokens=None, cache: KVCache | None = None,
-                    past_lengths: list[int] | None = None) -> TokenStream:
+                    past_lengths: list[int] | None = None, backfill: str | None = None,
+                    backfill_timing: str | None = None,
+                    flush_backfill: bool = False) -> TokenStream:
     """Generate up to ``max_new_tokens`` per prompt with the D³ depth schedule, as an iterator.
 
     prompts: a string, a list of token ids, or a batch of either (rows may differ in length).
@@ -222,10 +237,15 @@ def generate_stream(model, prompts, max_new_tokens: int = 64,
     prefilled at full depth at the positions after it, attending to it, and the schedule
     starts at i = 0 (multi-turn chat; :class:`d3kernels.chat.Conversation` drives this).
     None (both): a fresh cache, positions from 0. Generation writes the cache in place.
+    backfill ("propagate" | "mask") and backfill_timing ("eager" | "deferred"): what skipped
+    layers leave in the cache and when it is filled (see :class:`d3kernels.LlamaD3`); None:
+    the model's. A deferred backfill is flushed by the next prefill on the cache; with
+    flush_backfill=True it is flushed when this call ends, so the cache is complete.
     Every argument is checked here, before any work.
     """
     return TokenStream(_run(model, _plan(model, prompts, max_new_tokens, schedule, temperature,
-                                         top_k, top_p, seed, stop_tokens, cache, past_lengths)))
+                                         top_k, top_p, seed, stop_tokens, cache, past_lengths,
+                                         backfill, backfill_timing, flush_backfill)))
 
 
 def generate(model, prompts, max_new_tokens: int = 64, schedule: DepthSchedule | None = None, *,

@@ -17,9 +17,12 @@ from d3kernels.config import PRESETS, LlamaConfig
 from d3kernels.kv_cache import KVCache
 from d3kernels.sampling import Sampling
 from d3kernels.schedule import DepthSchedule, skipped_runs
+from d3kernels.stats import backfill_layer_bytes
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BACKENDS = ("auto", "torch", "triton")
+BACKFILL_MODES = ("propagate", "mask")
+BACKFILL_TIMINGS = ("eager", "deferred")
 
 
 def hf_weight_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
@@ -93,12 +96,24 @@ class LlamaD3:
     ``attn_norm`` [L, H], ``w_qkv`` [L, Q+2K, H], ``w_o`` [L, H, Q], ``mlp_norm`` [L, H],
     ``w_gate_up`` [L, 2I, H], ``w_down`` [L, H, I], ``embed`` and ``lm_head`` [V, H] (one tensor
     when tied), ``final_norm`` [H]; all in ``dtype`` on ``device``.
+
+    backfill: what a skipped layer leaves in the KV cache (design.md §2). ``"propagate"``
+    (default): its K/V at that position are computed from the residual stream as it reaches
+    the layer. ``"mask"``: they are never written and attention at that layer ignores them
+    (torch backend only for now: the triton attention kernels take no validity mask).
+    backfill_timing (propagate only): ``"eager"`` (default) fills skipped layers' K/V in every
+    decode step; ``"deferred"`` keeps the residual at each skip point and fills every missing
+    entry later, one batched launch per group of layers, just before a pass that reads
+    them (the next prefill on that cache) or on :meth:`flush_backfill`. Both give the same
+    cache; deferred reads each skipped layer's K/V weights once per flush instead of per step.
+    Both can be overridden per call (``generate``, ``Conversation``).
     """
 
     def __init__(self, config: LlamaConfig, weights: dict[str, torch.Tensor], *, tokenizer=None,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                  backend: str = "auto", max_seq_len: int | None = None,
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool = True, backfill: str = "propagate",
+                 backfill_timing: str = "eager"):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
         device = torch.device(device)
@@ -116,6 +131,8 @@ class LlamaD3:
         self.dtype = dtype
         self.device = device
         self.backend = backend
+        self.backfill, self.backfill_timing = "propagate", "eager"
+        self.backfill, self.backfill_timing = self.resolve_backfill(backfill, backfill_timing)
         self.max_seq_len = max_seq_len or min(config.max_position_embeddings, 8192)
 
         def get(name):
@@ -137,11 +154,27 @@ class LlamaD3:
         self.w_down = stack("mlp.down_proj.weight")
         self.rope_cos, self.rope_sin = rope_tables(config, self.max_seq_len, dtype, self.device)
         self.cache: KVCache | None = None
+        self._marks: dict[tuple[int, ...], torch.Tensor] = {}
         self._triton = None
         if backend == "triton":
             from d3kernels.triton_backend import TritonBackend
 
             self._triton = TritonBackend(self, cuda_graphs)
+
+    def resolve_backfill(self, backfill: str | None = None,
+                         backfill_timing: str | None = None) -> tuple[str, str]:
+        """(mode, timing) for a call: None means the model's own; bad values raise ValueError."""
+        mode = self.backfill if backfill is None else backfill
+        timing = self.backfill_timing if backfill_timing is None else backfill_timing
+        if mode not in BACKFILL_MODES:
+            raise ValueError(f"backfill must be one of {BACKFILL_MODES}, got {mode!r}")
+        if timing not in BACKFILL_TIMINGS:
+            raise ValueError(f"backfill_timing must be one of {BACKFILL_TIMINGS}, got "
+                             f"{timing!r}")
+        if mode == "mask" and self.backend == "triton":
+            raise ValueError("backfill='mask' needs backend='torch' for now: the triton "
+                             "attention kernels take no per-entry validity mask")
+        return mode, timing
 
     # ---- constructors -------------------------------------------------------------------------
 
@@ -248,17 +281,18 @@ class LlamaD3:
     # ---- passes -------------------------------------------------------------------------------
 
     def _forward_full(self, ids: torch.Tensor, lengths: list[int], cache: KVCache | None,
-                      start: list[int] | None = None):
+                      start: list[int] | None = None, mask_mode: bool = False):
         """All layers over right-padded ids [B, T]; row b holds lengths[b] real tokens.
 
         start: None (every row begins at position 0) or the cache position of ids[b, 0] per
         row, for a chunk that extends a cache already holding positions 0..start[b]-1: the
         chunk attends to that history and causally within itself. Writes K/V of the real tokens
         into ``cache`` when given (with a start > 0 a cache is required). Returns the residual
-        stream after the last layer, [B, T, H].
+        stream after the last layer, [B, T, H]. mask_mode: history entries that ``cache.written``
+        marks missing (``mask`` backfill) are excluded from attention.
         """
         if start is not None and any(start):
-            return self._forward_chunk(ids, lengths, cache, start)
+            return self._forward_chunk(ids, lengths, cache, start, mask_mode)
         B, T = ids.shape
         cos, sin = self.rope_cos[:T, None], self.rope_sin[:T, None]
         mask = None
@@ -279,7 +313,7 @@ class LlamaD3:
         return x
 
     def _forward_chunk(self, ids: torch.Tensor, lengths: list[int], cache: KVCache,
-                       start: list[int]) -> torch.Tensor:
+                       start: list[int], mask_mode: bool = False) -> torch.Tensor:
         """_forward_full for a chunk at positions start[b]..start[b]+lengths[b]-1 of each row,
         on top of the history already in ``cache``: K/V of the real tokens go to those slots,
         and each query attends to cache slots 0..its own position."""
@@ -299,8 +333,10 @@ class LlamaD3:
             q, k, v = self._qkv(j, x, cos, sin)
             cache.k[j][rows, :, slots] = k[rows, :, cols]
             cache.v[j][rows, :, slots] = v[rows, :, cols]
+            # mask mode: the chunk's own slots are marked written (prefill), history may not be
+            mask_j = mask & cache.written[j, :B, None, None, :span] if mask_mode else mask
             attn = F.scaled_dot_product_attention(q, cache.k[j, :B, :, :span],
-                                                  cache.v[j, :B, :, :span], attn_mask=mask,
+                                                  cache.v[j, :B, :, :span], attn_mask=mask_j,
                                                   enable_gqa=True)
             x = self._finish_layer(j, x, attn)
         return x
@@ -329,7 +365,8 @@ class LlamaD3:
                              f"[0, {self.config.vocab_size})")
 
     def prefill(self, ids: torch.Tensor, lengths: list[int], cache: KVCache,
-                sampling: Sampling, start: list[int] | None = None) -> torch.Tensor:
+                sampling: Sampling, start: list[int] | None = None, *,
+                backfill: str | None = None) -> torch.Tensor:
         """Full-depth pass over right-padded prompts ids [B, T]; fills cache slots 0..T-1.
 
         start: None, or per row the number of tokens already in ``cache`` (row b's history,
@@ -337,7 +374,12 @@ class LlamaD3:
         and attends to that history (multi-turn chat; the caller checks that
         start[b] + lengths[b] fits the cache). Returns the next token [B] (long) after each
         row's last real token.
+
+        Before it runs, deferred backfill owed to history slots it reads (slots < start[b]) is
+        flushed, and any owed at slots it overwrites is dropped. backfill: None (the model's)
+        or the mode; in ``mask`` mode history entries never written are not attended to.
         """
+        mode, _ = self.resolve_backfill(backfill)
         if start is not None:
             if len(start) != ids.shape[0]:
                 raise ValueError(f"start must hold one position per row ({ids.shape[0]}), "
@@ -345,25 +387,52 @@ class LlamaD3:
             if any(s + n > min(cache.seq_len, self.max_seq_len) for s, n in zip(start, lengths)):
                 raise ValueError(f"start + lengths exceeds the cache ({cache.seq_len} slots, "
                                  f"max_seq_len {self.max_seq_len})")
+        self._begin_prefill(cache, lengths, start)
         if self._triton is not None:
             return self._triton.prefill(ids, lengths, cache, sampling, start)
-        x = self._forward_full(ids, lengths, cache, start)
+        x = self._forward_full(ids, lengths, cache, start, mode == "mask")
         last = torch.tensor(lengths, device=self.device) - 1
         return sampling(self._head(x[torch.arange(ids.shape[0], device=self.device), last]))
 
     def decode_step(self, tokens: torch.Tensor, positions: list[int], kept: tuple[int, ...],
-                    cache: KVCache, sampling: Sampling) -> torch.Tensor:
+                    cache: KVCache, sampling: Sampling, *, backfill: str | None = None,
+                    backfill_timing: str | None = None) -> torch.Tensor:
         """One decode pass that runs only the layers in ``kept`` (ascending).
 
         tokens [B] long, the newest token of each row, at cache slot positions[b]. Skipped
-        layers leave the residual unchanged; their K/V at these slots is filled from the
-        residual as it reaches them (``propagate``), one batched matmul per run of consecutive
-        skipped layers. Returns the next token [B] (long).
+        layers leave the residual unchanged. Their K/V at these slots (backfill None: the
+        model's mode and timing): ``propagate``/eager fills them from the residual as it
+        reaches them, one batched matmul per run of consecutive skipped layers; ``propagate``/
+        deferred stashes that residual per run for :meth:`flush_backfill`; ``mask`` leaves them
+        unwritten and attention ignores them. Returns the next token [B] (long).
         """
-        if self._triton is not None:
-            return self._triton.decode_step(tokens, positions, kept, cache, sampling)
-        cfg = self.config
+        mode, timing = self.resolve_backfill(backfill, backfill_timing)
+        L = self.config.num_layers
         B = tokens.shape[0]
+        deferred = mode == "propagate" and timing == "deferred"
+        skipped = L - len(kept)
+        # which layers' entries this step writes; the others at these slots stay missing
+        filled = kept if mode == "mask" or deferred else tuple(range(L))
+        mark = self._marks.get(filled)
+        if mark is None:  # made once per layer set: no host copy in steady decoding
+            mark = torch.tensor([j in filled for j in range(L)], device=self.device)
+            self._marks[filled] = mark
+        if min(positions) == max(positions):
+            cache.written[:, :B, positions[0]] = mark[:, None]
+        else:
+            cache.written[:, torch.arange(B, device=self.device),
+                          torch.tensor(positions, device=self.device)] = mark[:, None]
+        if skipped and mode == "propagate":
+            if deferred:
+                for run in skipped_runs(kept, L):
+                    cache.deferred.setdefault(run, []).extend(
+                        (b, p) for b, p in enumerate(positions))
+            else:
+                cache.backfill_bytes += skipped * backfill_layer_bytes(
+                    self.config, self.embed.element_size())
+        if self._triton is not None:
+            return self._triton.decode_step(tokens, positions, kept, cache, sampling, deferred)
+        cfg = self.config
         uniform = min(positions) == max(positions)
         if uniform:
             p = positions[0]
@@ -376,11 +445,20 @@ class LlamaD3:
             span = max(positions) + 1
             mask = (torch.arange(span, device=self.device) <= pos[:, None])[:, None, None]
         x = self.embed[tokens][:, None]  # [B, 1, H]
-        runs = iter(skipped_runs(kept, cfg.num_layers))
+        runs = iter(skipped_runs(kept, cfg.num_layers) if mode == "propagate" else ())
         run = next(runs, None)
+
+        def fill(run):
+            if not deferred:
+                self._backfill(run, x, cos, sin, positions, cache)
+            elif uniform:
+                cache.get_stash()[run[0], :B, p] = x[:, 0]
+            else:
+                cache.get_stash()[run[0]][rows, pos] = x[:, 0]
+
         for j in kept:
             while run is not None and run[0] < j:  # skipped layers below j see the same residual
-                self._backfill(run, x, cos, sin, positions, cache)
+                fill(run)
                 run = next(runs, None)
             q, k, v = self._qkv(j, x, cos, sin)
             if uniform:
@@ -389,14 +467,82 @@ class LlamaD3:
             else:
                 cache.k[j, :B][rows, :, pos] = k[:, :, 0]
                 cache.v[j, :B][rows, :, pos] = v[:, :, 0]
+            # mask mode: written[j] is False past each row's position and where layer j was
+            # skipped, so it is the whole mask
+            mask_j = cache.written[j, :B, None, None, :span] if mode == "mask" else mask
             attn = F.scaled_dot_product_attention(q, cache.k[j, :B, :, :span],
-                                                  cache.v[j, :B, :, :span], attn_mask=mask,
+                                                  cache.v[j, :B, :, :span], attn_mask=mask_j,
                                                   enable_gqa=True)
             x = self._finish_layer(j, x, attn)
         while run is not None:
-            self._backfill(run, x, cos, sin, positions, cache)
+            fill(run)
             run = next(runs, None)
         return sampling(self._head(x[:, 0]))
+
+    def _begin_prefill(self, cache: KVCache, lengths: list[int], start: list[int] | None):
+        """Bookkeeping before a prefill writes slots start[b].. of rows b < B: flush deferred
+        backfill owed to the history it reads, drop what it overwrites, and mark its slots
+        written at every layer (clearing the row's later slots, which are stale)."""
+        B = len(lengths)
+        first = [0] * B if start is None else list(start)
+        if cache.deferred:
+            for run, pairs in list(cache.deferred.items()):
+                keep = [(b, p) for b, p in pairs if b >= B or p < first[b]]
+                if keep:
+                    cache.deferred[run] = keep
+                else:
+                    del cache.deferred[run]
+            self.flush_backfill(cache)
+        for b, (s, n) in enumerate(zip(first, lengths)):
+            cache.written[:, b, s:] = False
+            cache.written[:, b, s:s + n] = True
+
+    @torch.inference_mode()
+    def flush_backfill(self, cache: KVCache | None = None) -> int:
+        """Fill every K/V entry a deferred ``propagate`` backfill still owes in ``cache``
+        (default: the model's last cache). After it the cache equals the one eager backfill
+        would have made. Returns the (layer, slot) entries filled.
+
+        Layers owed by the same set of (row, slot) entries form one group, filled in one
+        launch (torch: one batched matmul; triton: one ``kv_backfill`` launch over the group's
+        layers and stashed states): each owed layer's weights are read once per flush. Each
+        entry's state is the residual stashed at the start of its own skipped run (the same
+        residual reaches every layer of the run).
+        """
+        cache = self.cache if cache is None else cache
+        if cache is None or not cache.deferred:
+            return 0
+        cfg, dev = self.config, self.device
+        per_layer = backfill_layer_bytes(cfg, self.embed.element_size())
+        owed: dict[int, set[tuple[int, int, int]]] = {}  # layer -> {(run start, row, slot)}
+        for (a, b), pairs in cache.deferred.items():
+            for layer in range(a, b):
+                owed.setdefault(layer, set()).update((a, r, p) for r, p in pairs)
+        groups: dict[frozenset, list[int]] = {}
+        for layer, entries in sorted(owed.items()):
+            groups.setdefault(frozenset(entries), []).append(layer)
+        stash = cache.get_stash()
+        filled = 0
+        for entries, layers in groups.items():
+            src, rows, pos = (torch.tensor(c, device=dev) for c in zip(*sorted(entries)))
+            states = stash[src, rows, pos]  # [M, H]
+            if self._triton is not None:
+                self._triton.backfill_states(states, layers, pos, rows, cache)
+            else:
+                lid = torch.tensor(layers, device=dev)
+                n, M = len(layers), len(entries)
+                normed = self._norm(states, None) * self.attn_norm[lid, None, :]  # [n, M, H]
+                kv = torch.matmul(normed, self.w_qkv[lid, cfg.q_size:].transpose(1, 2))
+                k, v = kv.view(n, M, 2, cfg.num_kv_heads, cfg.head_dim).unbind(2)
+                cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]
+                # indices split by a slice: the broadcast [n, M] dims come first
+                cache.k[lid[:, None], rows[None], :, pos[None]] = _rope(k, cos, sin)
+                cache.v[lid[:, None], rows[None], :, pos[None]] = v
+            cache.written[torch.tensor(layers, device=dev)[:, None], rows[None], pos[None]] = True
+            cache.backfill_bytes += len(layers) * per_layer
+            filled += len(layers) * len(entries)
+        cache.deferred.clear()
+        return filled
 
     def _backfill(self, run: tuple[int, int], x: torch.Tensor, cos, sin, positions: list[int],
                   cache: KVCache) -> None:

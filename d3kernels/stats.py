@@ -12,6 +12,12 @@ def layer_bytes(cfg: LlamaConfig, elem: int) -> int:
     return elem * (2 * H + H * (cfg.q_size + 2 * cfg.kv_size) + cfg.q_size * H + 3 * H * I)
 
 
+def backfill_layer_bytes(cfg: LlamaConfig, elem: int) -> int:
+    """Weight bytes a ``propagate`` backfill reads per skipped layer: its input norm and K/V
+    projections (an eager backfill reads them every step, a deferred one once per flush)."""
+    return elem * (cfg.hidden_size + 2 * cfg.kv_size * cfg.hidden_size)
+
+
 def step_bytes(cfg: LlamaConfig, depth: int, context: int, batch: int, elem: int) -> int:
     """Bytes a decode step of ``depth`` layers must read at ``context`` cached tokens per row.
 
@@ -30,7 +36,10 @@ class GenerationStats:
 
     Decode figures cover the decode passes (tokens T_1, T_2, ...); T_0 comes from the prefill.
     layer_ratio = L·steps / Σ n_i; work_ratio = Σ bytes at full depth / Σ bytes at the D³
-    depths, over the same steps and contexts.
+    depths, over the same steps and contexts. backfill_bytes: weight bytes the call's K/V
+    backfills read (``backfill_layer_bytes`` per skipped layer: every step when eager, once
+    per flush when deferred, including a flush the call's prefill or ``flush_backfill`` ran;
+    0 in ``mask`` mode); not part of d3_bytes.
     """
 
     num_layers: int
@@ -42,6 +51,7 @@ class GenerationStats:
     layers_run: int
     full_bytes: int
     d3_bytes: int
+    backfill_bytes: int = 0
 
     @property
     def prefill_tokens_per_s(self) -> float:

@@ -3,7 +3,9 @@
 A decode layer is five launches: RMSNorm, QKV+RoPE+cache write, split-KV attention, O projection
 with the residual add, RMSNorm, gate/up with silu·mul, down with the residual add (the residual
 is updated in place). Skipped layers cost one ``kv_backfill`` launch per run of consecutive
-skipped layers; the LM head picks the token without writing logits. On a GPU each distinct
+skipped layers (``propagate``/eager), or one stash copy per run when the backfill is deferred
+(``LlamaD3.flush_backfill`` later fills a whole run's stashed states in one ``kv_backfill``
+launch); the LM head picks the token without writing logits. On a GPU each distinct
 (batch, layer set) decode step is captured once as a CUDA graph and replayed after that.
 """
 from __future__ import annotations
@@ -101,9 +103,20 @@ class TritonBackend:
         last = residual.view(B, T, -1)[torch.arange(B, device=m.device), lens.long() - 1]
         return self._pick(last, sampling, sampling.seed, self._next_offset(sampling, B))
 
+    def backfill_states(self, states: torch.Tensor, layers: list[int], pos: torch.Tensor,
+                        rows: torch.Tensor, cache: KVCache) -> None:
+        """K/V of ``layers`` at (rows[m], pos[m]) from residual states [M, H]: one launch."""
+        m, cfg = self.m, self.m.config
+        layer_ids = torch.tensor(layers, dtype=torch.int32, device=m.device)
+        kv_backfill(states.contiguous(), layer_ids, m.attn_norm, m.w_qkv, m.rope_cos,
+                    m.rope_sin, pos.to(torch.int32), rows.to(torch.int32), cache.k, cache.v,
+                    q_size=cfg.q_size, eps=cfg.rms_norm_eps)
+
     def _decode(self, tokens: torch.Tensor, pos: torch.Tensor, kept: tuple[int, ...],
-                cache: KVCache, sampling: Sampling, seed, offset) -> torch.Tensor:
-        """The decode step's launches. tokens [B] long, pos int32 [B] slot of each token."""
+                cache: KVCache, sampling: Sampling, seed, offset,
+                deferred: bool = False) -> torch.Tensor:
+        """The decode step's launches. tokens [B] long, pos int32 [B] slot of each token.
+        deferred: stash the residual at each skipped run's start instead of backfilling."""
         m, cfg = self.m, self.m.config
         B = tokens.shape[0]
         context = pos + 1
@@ -113,6 +126,9 @@ class TritonBackend:
         rows = torch.arange(B, dtype=torch.int32, device=m.device) if run is not None else None
 
         def backfill(run):
+            if deferred:  # a copy: the residual is updated in place afterwards
+                cache.get_stash()[run[0], :B].index_put_((rows.long(), pos.long()), residual)
+                return
             kv_backfill(residual, self._layers(run), m.attn_norm, m.w_qkv, m.rope_cos,
                         m.rope_sin, pos, rows, cache.k[:, :B], cache.v[:, :B],
                         q_size=cfg.q_size, eps=cfg.rms_norm_eps)
@@ -145,25 +161,27 @@ class TritonBackend:
         return self._pos
 
     def decode_step(self, tokens: torch.Tensor, positions: list[int], kept: tuple[int, ...],
-                    cache: KVCache, sampling: Sampling) -> torch.Tensor:
+                    cache: KVCache, sampling: Sampling, deferred: bool = False) -> torch.Tensor:
         pos = self._positions_on_device(positions)
+        if deferred:
+            cache.get_stash()  # allocated before any capture: graphs hold its address
         if self.cuda_graphs and self._fused(sampling):
-            return self._replay(tokens, pos, kept, cache, sampling)
+            return self._replay(tokens, pos, kept, cache, sampling, deferred)
         return self._decode(tokens, pos, kept, cache, sampling, sampling.seed,
-                            self._next_offset(sampling, tokens.shape[0]))
+                            self._next_offset(sampling, tokens.shape[0]), deferred)
 
     # ---- CUDA graphs --------------------------------------------------------------------------
 
-    def _replay(self, tokens, pos, kept, cache, sampling) -> torch.Tensor:
+    def _replay(self, tokens, pos, kept, cache, sampling, deferred=False) -> torch.Tensor:
         """Replay (capturing on first use) the graph of this batch size, layer set and mode."""
         if cache is not self._graph_cache:  # graphs hold the cache's addresses
             self._graphs.clear()
             self._graph_cache = cache
         greedy = sampling.temperature == 0
         key = (tokens.shape[0], kept, greedy, sampling.top_k,
-               None if greedy else sampling.temperature)
+               None if greedy else sampling.temperature, deferred)
         if key not in self._graphs:
-            self._graphs[key] = self._capture(tokens, pos, kept, cache, sampling)
+            self._graphs[key] = self._capture(tokens, pos, kept, cache, sampling, deferred)
         graph, tok_in, pos_in, seed_in, offset_in, tok_out = self._graphs[key]
         tok_in.copy_(tokens)
         pos_in.copy_(pos)
@@ -174,7 +192,7 @@ class TritonBackend:
         graph.replay()
         return tok_out.clone()
 
-    def _capture(self, tokens, pos, kept, cache, sampling):
+    def _capture(self, tokens, pos, kept, cache, sampling, deferred=False):
         tok_in, pos_in = tokens.clone(), pos.clone()
         # The captured step reads seed and offset from device tensors, so replays draw anew.
         seed_in = torch.zeros(1, dtype=torch.int64, device=tokens.device)
@@ -182,11 +200,12 @@ class TritonBackend:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # compile and autotune outside the capture
-            self._decode(tok_in, pos_in, kept, cache, sampling, seed_in, offset_in)
+            self._decode(tok_in, pos_in, kept, cache, sampling, seed_in, offset_in, deferred)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         with torch.cuda.graph(graph, pool=self._pool):
-            tok_out = self._decode(tok_in, pos_in, kept, cache, sampling, seed_in, offset_in)
+            tok_out = self._decode(tok_in, pos_in, kept, cache, sampling, seed_in, offset_in,
+                                   deferred)
         return graph, tok_in, pos_in, seed_in, offset_in, tok_out

@@ -23,11 +23,12 @@ def tiny64():
     return LlamaD3.random("tiny", dtype=torch.float64, seed=7)
 
 
-def chat_oracle(model, turns, n, s: DepthSchedule, stop_tokens=()):
+def chat_oracle(model, turns, n, s: DepthSchedule, stop_tokens=(), backfill="propagate"):
     weights = {k: v.double().cpu() for k, v in model.state_dict().items()}
     order = s.order if isinstance(s.order, str) else list(s.order)
     return d3_chat(weights, model.config, turns, n, stop_tokens=stop_tokens, alpha=s.alpha,
-                   start=s.start, min_depth=s.min_depth, head=s.head, tail=s.tail, order=order)
+                   start=s.start, min_depth=s.min_depth, head=s.head, tail=s.tail, order=order,
+                   backfill=backfill)
 
 
 def random_turns(vocab, lengths, seed):

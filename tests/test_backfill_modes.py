@@ -1,0 +1,291 @@
+"""Backfill modes (issue 4 §1, design.md §2): ``mask`` against the oracle, and deferred
+``propagate`` backfill against eager (same cache, fewer weight bytes read)."""
+import pytest
+import torch
+
+import reference
+from d3kernels import DepthSchedule, KVCache, LlamaD3
+from d3kernels.stats import backfill_layer_bytes
+from tests.ops.conftest import DEVICE, TOL, rel_err
+from tests.test_chat import chat_oracle, random_turns
+
+SCHEDULES = [  # (alpha, start, min_depth, head, tail)
+    (0.8, 0, None, 2, 1),
+    (0.7, 1, None, 1, 2),
+    (0.6, 0, 4, 1, 1),
+]
+CASES = [(params, order) for params in SCHEDULES for order in ("lower", "upper")]
+
+
+@pytest.fixture(scope="module")
+def tiny64():
+    return LlamaD3.random("tiny", dtype=torch.float64, seed=7)
+
+
+@pytest.fixture(scope="module")
+def tiny64_mask(tiny64):
+    """The same weights, mask mode as the model's default."""
+    return LlamaD3(tiny64.config, tiny64.state_dict(), dtype=torch.float64, backfill="mask")
+
+
+def schedule_of(params, order):
+    alpha, start, min_depth, head, tail = params
+    return DepthSchedule(alpha=alpha, start=start, min_depth=min_depth, head=head, tail=tail,
+                         order=order)
+
+
+def oracle(model, prompt, n, s: DepthSchedule, backfill):
+    weights = {k: v.double().cpu() for k, v in model.state_dict().items()}
+    order = s.order if isinstance(s.order, str) else list(s.order)
+    return reference.d3_generate(weights, model.config, prompt, n, alpha=s.alpha, start=s.start,
+                                 min_depth=s.min_depth, head=s.head, tail=s.tail, order=order,
+                                 backfill=backfill)
+
+
+def prompt_of(n, seed):
+    return torch.randint(0, 512, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+# ---- mask mode --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", range(len(CASES)), ids=[str(c) for c in CASES])
+def test_mask_matches_oracle(tiny64, tiny64_mask, case):
+    s = schedule_of(*CASES[case])
+    prompt = prompt_of(9, seed=case)
+    tokens, depths = oracle(tiny64, prompt, 12, s, "mask")
+    per_call = tiny64.generate(prompt, 12, s, stop_tokens=(), backfill="mask")
+    per_model = tiny64_mask.generate(prompt, 12, s, stop_tokens=())
+    assert min(depths) < tiny64.config.num_layers
+    assert per_call.depths[0] == depths and per_call.tokens[0] == tokens
+    assert per_model.tokens[0] == tokens
+    assert per_call.stats.backfill_bytes == 0  # mask mode fills nothing
+
+
+def test_modes_agree_within_a_reply_and_differ_across_turns(tiny64):
+    """Kept sets are nested within a reply, so no kept query ever reads a skipped entry: one
+    reply is the same in both modes. The next turn's prefill reads them: a chat differs (so
+    the chat oracle tests discriminate between the modes)."""
+    s = schedule_of(SCHEDULES[2], "lower")
+    for seed in range(3):
+        prompt = prompt_of(7, seed)
+        assert tiny64.generate(prompt, 12, s, stop_tokens=(), backfill="mask").tokens \
+            == tiny64.generate(prompt, 12, s, stop_tokens=()).tokens
+    differ = 0
+    for seed in range(3):
+        turns = random_turns(512, (7, 4, 4), seed=seed)
+        replies = {}
+        for mode in ("mask", "propagate"):
+            conv = tiny64.chat(schedule=s, stop_tokens=(), max_seq_len=64, backfill=mode)
+            replies[mode] = [conv.send_tokens(t, 8).tokens[0] for t in turns]
+        assert replies["mask"][0] == replies["propagate"][0]
+        differ += replies["mask"] != replies["propagate"]
+    assert differ > 0
+
+
+def test_per_call_overrides_the_model(tiny64, tiny64_mask):
+    s = schedule_of(SCHEDULES[0], "upper")
+    prompt = prompt_of(8, seed=5)
+    assert tiny64_mask.generate(prompt, 10, s, stop_tokens=(), backfill="propagate").tokens \
+        == tiny64.generate(prompt, 10, s, stop_tokens=()).tokens
+    assert tiny64_mask.backfill == "mask" and tiny64.backfill == "propagate"
+
+
+def test_mask_batch_equals_alone(tiny64):
+    s = schedule_of(SCHEDULES[0], "lower")
+    prompts = [prompt_of(n, seed=n) for n in (3, 11, 1, 7)]
+    batch = tiny64.generate(prompts, 10, s, stop_tokens=(), backfill="mask")
+    for prompt, tokens, depths in zip(prompts, batch.tokens, batch.depths):
+        alone = tiny64.generate(prompt, 10, s, stop_tokens=(), backfill="mask")
+        assert alone.tokens[0] == tokens and alone.depths[0] == depths
+
+
+def test_mask_cache_marks_skipped_entries_unwritten(tiny64):
+    s = schedule_of(SCHEDULES[0], "lower")
+    L = tiny64.config.num_layers
+    out = tiny64.generate([1, 2, 3], 6, s, stop_tokens=(), backfill="mask")
+    written = tiny64.cache.written[:, 0]
+    assert written[:, :3].all()  # the prompt, full depth
+    for i, depth in enumerate(out.depths[0][1:], start=1):  # slot 2 + i holds T_{i-1}
+        kept = s.kept_layers(depth, L)
+        assert written[:, 2 + i].tolist() == [j in kept for j in range(L)]
+    assert not written[:, 3 + 5:].any()
+
+
+@pytest.mark.parametrize("order", ["lower", "upper"])
+def test_mask_three_turn_chat_matches_oracle(tiny64, order):
+    s = DepthSchedule(alpha=0.7, head=1, tail=2, order=order)
+    turns = random_turns(512, (9, 5, 7), seed=3)
+    conv = tiny64.chat(schedule=s, stop_tokens=(), max_seq_len=96, backfill="mask")
+    outs = [conv.send_tokens(t, 10) for t in turns]
+    expected = chat_oracle(tiny64, turns, 10, s, backfill="mask")
+    assert [(o.tokens[0], o.depths[0]) for o in outs] == expected
+    assert min(expected[0][1]) < tiny64.config.num_layers
+    assert expected != chat_oracle(tiny64, turns, 10, s)  # differs from propagate
+
+
+def test_smollm2_mask_three_turns_match_oracle(smollm2_f64):
+    model = smollm2_f64
+    s = DepthSchedule(alpha=0.85, head=4, tail=2, order="lower")
+    conv = model.chat(schedule=s, max_seq_len=256, backfill="mask")
+    outs = [conv.send(text, 6) for text in ("Name a color.", "Another one?", "Thanks!")]
+    turns = [t.new_ids for t in conv.turns]
+    assert not any(t.rebuilt for t in conv.turns)
+    expected = chat_oracle(model, turns, 6, s, stop_tokens=model.tokenizer.stop_token_ids,
+                           backfill="mask")
+    assert [(o.tokens[0], o.depths[0]) for o in outs] == expected
+    assert min(outs[0].depths[0]) < 30
+    prop = model.chat(schedule=s, max_seq_len=256)  # the modes part ways at turn 3 here
+    assert [prop.send(text, 6).tokens[0] for text in ("Name a color.", "Another one?",
+                                                      "Thanks!")] != [o.tokens[0] for o in outs]
+
+
+def test_bad_backfill_values(tiny64):
+    with pytest.raises(ValueError, match="backfill must be one of"):
+        LlamaD3.random("tiny", backfill="zero")
+    with pytest.raises(ValueError, match="backfill_timing must be one of"):
+        LlamaD3.random("tiny", backfill_timing="later")
+    with pytest.raises(ValueError, match="backfill must be one of"):
+        tiny64.generate([1, 2], 3, backfill="Mask")
+    with pytest.raises(ValueError, match="backfill_timing must be one of"):
+        tiny64.generate([1, 2], 3, backfill_timing=True)
+    with pytest.raises(ValueError, match="backfill must be one of"):
+        tiny64.chat(backfill="none")
+    with pytest.raises(ValueError, match="flush_backfill"):
+        tiny64.generate([1, 2], 3, flush_backfill="yes")
+    with pytest.raises(ValueError, match="backfill must be"):
+        reference.llama_forward(tiny64.state_dict(), tiny64.config, torch.tensor([[1]]),
+                                backfill="drop")
+
+
+def test_triton_mask_is_refused():
+    with pytest.raises(ValueError, match="backfill='mask' needs backend='torch'"):
+        LlamaD3.random("tiny", device=DEVICE, backend="triton", backfill="mask")
+    model = LlamaD3.random("tiny", device=DEVICE, backend="triton")
+    with pytest.raises(ValueError, match="backfill='mask' needs backend='torch'"):
+        model.generate([1, 2], 3, backfill="mask")
+    with pytest.raises(ValueError, match="backfill='mask' needs backend='torch'"):
+        model.chat(backfill="mask")
+
+
+# ---- deferred propagate backfill --------------------------------------------------------------
+
+def _used_slots_equal(a: KVCache, b: KVCache, ends: list[int], tol: float):
+    for r, n in enumerate(ends):
+        assert a.written[:, r, :n].all() and b.written[:, r, :n].all()
+        for x, y in ((a.k, b.k), (a.v, b.v)):
+            assert rel_err(x[:, r, :, :n], y[:, r, :, :n]) <= tol
+
+
+def test_deferred_cache_equals_eager_after_flush(tiny64):
+    s = schedule_of(SCHEDULES[0], "upper")
+    prompts = [prompt_of(n, seed=n) for n in (5, 12, 2)]  # rows at different positions
+    n = 10
+    eager = tiny64.generate(prompts, n, s, stop_tokens=(), cache=KVCache(
+        tiny64.config, 3, 32, tiny64.dtype, tiny64.device), past_lengths=[0, 0, 0])
+    c_eager = KVCache(tiny64.config, 3, 32, tiny64.dtype, tiny64.device)
+    c_def = KVCache(tiny64.config, 3, 32, tiny64.dtype, tiny64.device)
+    out_e = tiny64.generate(prompts, n, s, stop_tokens=(), cache=c_eager, past_lengths=[0] * 3)
+    out_d = tiny64.generate(prompts, n, s, stop_tokens=(), cache=c_def, past_lengths=[0] * 3,
+                            backfill_timing="deferred")
+    assert out_d.tokens == out_e.tokens == eager.tokens
+    ends = [len(p) + n - 1 for p in prompts]  # the last token is not in the cache
+    assert c_def.pending_backfill > 0 and not c_def.written[:, 0, :ends[0]].all()
+    assert out_d.stats.backfill_bytes == 0  # nothing filled yet
+    filled = tiny64.flush_backfill(c_def)
+    assert filled > 0 and c_def.pending_backfill == 0 and tiny64.flush_backfill(c_def) == 0
+    _used_slots_equal(c_def, c_eager, ends, 1e-12)
+    assert not c_def.written[:, 0, ends[0]:].any()
+
+
+def test_deferred_reads_fewer_backfill_bytes(tiny64):
+    s = schedule_of(SCHEDULES[0], "lower")
+    L, n = tiny64.config.num_layers, 16
+    per_layer = backfill_layer_bytes(tiny64.config, 8)
+    eager = tiny64.generate([1, 2, 3], n, s, stop_tokens=())
+    deferred = tiny64.generate([1, 2, 3], n, s, stop_tokens=(), backfill_timing="deferred",
+                               flush_backfill=True)
+    assert deferred.tokens == eager.tokens
+    skipped = [L - d for d in eager.depths[0][1:]]
+    assert eager.stats.backfill_bytes == sum(skipped) * per_layer
+    # deferred: each layer skipped at some step is read once, at the flush
+    owed = {j for d in eager.depths[0][1:] for a, b in _runs(s, d, L) for j in range(a, b)}
+    assert deferred.stats.backfill_bytes == len(owed) * per_layer
+    assert 0 < deferred.stats.backfill_bytes < eager.stats.backfill_bytes / 2
+    assert tiny64.cache.pending_backfill == 0  # flushed at the end of the call
+
+
+def _runs(s, depth, L):
+    from d3kernels.schedule import skipped_runs
+
+    return skipped_runs(s.kept_layers(depth, L), L)
+
+
+@pytest.mark.parametrize("order", ["lower", "upper"])
+def test_deferred_three_turn_chat_matches_oracle(tiny64, order):
+    s = DepthSchedule(alpha=0.7, head=1, tail=2, order=order)
+    turns = random_turns(512, (9, 5, 7), seed=8)
+    conv = tiny64.chat(schedule=s, stop_tokens=(), max_seq_len=96, backfill_timing="deferred")
+    eager = tiny64.chat(schedule=s, stop_tokens=(), max_seq_len=96)
+    outs = [conv.send_tokens(t, 10) for t in turns]
+    outs_e = [eager.send_tokens(t, 10) for t in turns]
+    expected = chat_oracle(tiny64, turns, 10, s)
+    assert [(o.tokens[0], o.depths[0]) for o in outs] == expected
+    assert [o.tokens for o in outs_e] == [o.tokens for o in outs]
+    # turn k's prefill flushed reply k-1: fewer bytes than eager, but some
+    for d, e in zip(outs[1:], outs_e[:-1]):
+        assert 0 < d.stats.backfill_bytes < e.stats.backfill_bytes
+    assert conv._cache.pending_backfill > 0  # the last reply's entries are still owed
+    assert conv.flush_backfill() > 0
+    _used_slots_equal(conv._cache, eager._cache, [len(conv.cached_ids)], 1e-12)
+
+
+def test_rebuild_drops_what_it_overwrites(tiny64):
+    """A prefill from position 0 on a cache owing deferred entries drops them."""
+    s = schedule_of(SCHEDULES[0], "lower")
+    cache = KVCache(tiny64.config, 1, 40, tiny64.dtype, tiny64.device)
+    tiny64.generate([1, 2, 3], 8, s, stop_tokens=(), cache=cache, past_lengths=[0],
+                    backfill_timing="deferred")
+    assert cache.pending_backfill > 0
+    out = tiny64.generate([4, 5], 8, s, stop_tokens=(), cache=cache, past_lengths=[0],
+                          backfill_timing="deferred", flush_backfill=True)
+    assert out.tokens == tiny64.generate([4, 5], 8, s, stop_tokens=()).tokens
+    assert cache.pending_backfill == 0 and cache.written[:, 0, :2 + 7].all()
+    assert not cache.written[:, 0, 2 + 7:].any()
+
+
+def test_triton_deferred_equals_eager():
+    """Triton interpreter, fp32: deferred + flush (one kv_backfill launch per run) gives the
+    eager cache; a two-turn deferred chat equals the oracle."""
+    model = LlamaD3.random("tiny", dtype=torch.float32, device=DEVICE, seed=11,
+                           backend="triton")
+    s = DepthSchedule(alpha=0.7, head=2, tail=1, order="upper")
+    prompts = [prompt_of(n, seed=n) for n in (6, 3)]
+    c_e = KVCache(model.config, 2, 16, model.dtype, model.device)
+    c_d = KVCache(model.config, 2, 16, model.dtype, model.device)
+    out_e = model.generate(prompts, 5, s, stop_tokens=(), cache=c_e, past_lengths=[0, 0])
+    out_d = model.generate(prompts, 5, s, stop_tokens=(), cache=c_d, past_lengths=[0, 0],
+                           backfill_timing="deferred", flush_backfill=True)
+    assert out_d.tokens == out_e.tokens
+    assert 0 < out_d.stats.backfill_bytes < out_e.stats.backfill_bytes
+    _used_slots_equal(c_d, c_e, [6 + 4, 3 + 4], TOL[torch.float32])
+    turns = random_turns(512, (6, 4), seed=6)
+    conv = model.chat(schedule=s, stop_tokens=(), max_seq_len=32, backfill_timing="deferred")
+    outs = [conv.send_tokens(t, 4) for t in turns]
+    assert [(o.tokens[0], o.depths[0]) for o in outs] == chat_oracle(model, turns, 4, s)
+
+
+def test_smollm2_deferred_chat_equals_eager(smollm2_f64):
+    """SmolLM2 float64: a deferred three-turn chat gives the eager replies (which
+    test_chat holds to the oracle) and, once flushed, the eager cache."""
+    model = smollm2_f64
+    s = DepthSchedule(alpha=0.85, head=4, tail=2, order="upper")
+    convs = [model.chat(schedule=s, max_seq_len=256, backfill_timing=t)
+             for t in ("eager", "deferred")]
+    texts = ("Name a color.", "Another one?", "Thanks!")
+    eager, deferred = ([c.send(t, 6) for t in texts] for c in convs)
+    assert [o.tokens for o in deferred] == [o.tokens for o in eager]
+    assert min(eager[0].depths[0]) < 30
+    assert sum(o.stats.backfill_bytes for o in deferred) \
+        < sum(o.stats.backfill_bytes for o in eager[:-1])
+    convs[1].flush_backfill()
+    _used_slots_equal(convs[1]._cache, convs[0]._cache, [len(convs[0].cached_ids)], 1e-12)

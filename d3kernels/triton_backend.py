@@ -32,6 +32,7 @@ class TritonBackend:
         self.m = model
         self.cuda_graphs = cuda_graphs and model.device.type == "cuda"
         self._layer_ids: dict[tuple[int, int], torch.Tensor] = {}
+        self._row_ids: dict[int, torch.Tensor] = {}
         self._graphs: dict[tuple, tuple] = {}
         self._graph_cache: KVCache | None = None
         self._pool = None
@@ -45,6 +46,12 @@ class TritonBackend:
         if run not in self._layer_ids:
             self._layer_ids[run] = torch.arange(*run, dtype=torch.int32, device=self.m.device)
         return self._layer_ids[run]
+
+    def _rows(self, batch: int) -> torch.Tensor:
+        """int32 device tensor 0..batch-1 (backfill's cache rows), made once per batch size."""
+        if batch not in self._row_ids:
+            self._row_ids[batch] = torch.arange(batch, dtype=torch.int32, device=self.m.device)
+        return self._row_ids[batch]
 
     def _attention_and_mlp(self, j: int, residual: torch.Tensor, attn: torch.Tensor) -> None:
         """O projection + residual, then the SwiGLU MLP + residual; residual [M, H] in place."""
@@ -123,7 +130,7 @@ class TritonBackend:
         residual = m.embed[tokens]  # [B, H]
         runs = iter(skipped_runs(kept, cfg.num_layers))
         run = next(runs, None)
-        rows = torch.arange(B, dtype=torch.int32, device=m.device) if run is not None else None
+        rows = self._rows(B) if run is not None else None
 
         def backfill(run):
             if deferred:  # a copy: the residual is updated in place afterwards

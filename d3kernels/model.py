@@ -100,7 +100,7 @@ class LlamaD3:
     backfill: what a skipped layer leaves in the KV cache (design.md §2). ``"propagate"``
     (default): its K/V at that position are computed from the residual stream as it reaches
     the layer. ``"mask"``: they are never written and attention at that layer ignores them
-    (torch backend only for now: the triton attention kernels take no validity mask).
+    (both backends: the triton attention kernels read ``KVCache.written`` as a validity mask).
     backfill_timing (propagate only): ``"eager"`` (default) fills skipped layers' K/V in every
     decode step; ``"deferred"`` keeps the residual at each skip point and fills every missing
     entry later, one batched launch per group of layers, just before a pass that reads
@@ -171,9 +171,6 @@ class LlamaD3:
         if timing not in BACKFILL_TIMINGS:
             raise ValueError(f"backfill_timing must be one of {BACKFILL_TIMINGS}, got "
                              f"{timing!r}")
-        if mode == "mask" and self.backend == "triton":
-            raise ValueError("backfill='mask' needs backend='torch' for now: the triton "
-                             "attention kernels take no per-entry validity mask")
         return mode, timing
 
     # ---- constructors -------------------------------------------------------------------------
@@ -389,7 +386,7 @@ class LlamaD3:
                                  f"max_seq_len {self.max_seq_len})")
         self._begin_prefill(cache, lengths, start)
         if self._triton is not None:
-            return self._triton.prefill(ids, lengths, cache, sampling, start)
+            return self._triton.prefill(ids, lengths, cache, sampling, start, mode)
         x = self._forward_full(ids, lengths, cache, start, mode == "mask")
         last = torch.tensor(lengths, device=self.device) - 1
         return sampling(self._head(x[torch.arange(ids.shape[0], device=self.device), last]))
@@ -431,7 +428,8 @@ class LlamaD3:
                 cache.backfill_bytes += skipped * backfill_layer_bytes(
                     self.config, self.embed.element_size())
         if self._triton is not None:
-            return self._triton.decode_step(tokens, positions, kept, cache, sampling, deferred)
+            return self._triton.decode_step(tokens, positions, kept, cache, sampling, deferred,
+                                            mode)
         cfg = self.config
         uniform = min(positions) == max(positions)
         if uniform:

@@ -5,8 +5,10 @@ with the residual add, RMSNorm, gate/up with silu·mul, down with the residual a
 is updated in place). Skipped layers cost one ``kv_backfill`` launch per run of consecutive
 skipped layers (``propagate``/eager), or one stash copy per run when the backfill is deferred
 (``LlamaD3.flush_backfill`` later fills a whole run's stashed states in one ``kv_backfill``
-launch); the LM head picks the token without writing logits. On a GPU each distinct
-(batch, layer set) decode step is captured once as a CUDA graph and replayed after that.
+launch); the LM head picks the token without writing logits. In ``mask`` mode skipped layers
+cost nothing and attention at layer j reads ``cache.written[j]`` as its validity mask. On a GPU
+each distinct (batch, layer set, mode) decode step is captured once as a CUDA graph and replayed
+after that.
 """
 from __future__ import annotations
 
@@ -91,9 +93,11 @@ class TritonBackend:
     # ---- passes -------------------------------------------------------------------------------
 
     def prefill(self, ids: torch.Tensor, lengths: list[int], cache: KVCache,
-                sampling: Sampling, start: list[int] | None = None) -> torch.Tensor:
+                sampling: Sampling, start: list[int] | None = None,
+                mode: str = "propagate") -> torch.Tensor:
         """Full-depth pass over right-padded ids [B, T]; fills cache slots start[b]..
-        start[b]+T-1 (start None: 0), attending to the history already cached before them."""
+        start[b]+T-1 (start None: 0), attending to the history already cached before them
+        (mode ``"mask"``: only to the entries ``cache.written`` marks)."""
         m, cfg = self.m, self.m.config
         B, T = ids.shape
         start = torch.tensor([0] * B if start is None else start, dtype=torch.int32,
@@ -105,7 +109,8 @@ class TritonBackend:
             h, _ = rms_norm(residual, m.attn_norm[j], cfg.rms_norm_eps)
             q = qkv_rope(h.view(B, T, -1), m.w_qkv[j], m.rope_cos, m.rope_sin, start, k_cache,
                          v_cache, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads)
-            attn = attention_prefill(q, k_cache, v_cache, start, lens)
+            valid = cache.written[j, :B] if mode == "mask" else None
+            attn = attention_prefill(q, k_cache, v_cache, start, lens, valid=valid)
             self._attention_and_mlp(j, residual, attn.view(B * T, cfg.q_size))
         last = residual.view(B, T, -1)[torch.arange(B, device=m.device), lens.long() - 1]
         return self._pick(last, sampling, sampling.seed, self._next_offset(sampling, B))
@@ -121,14 +126,16 @@ class TritonBackend:
 
     def _decode(self, tokens: torch.Tensor, pos: torch.Tensor, kept: tuple[int, ...],
                 cache: KVCache, sampling: Sampling, seed, offset,
-                deferred: bool = False) -> torch.Tensor:
+                deferred: bool = False, mask: bool = False) -> torch.Tensor:
         """The decode step's launches. tokens [B] long, pos int32 [B] slot of each token.
-        deferred: stash the residual at each skipped run's start instead of backfilling."""
+        deferred: stash the residual at each skipped run's start instead of backfilling.
+        mask: no backfill; attention at layer j ignores entries ``cache.written[j]`` marks
+        missing (the caller has marked this step's kept layers written)."""
         m, cfg = self.m, self.m.config
         B = tokens.shape[0]
         context = pos + 1
         residual = m.embed[tokens]  # [B, H]
-        runs = iter(skipped_runs(kept, cfg.num_layers))
+        runs = iter(() if mask else skipped_runs(kept, cfg.num_layers))
         run = next(runs, None)
         rows = self._rows(B) if run is not None else None
 
@@ -148,7 +155,8 @@ class TritonBackend:
             h, _ = rms_norm(residual, m.attn_norm[j], cfg.rms_norm_eps)
             q = qkv_rope(h[:, None], m.w_qkv[j], m.rope_cos, m.rope_sin, pos, k_cache, v_cache,
                          num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads)
-            attn = attention_decode(q[:, 0], k_cache, v_cache, context)
+            valid = cache.written[j, :B] if mask else None
+            attn = attention_decode(q[:, 0], k_cache, v_cache, context, valid=valid)
             self._attention_and_mlp(j, residual, attn.view(B, cfg.q_size))
         while run is not None:
             backfill(run)
@@ -168,27 +176,33 @@ class TritonBackend:
         return self._pos
 
     def decode_step(self, tokens: torch.Tensor, positions: list[int], kept: tuple[int, ...],
-                    cache: KVCache, sampling: Sampling, deferred: bool = False) -> torch.Tensor:
+                    cache: KVCache, sampling: Sampling, deferred: bool = False,
+                    mode: str = "propagate") -> torch.Tensor:
+        """mode ``"mask"``: skipped layers are not backfilled (``deferred`` is ignored) and
+        attention reads ``cache.written`` as its validity mask."""
+        mask = mode == "mask"
+        deferred = deferred and not mask
         pos = self._positions_on_device(positions)
         if deferred:
             cache.get_stash()  # allocated before any capture: graphs hold its address
         if self.cuda_graphs and self._fused(sampling):
-            return self._replay(tokens, pos, kept, cache, sampling, deferred)
+            return self._replay(tokens, pos, kept, cache, sampling, deferred, mask)
         return self._decode(tokens, pos, kept, cache, sampling, sampling.seed,
-                            self._next_offset(sampling, tokens.shape[0]), deferred)
+                            self._next_offset(sampling, tokens.shape[0]), deferred, mask)
 
     # ---- CUDA graphs --------------------------------------------------------------------------
 
-    def _replay(self, tokens, pos, kept, cache, sampling, deferred=False) -> torch.Tensor:
+    def _replay(self, tokens, pos, kept, cache, sampling, deferred=False,
+                mask=False) -> torch.Tensor:
         """Replay (capturing on first use) the graph of this batch size, layer set and mode."""
         if cache is not self._graph_cache:  # graphs hold the cache's addresses
             self._graphs.clear()
             self._graph_cache = cache
         greedy = sampling.temperature == 0
         key = (tokens.shape[0], kept, greedy, sampling.top_k,
-               None if greedy else sampling.temperature, deferred)
+               None if greedy else sampling.temperature, deferred, mask)
         if key not in self._graphs:
-            self._graphs[key] = self._capture(tokens, pos, kept, cache, sampling, deferred)
+            self._graphs[key] = self._capture(tokens, pos, kept, cache, sampling, deferred, mask)
         graph, tok_in, pos_in, seed_in, offset_in, tok_out = self._graphs[key]
         tok_in.copy_(tokens)
         pos_in.copy_(pos)
@@ -199,7 +213,7 @@ class TritonBackend:
         graph.replay()
         return tok_out.clone()
 
-    def _capture(self, tokens, pos, kept, cache, sampling, deferred=False):
+    def _capture(self, tokens, pos, kept, cache, sampling, deferred=False, mask=False):
         tok_in, pos_in = tokens.clone(), pos.clone()
         # The captured step reads seed and offset from device tensors, so replays draw anew.
         seed_in = torch.zeros(1, dtype=torch.int64, device=tokens.device)
@@ -207,12 +221,13 @@ class TritonBackend:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # compile and autotune outside the capture
-            self._decode(tok_in, pos_in, kept, cache, sampling, seed_in, offset_in, deferred)
+            self._decode(tok_in, pos_in, kept, cache, sampling, seed_in, offset_in, deferred,
+                         mask)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         with torch.cuda.graph(graph, pool=self._pool):
             tok_out = self._decode(tok_in, pos_in, kept, cache, sampling, seed_in, offset_in,
-                                   deferred)
+                                   deferred, mask)
         return graph, tok_in, pos_in, seed_in, offset_in, tok_out

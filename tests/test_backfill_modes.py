@@ -157,14 +157,44 @@ def test_bad_backfill_values(tiny64):
                                 backfill="drop")
 
 
-def test_triton_mask_is_refused():
-    with pytest.raises(ValueError, match="backfill='mask' needs backend='torch'"):
-        LlamaD3.random("tiny", device=DEVICE, backend="triton", backfill="mask")
-    model = LlamaD3.random("tiny", device=DEVICE, backend="triton")
-    with pytest.raises(ValueError, match="backfill='mask' needs backend='torch'"):
-        model.generate([1, 2], 3, backfill="mask")
-    with pytest.raises(ValueError, match="backfill='mask' needs backend='torch'"):
-        model.chat(backfill="mask")
+@pytest.fixture(scope="module")
+def tiny_triton_mask():
+    """Triton backend (the interpreter on the CPU), fp32, mask mode as the model's default."""
+    return LlamaD3.random("tiny", dtype=torch.float32, device=DEVICE, seed=11,
+                          backend="triton", backfill="mask")
+
+
+def test_triton_mask_matches_oracle(tiny_triton_mask):
+    """Triton, fp32: a batch of rows at different positions in mask mode gives the oracle's
+    tokens, fills nothing and leaves the skipped entries unwritten."""
+    model = tiny_triton_mask
+    L = model.config.num_layers
+    s = DepthSchedule(alpha=0.7, head=2, tail=1, order="upper")
+    prompts = [prompt_of(n, seed=n) for n in (6, 3)]
+    out = model.generate(prompts, 3, s, stop_tokens=())
+    for r, prompt in enumerate(prompts):
+        tokens, depths = oracle(model, prompt, 3, s, "mask")
+        assert out.tokens[r] == tokens and out.depths[r] == depths
+    assert min(out.depths[0]) < L and out.stats.backfill_bytes == 0
+    for r, prompt in enumerate(prompts):
+        written = model.cache.written[:, r]
+        assert written[:, :len(prompt)].all()
+        for i, depth in enumerate(out.depths[r][1:], start=1):  # slot n-1+i holds T_{i-1}
+            kept = s.kept_layers(depth, L)
+            assert written[:, len(prompt) - 1 + i].tolist() == [j in kept for j in range(L)]
+
+
+def test_triton_mask_two_turn_chat_matches_oracle(tiny_triton_mask):
+    """Turn 2's prefill and decode steps read turn 1's skipped entries, which mask mode must
+    ignore: these turns give different replies in the two modes."""
+    model = tiny_triton_mask
+    s = DepthSchedule(alpha=0.7, head=2, tail=1, order="upper")
+    turns = random_turns(512, (6, 4), seed=2)
+    conv = model.chat(schedule=s, stop_tokens=(), max_seq_len=32)
+    outs = [conv.send_tokens(t, 3) for t in turns]
+    expected = chat_oracle(model, turns, 3, s, backfill="mask")
+    assert [(o.tokens[0], o.depths[0]) for o in outs] == expected
+    assert expected != chat_oracle(model, turns, 3, s)  # differs from propagate
 
 
 # ---- deferred propagate backfill --------------------------------------------------------------

@@ -8,6 +8,9 @@ h // (Hq // kv_heads). Scale 1/sqrt(D), online softmax in base 2 with fp32 accum
 
 Per-row context lengths are read on the device (no host sync, CUDA-graph capturable), and
 ``rows`` restricts a launch to the listed batch rows; other rows of ``out`` are left untouched.
+``valid`` (optional bool [B, T_max], e.g. ``cache.written[j]`` of the ``mask`` backfill mode)
+excludes the cache entries it marks False, on top of the causal / context-length limits; those
+entries are never read. Without it the kernels are compiled without the mask (HAS_VALID=False).
 """
 from __future__ import annotations
 
@@ -35,6 +38,11 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _as_bytes(valid: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A bool mask as uint8 (same bytes, no copy): the kernels load bytes and test != 0."""
+    return valid.view(torch.uint8) if valid is not None and valid.dtype == torch.bool else valid
+
+
 def _prune_fp32(configs, named_args, **kwargs):
     """fp32 is the correctness dtype: its IEEE dots run on the FMA units, where big tiles take
     tens of seconds to compile and win nothing. Tune bf16/fp16 only; fp32 takes the first config."""
@@ -56,27 +64,45 @@ _PREFILL_CONFIGS = [
 
 
 @triton.jit
-def _prefill_inner(acc, l_i, m_i, q, k_base, v_base, sk_t, sv_t, q_pos, lo, hi, qk_scale, offs_d,
-                   BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Online-softmax update over keys [lo, hi). MASKED: the causal diagonal / ragged tail."""
+def _prefill_inner(acc, l_i, m_i, q, k_base, v_base, sk_t, sv_t, valid_base, q_pos, lo, hi,
+                   qk_scale, offs_d, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                   HAS_VALID: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Online-softmax update over keys [lo, hi). MASKED: the causal diagonal / ragged tail.
+    HAS_VALID: keys whose ``valid`` entry is 0 are neither read nor attended to."""
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         k_ptrs = k_base + offs_n[:, None] * sk_t + offs_d[None, :]
         v_ptrs = v_base + offs_n[:, None] * sv_t + offs_d[None, :]
-        if MASKED:
+        if HAS_VALID:
+            if MASKED:
+                in_range = offs_n < hi
+                ok = (tl.load(valid_base + offs_n, mask=in_range, other=0) != 0) & in_range
+            else:
+                ok = tl.load(valid_base + offs_n) != 0
+            k = tl.load(k_ptrs, mask=ok[:, None], other=0.0)
+        elif MASKED:
             in_range = offs_n < hi
             k = tl.load(k_ptrs, mask=in_range[:, None], other=0.0)
         else:
             k = tl.load(k_ptrs)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        if MASKED:
+        if HAS_VALID:
+            if MASKED:
+                visible = (offs_n[None, :] <= q_pos[:, None]) & ok[None, :]
+            else:
+                visible = ok[None, :]
+            s = tl.where(visible, s, float("-inf"))
+        elif MASKED:
             visible = (offs_n[None, :] <= q_pos[:, None]) & in_range[None, :]
             s = tl.where(visible, s, float("-inf"))
+        # A fully excluded tile leaves m_i as it was (finite), so p = 0 and alpha = 1: no NaN.
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        if MASKED:
+        if HAS_VALID:
+            v = tl.load(v_ptrs, mask=ok[:, None], other=0.0)
+        elif MASKED:
             v = tl.load(v_ptrs, mask=in_range[:, None], other=0.0)
         else:
             v = tl.load(v_ptrs)
@@ -87,11 +113,11 @@ def _prefill_inner(acc, l_i, m_i, q, k_base, v_base, sk_t, sv_t, q_pos, lo, hi, 
 
 @autotune(_PREFILL_CONFIGS, key=["HEAD_DIM"], prune_configs_by={"early_config_prune": _prune_fp32})
 @triton.jit
-def _prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, start_ptr, len_ptr, rows_ptr,
+def _prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, start_ptr, len_ptr, rows_ptr, valid_ptr,
                     sq_b, sq_t, sq_h, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, so_b, so_t, so_h,
-                    T, t_max, qk_scale,
+                    sval_b, T, t_max, qk_scale,
                     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    HAS_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    HAS_ROWS: tl.constexpr, HAS_VALID: tl.constexpr, DOT_PRECISION: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Last query tiles have the most keys: launch them first so the tail of the grid is short.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -122,14 +148,20 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, start_ptr, len_ptr, rows_ptr,
 
     k_base = k_ptr + row * sk_b + kvh * sk_h
     v_base = v_ptr + row * sv_b + kvh * sv_h
+    if HAS_VALID:
+        valid_base = valid_ptr + row * sval_b
+    else:
+        valid_base = valid_ptr
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     # Finite start value: a fully masked row then gives p = 0 and alpha = 1, never NaN.
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
-    acc, l_i, m_i = _prefill_inner(acc, l_i, m_i, q, k_base, v_base, sk_t, sv_t, q_pos, 0, diag,
-                                   qk_scale, offs_d, BLOCK_N, False, DOT_PRECISION)
-    acc, l_i, m_i = _prefill_inner(acc, l_i, m_i, q, k_base, v_base, sk_t, sv_t, q_pos, diag, hi,
-                                   qk_scale, offs_d, BLOCK_N, True, DOT_PRECISION)
+    acc, l_i, m_i = _prefill_inner(acc, l_i, m_i, q, k_base, v_base, sk_t, sv_t, valid_base,
+                                   q_pos, 0, diag, qk_scale, offs_d, BLOCK_N, False, HAS_VALID,
+                                   DOT_PRECISION)
+    acc, l_i, m_i = _prefill_inner(acc, l_i, m_i, q, k_base, v_base, sk_t, sv_t, valid_base,
+                                   q_pos, diag, hi, qk_scale, offs_d, BLOCK_N, True, HAS_VALID,
+                                   DOT_PRECISION)
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o = tl.where(q_valid[:, None], o, 0.0)  # padded queries are written as zeros
@@ -140,7 +172,7 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, start_ptr, len_ptr, rows_ptr,
 @torch.library.custom_op("d3kernels::attention_prefill", mutates_args=("out",))
 def _attention_prefill_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                           start: torch.Tensor, lengths: torch.Tensor, rows: Optional[torch.Tensor],
-                          out: torch.Tensor) -> None:
+                          valid: Optional[torch.Tensor], out: torch.Tensor) -> None:
     B, T, Hq, D = q.shape
     kv_heads, t_max = k_cache.shape[1], k_cache.shape[2]
     R = B if rows is None else rows.numel()
@@ -148,18 +180,18 @@ def _attention_prefill_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         return
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), R * Hq)  # noqa: E731
     _prefill_kernel[grid](
-        q, k_cache, v_cache, out, start, lengths, rows,
+        q, k_cache, v_cache, out, start, lengths, rows, _as_bytes(valid),
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        T, t_max, _LOG2E / math.sqrt(D),
+        0 if valid is None else valid.stride(0), T, t_max, _LOG2E / math.sqrt(D),
         NUM_HEADS=Hq, GROUP=Hq // kv_heads, HEAD_DIM=D, HAS_ROWS=rows is not None,
-        DOT_PRECISION=_dot_precision(q.dtype))
+        HAS_VALID=valid is not None, DOT_PRECISION=_dot_precision(q.dtype))
 
 
 @_attention_prefill_op.register_fake
-def _(q, k_cache, v_cache, start, lengths, rows, out) -> None:
+def _(q, k_cache, v_cache, start, lengths, rows, valid, out) -> None:
     return None
 
 
@@ -179,13 +211,14 @@ _DECODE_CONFIGS = [
 @autotune(_DECODE_CONFIGS, key=["HEAD_DIM", "GROUP_PAD", "NUM_SPLITS"],
           prune_configs_by={"early_config_prune": _prune_fp32})
 @triton.jit
-def _decode_split_kernel(q_ptr, k_ptr, v_ptr, ctx_ptr, rows_ptr, po_ptr, plse_ptr,
+def _decode_split_kernel(q_ptr, k_ptr, v_ptr, ctx_ptr, rows_ptr, valid_ptr, po_ptr, plse_ptr,
                          sq_b, sq_h, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
-                         spo_b, spo_h, spo_s, spl_b, spl_h,
+                         spo_b, spo_h, spo_s, spl_b, spl_h, sval_b,
                          t_max, qk_scale,
                          KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                          HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                         HAS_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                         HAS_ROWS: tl.constexpr, HAS_VALID: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr,
                          BLOCK_N: tl.constexpr):
     """Phase 1: one program = (row, kv head, split); all GROUP query heads of that kv head share
     each K/V tile (a [GROUP_PAD, D] x [D, BLOCK_N] dot), so K/V is read once per kv head."""
@@ -219,6 +252,9 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, ctx_ptr, rows_ptr, po_ptr, plse_pt
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         in_range = offs_n < hi
+        if HAS_VALID:  # excluded entries are never read; a fully excluded tile leaves m_i, l_i
+            in_range = in_range & (tl.load(valid_ptr + row * sval_b + offs_n, mask=in_range,
+                                           other=0) != 0)
         k = tl.load(k_base + offs_n[:, None] * sk_t + offs_d[None, :], mask=in_range[:, None],
                     other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
@@ -232,8 +268,8 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, ctx_ptr, rows_ptr, po_ptr, plse_pt
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
-    # An empty split writes a zero partial with LSE -inf, so the merge gives it zero weight
-    # (and the workspace never needs clearing).
+    # An empty split (no keys, or every key excluded by ``valid``) writes a zero partial with
+    # LSE -inf, so the merge gives it zero weight (and the workspace never needs clearing).
     has_keys = l_i > 0
     o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
@@ -273,8 +309,8 @@ def _decode_merge_kernel(po_ptr, plse_ptr, rows_ptr, o_ptr,
                          mutates_args=("out", "partial_out", "partial_lse"))
 def _attention_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          context_lens: torch.Tensor, rows: Optional[torch.Tensor],
-                         out: torch.Tensor, partial_out: torch.Tensor,
-                         partial_lse: torch.Tensor) -> None:
+                         valid: Optional[torch.Tensor], out: torch.Tensor,
+                         partial_out: torch.Tensor, partial_lse: torch.Tensor) -> None:
     B, Hq, D = q.shape
     kv_heads, t_max = k_cache.shape[1], k_cache.shape[2]
     num_splits = partial_lse.shape[2]
@@ -283,16 +319,16 @@ def _attention_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         return
     group = Hq // kv_heads
     _decode_split_kernel[(R * kv_heads, num_splits)](
-        q, k_cache, v_cache, context_lens, rows, partial_out, partial_lse,
+        q, k_cache, v_cache, context_lens, rows, _as_bytes(valid), partial_out, partial_lse,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         partial_out.stride(0), partial_out.stride(1), partial_out.stride(2),
-        partial_lse.stride(0), partial_lse.stride(1),
+        partial_lse.stride(0), partial_lse.stride(1), 0 if valid is None else valid.stride(0),
         t_max, _LOG2E / math.sqrt(D),
         KV_HEADS=kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=D, NUM_SPLITS=num_splits, HAS_ROWS=rows is not None,
-        DOT_PRECISION=_dot_precision(q.dtype))
+        HAS_VALID=valid is not None, DOT_PRECISION=_dot_precision(q.dtype))
     _decode_merge_kernel[(R * Hq,)](
         partial_out, partial_lse, rows, out,
         partial_out.stride(0), partial_out.stride(1), partial_out.stride(2),
@@ -303,7 +339,7 @@ def _attention_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
 
 
 @_attention_decode_op.register_fake
-def _(q, k_cache, v_cache, context_lens, rows, out, partial_out, partial_lse) -> None:
+def _(q, k_cache, v_cache, context_lens, rows, valid, out, partial_out, partial_lse) -> None:
     return None
 
 
@@ -338,9 +374,18 @@ def _check_out(out, q: torch.Tensor) -> None:
         check_tensor("out", out, shape=tuple(q.shape), dtype=q.dtype, device=q.device)
 
 
+def _check_valid(valid, k_cache: torch.Tensor) -> None:
+    """``valid``: None or bool/uint8 [B, T_max] on the cache's device, last dimension dense."""
+    if valid is not None:
+        B, _, t_max, _ = k_cache.shape
+        check_tensor("valid", valid, shape=(B, t_max), dtype=(torch.bool, torch.uint8),
+                     device=k_cache.device)
+
+
 def attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       start: torch.Tensor, lengths: torch.Tensor, *,
                       rows: torch.Tensor | None = None,
+                      valid: torch.Tensor | None = None,
                       out: torch.Tensor | None = None) -> torch.Tensor:
     """Causal GQA flash attention of a chunk of queries against the KV cache.
 
@@ -355,6 +400,10 @@ def attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
             0..start[b] + t; the caller guarantees start[b] + lengths[b] <= T_max.
         rows: None or int32 [R] of distinct batch rows to compute; other rows of ``out`` are
             left untouched.
+        valid: None or bool (or uint8) [B, T_max]: cache entries marked False (0) are excluded
+            from attention and never read (e.g. ``cache.written[j]`` in ``mask`` backfill
+            mode). The caller keeps each query's own chunk entries valid; a query left with
+            no valid key gets zeros.
         out: optional [B, T, Hq, D] output buffer in q's dtype (no allocation when given).
 
     Returns ``out`` [B, T, Hq, D]: padded queries (t >= lengths[b]) are zeros; rows not in
@@ -369,10 +418,11 @@ def attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     check_tensor("start", start, shape=(B,), dtype=torch.int32, device=q.device)
     check_tensor("lengths", lengths, shape=(B,), dtype=torch.int32, device=q.device)
     check_rows(rows, B, q.device)
+    _check_valid(valid, k_cache)
     _check_out(out, q)
     if out is None:
         out = torch.empty_like(q) if rows is None else torch.zeros_like(q)
-    _attention_prefill_op(q, k_cache, v_cache, start, lengths, rows, out)
+    _attention_prefill_op(q, k_cache, v_cache, start, lengths, rows, valid, out)
     return out
 
 
@@ -409,6 +459,7 @@ def attention_decode_workspace(batch: int, num_heads: int, head_dim: int, num_sp
 
 def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      context_lens: torch.Tensor, *, rows: torch.Tensor | None = None,
+                     valid: torch.Tensor | None = None,
                      out: torch.Tensor | None = None, num_splits: int | None = None,
                      workspace: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Single-token GQA attention against the KV cache by split-KV flash-decoding.
@@ -421,6 +472,11 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         context_lens: int32 [B], keys row b attends (1..T_max; read on the device).
         rows: None or int32 [R] of distinct batch rows to compute; other rows of ``out`` are
             left untouched.
+        valid: None or bool (or uint8) [B, T_max]: cache entries marked False (0) are excluded
+            from attention and never read (e.g. ``cache.written[j]`` in ``mask`` backfill
+            mode); read on the device, so a captured graph follows later changes to it. The
+            caller keeps the query's own entry (context_lens[b] - 1) valid; splits whose keys
+            are all excluded get zero weight in the merge.
         out: optional [B, Hq, D] output buffer in q's dtype.
         num_splits: KV splits per row (1..MAX_SPLITS); None: ``attention_decode_splits`` of the
             active rows, kv heads and T_max, or the workspace's split count when one is given.
@@ -438,6 +494,7 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     B, Hq, D = q.shape
     check_tensor("context_lens", context_lens, shape=(B,), dtype=torch.int32, device=q.device)
     check_rows(rows, B, q.device)
+    _check_valid(valid, k_cache)
     _check_out(out, q)
     if num_splits is not None and (not isinstance(num_splits, int) or
                                    not 1 <= num_splits <= MAX_SPLITS):
@@ -463,5 +520,5 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             raise ValueError(f"num_splits={num_splits} but the workspace holds {S} splits")
     if out is None:
         out = torch.empty_like(q) if rows is None else torch.zeros_like(q)
-    _attention_decode_op(q, k_cache, v_cache, context_lens, rows, out, *workspace)
+    _attention_decode_op(q, k_cache, v_cache, context_lens, rows, valid, out, *workspace)
     return out

@@ -1,6 +1,7 @@
 """attention_prefill / attention_decode vs reference.causal_gqa_attention in float64.
 
-Cache slots past what each row may read are filled with NaN, so a kernel that reads one fails.
+Cache slots past what each row may read are filled with NaN, so a kernel that reads one fails;
+with a ``valid`` mask, so are the entries it excludes.
 """
 import zlib
 
@@ -45,24 +46,48 @@ def _ref_kv(cache):
     return cache.double().cpu().nan_to_num(0.0).transpose(1, 2)
 
 
-def ref_prefill(q, k_cache, v_cache, start, lengths):
+def _ref_valid(valid):
+    return None if valid is None else valid.bool().cpu()
+
+
+def ref_prefill(q, k_cache, v_cache, start, lengths, valid=None):
     B, T = q.shape[:2]
     t_max = k_cache.shape[2]
     start, lengths = start.long().cpu(), lengths.long().cpu()
     q_pos = start[:, None] + torch.arange(T)
     k_pos = torch.arange(t_max).expand(B, t_max)
-    ref = causal_gqa_attention(q.double().cpu(), _ref_kv(k_cache), _ref_kv(v_cache), q_pos, k_pos)
+    ref = causal_gqa_attention(q.double().cpu(), _ref_kv(k_cache), _ref_kv(v_cache), q_pos, k_pos,
+                               _ref_valid(valid))
     ref[torch.arange(T)[None, :] >= lengths[:, None]] = 0.0  # padded queries are zeros
     return ref
 
 
-def ref_decode(q, k_cache, v_cache, context_lens):
+def ref_decode(q, k_cache, v_cache, context_lens, valid=None):
     B = q.shape[0]
     t_max = k_cache.shape[2]
     q_pos = context_lens.long().cpu()[:, None] - 1
     k_pos = torch.arange(t_max).expand(B, t_max)
     return causal_gqa_attention(q.double().cpu()[:, None], _ref_kv(k_cache), _ref_kv(v_cache),
-                                q_pos, k_pos)[:, 0]
+                                q_pos, k_pos, _ref_valid(valid))[:, 0]
+
+
+def make_valid(t_max, own, k, v, p=0.5, drop=(), keep=()):
+    """Random bool validity [B, t_max] (a KVCache.written[j] pattern), True with probability p,
+    False on the (row, slice) pairs in ``drop``, True on those in ``keep`` and always True on
+    each row's own entries own[b] = (first, end); the excluded entries of k, v become NaN, so a
+    kernel that reads one fails."""
+    B = len(own)
+    valid = torch.rand(B, t_max, dtype=torch.float64) < p
+    for b, sl in drop:
+        valid[b, sl] = False
+    for b, sl in keep:
+        valid[b, sl] = True
+    for b, (lo, hi) in enumerate(own):
+        valid[b, lo:hi] = True
+    valid = valid.to(DEVICE)
+    k.masked_fill_(~valid[:, None, :, None], float("nan"))
+    v.masked_fill_(~valid[:, None, :, None], float("nan"))
+    return valid
 
 
 def i32(values):
@@ -228,6 +253,104 @@ def test_decode_matches_last_prefill_query():
                                atol=1e-6)
 
 
+# ---- validity mask (backfill mode "mask") -------------------------------------------------------
+
+@pytest.mark.parametrize("D,Hq,Hkv", HEADS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prefill_valid_mask(dtype, D, Hq, Hkv):
+    """Contexts 1, 17, one past a key block, and a chunk whose history is two key blocks with
+    the first one wholly excluded (a fully masked tile before the diagonal)."""
+    _seed("prefill-valid", dtype, D, Hq, Hkv)
+    start, lengths = [0, 10, PREFILL_BN - 3, 2 * PREFILL_BN + 3], [1, 7, 4, 8]
+    B, T, t_max = len(lengths), max(lengths), 2 * PREFILL_BN + 16
+    q = randn(B, T, Hq, D, dtype=dtype)
+    k, v = make_cache(B, Hkv, t_max, D, dtype, [s + n for s, n in zip(start, lengths)])
+    valid = make_valid(t_max, [(s, s + n) for s, n in zip(start, lengths)], k, v,
+                       drop=[(3, slice(0, PREFILL_BN))])
+    out = poisoned(q.shape, dtype)
+    attention_prefill(q, k, v, i32(start), i32(lengths), valid=valid, out=out)
+    assert_close(out, ref_prefill(q, k, v, i32(start), i32(lengths), valid), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prefill_valid_mask_active_rows(dtype):
+    """rows= with a uint8 mask; two query tiles; unlisted rows untouched."""
+    _seed("prefill-valid-rows", dtype)
+    D, Hq, Hkv, B = 64, 6, 2, 3
+    T = PREFILL_BM + 3
+    start, lengths = [5, 2 * PREFILL_BN + 1, 0], [T, 17, 9]
+    t_max = max(s + n for s, n in zip(start, lengths)) + 3
+    q = randn(B, T, Hq, D, dtype=dtype)
+    k, v = make_cache(B, Hkv, t_max, D, dtype, [s + n for s, n in zip(start, lengths)])
+    valid = make_valid(t_max, [(s, s + n) for s, n in zip(start, lengths)], k, v, p=0.3)
+    rows, untouched = [1, 0], [2]
+    out = poisoned(q.shape, dtype)
+    out[untouched] = SENTINEL
+    attention_prefill(q, k, v, i32(start), i32(lengths), rows=i32(rows),
+                      valid=valid.to(torch.uint8), out=out)
+    assert (out[untouched] == SENTINEL).all()
+    ref = ref_prefill(q, k, v, i32(start), i32(lengths), valid)
+    assert_close(out[rows], ref[rows], dtype)
+
+
+@pytest.mark.parametrize("num_splits", [1, 4])
+@pytest.mark.parametrize("D,Hq,Hkv", HEADS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_valid_mask(dtype, D, Hq, Hkv, num_splits):
+    """Contexts 1, 17, one past a key block and the full cache, half the history excluded."""
+    _seed("decode-valid", dtype, D, Hq, Hkv, num_splits)
+    t_max = 2 * DECODE_BN + 10
+    ctx = [1, 17, DECODE_BN + 1, t_max]
+    q = randn(len(ctx), Hq, D, dtype=dtype)
+    k, v = make_cache(len(ctx), Hkv, t_max, D, dtype, ctx)
+    valid = make_valid(t_max, [(n - 1, n) for n in ctx], k, v)
+    out = poisoned(q.shape, dtype)
+    attention_decode(q, k, v, i32(ctx), valid=valid, out=out, num_splits=num_splits)
+    assert_close(out, ref_decode(q, k, v, i32(ctx), valid), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_valid_mask_fully_masked_splits(dtype):
+    """Whole splits (and whole key tiles inside a split) excluded, large scores, rows= and a
+    NaN-filled workspace: an empty split must get zero weight in the merge, never NaN."""
+    _seed("decode-valid-splits", dtype)
+    D, Hq, Hkv, B = 64, 6, 2, 3
+    t_max = 4 * DECODE_BN
+    ctx = [t_max, 3 * DECODE_BN + 2, 2 * DECODE_BN + 1]
+    q = randn(B, Hq, D, dtype=dtype, scale=10.0)
+    k, v = make_cache(B, Hkv, t_max, D, dtype, ctx)
+    # 3 splits of two key tiles each. Row 0: split 0 has an excluded tile before one with keys,
+    # split 1 only the own entry, split 2 no keys; row 2: splits 0 and 1 wholly excluded.
+    valid = make_valid(t_max, [(n - 1, n) for n in ctx], k, v, p=0.0,
+                       keep=[(0, slice(DECODE_BN + 5, DECODE_BN + 9))])
+    workspace = attention_decode_workspace(B, Hq, D, 3, DEVICE)
+    for w in workspace:
+        w.fill_(float("nan"))
+    rows = [0, 2]
+    out = poisoned(q.shape, dtype)
+    attention_decode(q, k, v, i32(ctx), rows=i32(rows), valid=valid, out=out,
+                     workspace=workspace)
+    assert out[1].isnan().all()  # row 1 untouched
+    assert_close(out[rows], ref_decode(q, k, v, i32(ctx), valid)[rows], dtype)
+    # row 2 has only its own entry: the output is exactly its value vector
+    torch.testing.assert_close(out[2].float(), v[2, :, ctx[2] - 1].float().repeat_interleave(
+        Hq // Hkv, 0))
+
+
+def test_all_valid_mask_matches_no_mask():
+    _seed("valid-all")
+    D, Hq, Hkv, t_max = 64, 6, 2, 45
+    q = randn(2, t_max, Hq, D)
+    k, v = make_cache(2, Hkv, t_max, D, torch.float32, [t_max, 30])
+    lengths, start = i32([t_max, 30]), i32([0, 0])
+    ones = torch.ones(2, t_max, dtype=torch.bool, device=DEVICE)
+    torch.testing.assert_close(attention_prefill(q, k, v, start, lengths, valid=ones),
+                               attention_prefill(q, k, v, start, lengths), rtol=0, atol=0)
+    torch.testing.assert_close(attention_decode(q[:, 0], k, v, lengths, valid=ones, num_splits=2),
+                               attention_decode(q[:, 0], k, v, lengths, num_splits=2),
+                               rtol=0, atol=0)
+
+
 # ---- bad input, custom-op registration ----------------------------------------------------------
 
 def _prefill_args(**over):
@@ -260,6 +383,11 @@ def _decode_args(**over):
     (dict(lengths=i32([4])), "lengths must have shape"),
     (dict(rows=torch.zeros(1, dtype=torch.int64)), "rows must have dtype"),
     (dict(out=randn(2, 4, 4, 8)), "out must have shape"),
+    (dict(valid=torch.ones(2, 8, dtype=torch.int32, device=DEVICE)), "valid must have dtype"),
+    (dict(valid=torch.ones(2, 7, dtype=torch.bool, device=DEVICE)), "valid must have shape"),
+    (dict(valid=torch.ones(8, 2, dtype=torch.bool, device=DEVICE).t()), "valid must be contig"),
+    (dict(valid=torch.ones(2, 8, dtype=torch.bool, device="meta")), "valid must be on"),
+    (dict(valid=[[True] * 8] * 2), "valid must be a torch.Tensor"),
 ])
 def test_prefill_bad_input(over, match):
     with pytest.raises(ValueError, match=match):
@@ -278,6 +406,9 @@ def test_prefill_bad_input(over, match):
     (dict(workspace=attention_decode_workspace(2, 4, 16, 2, DEVICE), num_splits=3), "workspace"),
     (dict(workspace=attention_decode_workspace(2, 4, 32, 2, DEVICE)), "partial_out"),
     (dict(workspace=attention_decode_workspace(2, 4, 16, 2, DEVICE)[1]), "workspace must be"),
+    (dict(valid=torch.ones(2, 8, dtype=torch.float32, device=DEVICE)), "valid must have dtype"),
+    (dict(valid=torch.ones(3, 8, dtype=torch.bool, device=DEVICE)), "valid must have shape"),
+    (dict(valid=torch.ones(2, 8, dtype=torch.bool, device="meta")), "valid must be on"),
 ])
 def test_decode_bad_input(over, match):
     with pytest.raises(ValueError, match=match):
@@ -287,14 +418,15 @@ def test_decode_bad_input(over, match):
 @pytest.mark.parametrize("with_rows", [False, True])
 def test_opcheck(with_rows):
     rows = i32([1]) if with_rows else None
+    valid = torch.ones(2, 8, dtype=torch.bool, device=DEVICE) if with_rows else None
     p = _prefill_args()
     torch.library.opcheck(torch.ops.d3kernels.attention_prefill.default,
-                          (*p.values(), rows, torch.zeros_like(p["q"])),
+                          (*p.values(), rows, valid, torch.zeros_like(p["q"])),
                           test_utils=("test_schema", "test_faketensor"))
     d = _decode_args()
     po, plse = attention_decode_workspace(2, 4, 16, 2, DEVICE)
     torch.library.opcheck(torch.ops.d3kernels.attention_decode.default,
-                          (*d.values(), rows, torch.zeros_like(d["q"]), po, plse),
+                          (*d.values(), rows, valid, torch.zeros_like(d["q"]), po, plse),
                           test_utils=("test_schema", "test_faketensor"))
 
 

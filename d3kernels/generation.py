@@ -219,6 +219,12 @@ class TokenStream:
             self.output = done.value
             raise StopIteration from None
 
+    def close(self) -> None:
+        """Cancel the generation now (``output`` stays None). The model and its cache stay
+        usable: the next call starts afresh (a deferred backfill still owed is settled by the
+        next prefill, as always)."""
+        self._run.close()
+
 
 def generate_stream(model, prompts, max_new_tokens: int = 64,
                     schedule: DepthSchedule | None = None, *, temperature: float = 0.0,

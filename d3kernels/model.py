@@ -278,7 +278,8 @@ class LlamaD3:
     # ---- passes -------------------------------------------------------------------------------
 
     def _forward_full(self, ids: torch.Tensor, lengths: list[int], cache: KVCache | None,
-                      start: list[int] | None = None, mask_mode: bool = False):
+                      start: list[int] | None = None, mask_mode: bool = False,
+                      rows: torch.Tensor | None = None):
         """All layers over right-padded ids [B, T]; row b holds lengths[b] real tokens.
 
         start: None (every row begins at position 0) or the cache position of ids[b, 0] per
@@ -286,11 +287,13 @@ class LlamaD3:
         chunk attends to that history and causally within itself. Writes K/V of the real tokens
         into ``cache`` when given (with a start > 0 a cache is required). Returns the residual
         stream after the last layer, [B, T, H]. mask_mode: history entries that ``cache.written``
-        marks missing (``mask`` backfill) are excluded from attention.
+        marks missing (``mask`` backfill) are excluded from attention. rows: None (batch row b
+        is cache row b) or a long tensor [B] of the cache row of each batch row.
         """
         if start is not None and any(start):
-            return self._forward_chunk(ids, lengths, cache, start, mask_mode)
+            return self._forward_chunk(ids, lengths, cache, start, mask_mode, rows)
         B, T = ids.shape
+        crows = slice(None, B) if rows is None else rows
         cos, sin = self.rope_cos[:T, None], self.rope_sin[:T, None]
         mask = None
         if min(lengths) != T:  # padded rows: causal and key < length
@@ -302,15 +305,16 @@ class LlamaD3:
         for j in range(self.config.num_layers):
             q, k, v = self._qkv(j, x, cos, sin)
             if cache is not None:
-                cache.k[j, :B, :, :T] = k
-                cache.v[j, :B, :, :T] = v
+                cache.k[j, crows, :, :T] = k
+                cache.v[j, crows, :, :T] = v
             attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                   enable_gqa=True)
             x = self._finish_layer(j, x, attn)
         return x
 
     def _forward_chunk(self, ids: torch.Tensor, lengths: list[int], cache: KVCache,
-                       start: list[int], mask_mode: bool = False) -> torch.Tensor:
+                       start: list[int], mask_mode: bool = False,
+                       rows: torch.Tensor | None = None) -> torch.Tensor:
         """_forward_full for a chunk at positions start[b]..start[b]+lengths[b]-1 of each row,
         on top of the history already in ``cache``: K/V of the real tokens go to those slots,
         and each query attends to cache slots 0..its own position."""
@@ -321,19 +325,21 @@ class LlamaD3:
         valid = torch.arange(T, device=dev)[None, :] < torch.tensor(lengths, device=dev)[:, None]
         rope_pos = pos.clamp(max=self.max_seq_len - 1)  # padded tokens may run past the table
         cos, sin = self.rope_cos[rope_pos][:, :, None], self.rope_sin[rope_pos][:, :, None]
-        rows, cols = valid.nonzero(as_tuple=True)  # the real tokens: row, index in the chunk
-        slots = pos[rows, cols]
+        crows = slice(None, B) if rows is None else rows
+        real, cols = valid.nonzero(as_tuple=True)  # the real tokens: row, index in the chunk
+        slots = pos[real, cols]
+        real_rows = real if rows is None else rows[real]  # their cache rows
         span = max(s + n for s, n in zip(start, lengths))
         mask = (torch.arange(span, device=dev)[None, None, :] <= pos[:, :, None])[:, None]
         x = self.embed[ids]
         for j in range(self.config.num_layers):
             q, k, v = self._qkv(j, x, cos, sin)
-            cache.k[j][rows, :, slots] = k[rows, :, cols]
-            cache.v[j][rows, :, slots] = v[rows, :, cols]
+            cache.k[j][real_rows, :, slots] = k[real, :, cols]
+            cache.v[j][real_rows, :, slots] = v[real, :, cols]
             # mask mode: the chunk's own slots are marked written (prefill), history may not be
-            mask_j = mask & cache.written[j, :B, None, None, :span] if mask_mode else mask
-            attn = F.scaled_dot_product_attention(q, cache.k[j, :B, :, :span],
-                                                  cache.v[j, :B, :, :span], attn_mask=mask_j,
+            mask_j = mask & cache.written[j, crows, None, None, :span] if mask_mode else mask
+            attn = F.scaled_dot_product_attention(q, cache.k[j, crows, :, :span],
+                                                  cache.v[j, crows, :, :span], attn_mask=mask_j,
                                                   enable_gqa=True)
             x = self._finish_layer(j, x, attn)
         return x
@@ -363,7 +369,7 @@ class LlamaD3:
 
     def prefill(self, ids: torch.Tensor, lengths: list[int], cache: KVCache,
                 sampling: Sampling, start: list[int] | None = None, *,
-                backfill: str | None = None) -> torch.Tensor:
+                backfill: str | None = None, rows: list[int] | None = None) -> torch.Tensor:
         """Full-depth pass over right-padded prompts ids [B, T]; fills cache slots 0..T-1.
 
         start: None, or per row the number of tokens already in ``cache`` (row b's history,
@@ -375,8 +381,18 @@ class LlamaD3:
         Before it runs, deferred backfill owed to history slots it reads (slots < start[b]) is
         flushed, and any owed at slots it overwrites is dropped. backfill: None (the model's)
         or the mode; in ``mask`` mode history entries never written are not attended to.
+        rows: None (batch row b goes to cache row b) or the distinct cache row of each batch
+        row (the continuous-batching engine prefills new requests into free rows).
         """
         mode, _ = self.resolve_backfill(backfill)
+        if rows is not None:
+            rows = list(rows)
+            if len(rows) != ids.shape[0] or len(set(rows)) != len(rows) or not all(
+                    0 <= r < cache.batch_size for r in rows):
+                raise ValueError(f"rows must hold {ids.shape[0]} distinct cache rows in "
+                                 f"[0, {cache.batch_size}), got {rows}")
+            if self._triton is not None:
+                raise ValueError("prefill(rows=...) runs on backend='torch' only for now")
         if start is not None:
             if len(start) != ids.shape[0]:
                 raise ValueError(f"start must hold one position per row ({ids.shape[0]}), "
@@ -384,10 +400,11 @@ class LlamaD3:
             if any(s + n > min(cache.seq_len, self.max_seq_len) for s, n in zip(start, lengths)):
                 raise ValueError(f"start + lengths exceeds the cache ({cache.seq_len} slots, "
                                  f"max_seq_len {self.max_seq_len})")
-        self._begin_prefill(cache, lengths, start)
+        self._begin_prefill(cache, lengths, start, rows)
         if self._triton is not None:
             return self._triton.prefill(ids, lengths, cache, sampling, start, mode)
-        x = self._forward_full(ids, lengths, cache, start, mode == "mask")
+        x = self._forward_full(ids, lengths, cache, start, mode == "mask",
+                               None if rows is None else torch.tensor(rows, device=self.device))
         last = torch.tensor(lengths, device=self.device) - 1
         return sampling(self._head(x[torch.arange(ids.shape[0], device=self.device), last]))
 
@@ -477,23 +494,89 @@ class LlamaD3:
             run = next(runs, None)
         return sampling(self._head(x[:, 0]))
 
-    def _begin_prefill(self, cache: KVCache, lengths: list[int], start: list[int] | None):
-        """Bookkeeping before a prefill writes slots start[b].. of rows b < B: flush deferred
-        backfill owed to the history it reads, drop what it overwrites, and mark its slots
-        written at every layer (clearing the row's later slots, which are stale)."""
+    def decode_rows(self, tokens: torch.Tensor, rows: list[int], positions: list[int],
+                    kept: list[tuple[int, ...]], cache: KVCache, sampling, *,
+                    backfill: str | None = None) -> torch.Tensor:
+        """One decode pass over a batch whose rows run different layer sets (continuous
+        batching: each request is at its own step i, so at its own depth).
+
+        tokens [R] long: the newest token of each request, at slot positions[r] of cache row
+        rows[r]; kept[r]: the ascending layers request r runs; sampling: a Sampling, or a
+        :class:`d3kernels.sampling.RowSampling` when requests pick their tokens differently.
+        Layer j runs (QKV, attention, MLP) only on the rows that keep it; the others' residual
+        passes through and, in ``propagate`` mode, their K/V at j are filled from it (eager:
+        the engine never defers, a released row is never read again); ``mask`` writes nothing
+        for them. Returns the next tokens [R] (long).
+        """
+        mode, _ = self.resolve_backfill(backfill)
+        if self._triton is not None:
+            raise ValueError("decode_rows (mixed depths) runs on backend='torch' only for now")
+        cfg, dev, L = self.config, self.device, self.config.num_layers
+        R = len(rows)
+        keeps = [frozenset(k) for k in kept]
+        row_t, pos = torch.tensor(rows, device=dev), torch.tensor(positions, device=dev)
+        mark = torch.tensor([[mode == "propagate" or j in k for k in keeps] for j in range(L)],
+                            device=dev)
+        cache.written[:, row_t, pos] = mark
+        cos, sin = self.rope_cos[pos][:, None, None], self.rope_sin[pos][:, None, None]
+        span = max(positions) + 1
+        causal = (torch.arange(span, device=dev) <= pos[:, None])[:, None, None]  # [R,1,1,span]
+        x = self.embed[tokens][:, None]  # [R, 1, H]
+        per_layer = backfill_layer_bytes(cfg, self.embed.element_size())
+
+        def pick(t, idx):  # rows idx of t, without a copy when idx is every row
+            return t if idx is None else t[idx]
+
+        for j in range(L):
+            run = [r for r in range(R) if j in keeps[r]]
+            if mode == "propagate" and len(run) < R:
+                skip = [r for r in range(R) if j not in keeps[r]]
+                s_idx = torch.tensor(skip, device=dev)
+                self._backfill((j, j + 1), x[s_idx], cos[s_idx], sin[s_idx],
+                               [positions[r] for r in skip], cache, row_t[s_idx])
+                cache.backfill_bytes += per_layer
+            if not run:
+                continue
+            r_idx = None if len(run) == R else torch.tensor(run, device=dev)
+            crow = pick(row_t, r_idx)
+            xr = pick(x, r_idx)
+            q, k, v = self._qkv(j, xr, pick(cos, r_idx), pick(sin, r_idx))
+            # two advanced indices split by a slice: [n, kv_heads, D]
+            cache.k[j, crow, :, pick(pos, r_idx)] = k[:, :, 0]
+            cache.v[j, crow, :, pick(pos, r_idx)] = v[:, :, 0]
+            mask = pick(causal, r_idx)
+            if mode == "mask":
+                mask = mask & cache.written[j, crow, None, None, :span]
+            attn = F.scaled_dot_product_attention(q, cache.k[j, crow, :, :span],
+                                                  cache.v[j, crow, :, :span], attn_mask=mask,
+                                                  enable_gqa=True)
+            out = self._finish_layer(j, xr, attn)
+            if r_idx is None:
+                x = out
+            else:
+                x[r_idx] = out
+        return sampling(self._head(x[:, 0]))
+
+    def _begin_prefill(self, cache: KVCache, lengths: list[int], start: list[int] | None,
+                       rows: list[int] | None = None):
+        """Bookkeeping before a prefill writes slots start[b].. of cache rows rows[b] (None:
+        b): flush deferred backfill owed to the history it reads, drop what it overwrites, and
+        mark its slots written at every layer (clearing the row's later slots, which are
+        stale)."""
         B = len(lengths)
-        first = [0] * B if start is None else list(start)
+        rows = list(range(B)) if rows is None else rows
+        first = dict(zip(rows, [0] * B if start is None else start))
         if cache.deferred:
             for run, pairs in list(cache.deferred.items()):
-                keep = [(b, p) for b, p in pairs if b >= B or p < first[b]]
+                keep = [(b, p) for b, p in pairs if b not in first or p < first[b]]
                 if keep:
                     cache.deferred[run] = keep
                 else:
                     del cache.deferred[run]
             self.flush_backfill(cache)
-        for b, (s, n) in enumerate(zip(first, lengths)):
-            cache.written[:, b, s:] = False
-            cache.written[:, b, s:s + n] = True
+        for b, n in zip(rows, lengths):
+            cache.written[:, b, first[b]:] = False
+            cache.written[:, b, first[b]:first[b] + n] = True
 
     @torch.inference_mode()
     def flush_backfill(self, cache: KVCache | None = None) -> int:
@@ -543,21 +626,23 @@ class LlamaD3:
         return filled
 
     def _backfill(self, run: tuple[int, int], x: torch.Tensor, cos, sin, positions: list[int],
-                  cache: KVCache) -> None:
-        """K/V of skipped layers [a, b) at the rows' slots, from their shared input x [B, 1, H]."""
+                  cache: KVCache, rows: torch.Tensor | None = None) -> None:
+        """K/V of skipped layers [a, b) at the rows' slots, from their shared input x [B, 1, H].
+        rows: None (batch row b is cache row b, cos/sin as decode_step makes them) or the
+        cache row of each batch row (cos/sin [B, 1, 1, D])."""
         cfg = self.config
         a, b = run
         B = x.shape[0]
         normed = self._norm(x[:, 0], None) * self.attn_norm[a:b, None, :]  # [n, B, H]
         kv = torch.matmul(normed, self.w_qkv[a:b, cfg.q_size:].transpose(1, 2))  # [n, B, 2K]
         k, v = kv.view(b - a, B, 2, cfg.num_kv_heads, cfg.head_dim).unbind(2)
-        if min(positions) == max(positions):
+        if rows is None and min(positions) == max(positions):
             p = positions[0]
             cache.k[a:b, :B, :, p] = _rope(k, cos, sin)
             cache.v[a:b, :B, :, p] = v
         else:
             pos = torch.tensor(positions, device=self.device)
-            rows = torch.arange(B, device=self.device)
+            rows = torch.arange(B, device=self.device) if rows is None else rows
             # advanced indices split by a slice put the row dim first: [B, n, kv_heads, D]
             cache.k[a:b][:, rows, :, pos] = _rope(k, cos[:, 0], sin[:, 0]).transpose(0, 1)
             cache.v[a:b][:, rows, :, pos] = v.transpose(0, 1)

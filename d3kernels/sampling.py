@@ -60,3 +60,17 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = N
         drop = probs.cumsum(dim=-1) - probs >= top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
+
+
+class RowSampling:
+    """Each row of a batch picks its token its own way (the engine's requests): a list of
+    :class:`Sampling`, one per row, called like one. Greedy rows cost one argmax together."""
+
+    def __init__(self, samplings: list[Sampling]):
+        self.samplings = list(samplings)
+        self.temperature = max(s.temperature for s in self.samplings)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.temperature == 0:
+            return logits.argmax(dim=-1)
+        return torch.cat([s(logits[r:r + 1]) for r, s in enumerate(self.samplings)])

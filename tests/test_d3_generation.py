@@ -78,6 +78,33 @@ def test_rows_stop_at_their_own_stop_token(tiny64):
     assert len(out.tokens[0]) <= 4
 
 
+def test_stop_token_on_the_first_step_ends_only_that_row(tiny64):
+    s = DepthSchedule(alpha=0.8, head=2, tail=1)
+    prompts = [torch.randint(0, tiny64.config.vocab_size, (n,)).tolist() for n in (6, 9, 2)]
+    free = tiny64.generate(prompts, 10, s, stop_tokens=())
+    stop = free.tokens[1][0]  # row 1's prefill token
+    out = tiny64.generate(prompts, 10, s, stop_tokens=[stop])
+    assert out.tokens[1] == [stop] and out.depths[1] == [tiny64.config.num_layers]
+    for row in (0, 2):
+        alone = tiny64.generate(prompts[row], 10, s, stop_tokens=[stop])
+        assert out.tokens[row] == alone.tokens[0] and out.depths[row] == alone.depths[0]
+    assert out.stats.decode_tokens == sum(len(t) - 1 for t in out.tokens)
+
+
+@pytest.mark.parametrize("timing", ["eager", "deferred"])
+def test_cancelled_stream_leaves_the_model_usable(tiny64, timing):
+    s = DepthSchedule(alpha=0.8, head=2, tail=1)
+    prompts = [[3, 1, 4, 1, 5], [9, 2, 6]]
+    expected = tiny64.generate(prompts, 12, s, stop_tokens=(), backfill_timing=timing)
+    stream = tiny64.stream(prompts, 12, s, stop_tokens=(), backfill_timing=timing)
+    first = [next(stream) for _ in range(8)]  # four steps of two rows
+    stream.close()
+    assert stream.output is None and next(stream, None) is None
+    assert [e.token for e in first if e.row == 0] == expected.tokens[0][:4]
+    again = tiny64.generate(prompts, 12, s, stop_tokens=(), backfill_timing=timing)
+    assert again.tokens == expected.tokens and again.depths == expected.depths
+
+
 def test_streaming_callback_and_iterator(tiny64):
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
     s = DepthSchedule(alpha=0.8, head=2, tail=1)

@@ -1,0 +1,270 @@
+"""Continuous batching: requests join and leave a running batch, each at its own D³ depth.
+
+    engine = Engine(model, max_batch=8, schedule=DepthSchedule(alpha=0.99))
+    a = engine.submit("Name three rivers.", max_new_tokens=64)
+    b = engine.submit(ids, max_new_tokens=16, schedule=DepthSchedule.full(), temperature=0.7)
+    for event in engine.run():      # StreamedToken(row=request id, token, index, depth)
+        ...                         # engine.submit / engine.cancel are fine in here
+    a.tokens, a.depths, a.finish_reason, a.text
+
+The cache has ``max_batch`` rows. Each :meth:`Engine.step` first admits waiting requests into
+free rows, in submission order, and prefills them together at full depth (their T_0); then it
+runs one decode pass over the requests that were already running, each at its own step i and
+so at its own depth n_i (``LlamaD3.decode_rows``: a layer runs only on the rows that keep it).
+Each step gives every running request one token. A request that stops (a stop token, its
+``max_new_tokens``, or :meth:`Engine.cancel`) frees its row at once for the next admission.
+A request's tokens are exactly what ``model.generate`` gives it alone (tests/test_engine.py).
+
+Where D³ pays in a mixed batch: a row that skips layer j saves layer j's attention and MLP
+compute for that row, but layer j's weights are read as long as ANY row keeps it. At small
+batch (bandwidth-bound decode) the saving is the layers no running request needs:
+``EngineStats.union_layer_ratio`` counts them, beside the per-request ``layer_ratio``.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from d3kernels.generation import StreamedToken, _plan
+from d3kernels.kv_cache import KVCache
+from d3kernels.sampling import RowSampling, Sampling
+from d3kernels.schedule import DepthSchedule
+
+
+@dataclass(eq=False)
+class Request:
+    """One submitted prompt and what the engine has made of it so far.
+
+    status: ``"waiting"`` (queued), ``"running"`` (holds cache row ``slot``) or ``"finished"``;
+    finish_reason: ``"stop"`` (a stop token, kept as the last token), ``"length"``
+    (max_new_tokens reached) or ``"cancelled"``. tokens / depths: generated ids and the depth
+    of the pass that made each; token_times: ``time.perf_counter()`` when each was made.
+    """
+
+    id: int
+    prompt: list[int]
+    max_new_tokens: int
+    schedule: DepthSchedule
+    sampling: Sampling
+    stop_tokens: frozenset[int]
+    submitted_at: float
+    status: str = "waiting"
+    finish_reason: str | None = None
+    slot: int | None = None
+    tokens: list[int] = field(default_factory=list)
+    depths: list[int] = field(default_factory=list)
+    token_times: list[float] = field(default_factory=list)
+    text: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.status == "finished"
+
+
+@dataclass
+class EngineStats:
+    """Counters over an engine's life. row_steps: (request, decode step) pairs; layers_run:
+    Σ n_i over them; layer_passes: Σ over decode steps of the layers any row ran (what a
+    bandwidth-bound step reads); decode_steps / prefills: passes run."""
+
+    num_layers: int
+    prefills: int = 0
+    prefill_tokens: int = 0
+    decode_steps: int = 0
+    row_steps: int = 0
+    layers_run: int = 0
+    layer_passes: int = 0
+    generated_tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def layer_ratio(self) -> float:
+        """Per request, as in GenerationStats: L · row_steps / Σ n_i."""
+        return self.num_layers * self.row_steps / self.layers_run if self.layers_run else 1.0
+
+    @property
+    def union_layer_ratio(self) -> float:
+        """Per decode step: L · steps / Σ layers any running row kept."""
+        return (self.num_layers * self.decode_steps / self.layer_passes
+                if self.layer_passes else 1.0)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated_tokens / self.seconds if self.seconds else 0.0
+
+
+class Engine:
+    """A running batch of up to ``max_batch`` requests over one KV cache of ``max_seq_len``
+    tokens per row (default: the model's). ``schedule`` (None: full depth), ``stop_tokens``
+    (None: the tokenizer's) and ``backfill`` (None: the model's mode) are the defaults of
+    :meth:`submit`. Runs on ``backend="torch"``; the triton kernels' active-row path is not
+    wired into the engine yet.
+    """
+
+    def __init__(self, model, max_batch: int = 8, max_seq_len: int | None = None,
+                 schedule: DepthSchedule | None = None, *, stop_tokens=None,
+                 backfill: str | None = None):
+        if model.backend != "torch":
+            raise ValueError(f"Engine needs a model with backend='torch' for now, got "
+                             f"{model.backend!r}")
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
+        if max_seq_len is None:
+            max_seq_len = model.max_seq_len
+        if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) \
+                or not 2 <= max_seq_len <= model.max_seq_len:
+            raise ValueError(f"max_seq_len must be an int in [2, {model.max_seq_len}] (the "
+                             f"model's max_seq_len), got {max_seq_len!r}")
+        if schedule is not None:
+            if not isinstance(schedule, DepthSchedule):
+                raise ValueError(f"schedule must be a DepthSchedule or None, got {schedule!r}")
+            schedule.validate(model.config.num_layers)
+        self.model = model
+        self.backfill, _ = model.resolve_backfill(backfill)
+        self.schedule = schedule
+        self.stop_tokens = stop_tokens
+        self.cache = KVCache(model.config, max_batch, max_seq_len, model.dtype, model.device)
+        self.stats = EngineStats(model.config.num_layers)
+        self._free = list(range(max_batch - 1, -1, -1))  # popped from the end: lowest row first
+        self._waiting: deque[Request] = deque()
+        self._running: dict[int, Request] = {}  # cache row -> request
+        self._next_id = 0
+
+    # ---- queue --------------------------------------------------------------------------------
+
+    @property
+    def max_batch(self) -> int:
+        return self.cache.batch_size
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    @property
+    def waiting(self) -> list[Request]:
+        return list(self._waiting)
+
+    @property
+    def running(self) -> list[Request]:
+        return list(self._running.values())
+
+    @property
+    def idle(self) -> bool:
+        return not self._waiting and not self._running
+
+    def submit(self, prompt, max_new_tokens: int = 64, schedule: DepthSchedule | None = None,
+               *, temperature: float = 0.0, top_k: int | None = None,
+               top_p: float | None = None, seed: int | None = None,
+               stop_tokens=None) -> Request:
+        """Queue one prompt (a string or a list of token ids); returns its :class:`Request`.
+
+        Checked here, before it is queued (ValueError naming the argument): an empty prompt, a
+        token outside the vocabulary, a prompt plus max_new_tokens past the cache's rows
+        (``max_seq_len``), bad sampling options or schedule. schedule / stop_tokens None: the
+        engine's.
+        """
+        if isinstance(prompt, (list, tuple)) and prompt and not isinstance(prompt[0], int):
+            raise ValueError("submit takes one prompt (a string or a list of token ids); "
+                             "submit each prompt of a batch separately")
+        schedule = self.schedule if schedule is None else schedule
+        stop_tokens = self.stop_tokens if stop_tokens is None else stop_tokens
+        plan = _plan(self.model, prompt, max_new_tokens, schedule, temperature, top_k, top_p,
+                     seed, stop_tokens)
+        ids = plan.prompts[0]
+        # the last token is never fed back, so a request fills prompt + max_new_tokens - 1 slots
+        if len(ids) + max_new_tokens - 1 > self.cache.seq_len:
+            raise ValueError(f"prompt of {len(ids)} tokens plus max_new_tokens={max_new_tokens} "
+                             f"exceeds the engine's rows (max_seq_len={self.cache.seq_len})")
+        req = Request(self._next_id, ids, max_new_tokens, plan.schedule, plan.sampling,
+                      plan.stop_tokens, time.perf_counter())
+        self._next_id += 1
+        self._waiting.append(req)
+        return req
+
+    def cancel(self, request: Request) -> bool:
+        """Stop a waiting or running request now (finish_reason ``"cancelled"``), freeing its
+        row for the next admission; the other requests are unaffected. Returns False if it had
+        already finished."""
+        if request.done:
+            return False
+        if request.status == "waiting":
+            self._waiting.remove(request)
+        self._finish(request, "cancelled")
+        return True
+
+    def _finish(self, req: Request, reason: str) -> None:
+        if req.slot is not None:
+            del self._running[req.slot]
+            self._free.append(req.slot)
+            self._free.sort(reverse=True)
+            req.slot = None
+        req.status, req.finish_reason = "finished", reason
+        if self.model.tokenizer is not None:
+            req.text = self.model.tokenizer.decode(req.tokens)
+
+    def _take(self, req: Request, token: int, depth: int, now: float) -> StreamedToken:
+        req.tokens.append(token)
+        req.depths.append(depth)
+        req.token_times.append(now)
+        self.stats.generated_tokens += 1
+        event = StreamedToken(req.id, token, len(req.tokens) - 1, depth)
+        if token in req.stop_tokens:
+            self._finish(req, "stop")
+        elif len(req.tokens) == req.max_new_tokens:
+            self._finish(req, "length")
+        return event
+
+    # ---- passes -------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> list[StreamedToken]:
+        """Admit what fits, prefill it, then one decode pass over the requests already running.
+        Returns one StreamedToken per running request (``row`` is the request's id)."""
+        m, L = self.model, self.model.config.num_layers
+        t0 = time.perf_counter()
+        decoding = list(self._running.values())
+        admitted = []
+        while self._waiting and self._free:
+            req = self._waiting.popleft()
+            req.slot, req.status = self._free.pop(), "running"
+            self._running[req.slot] = req
+            admitted.append(req)
+        events = []
+        if admitted:
+            lengths = [len(r.prompt) for r in admitted]
+            ids = torch.zeros(len(admitted), max(lengths), dtype=torch.long)
+            for b, r in enumerate(admitted):
+                ids[b, :len(r.prompt)] = torch.tensor(r.prompt)
+            nxt = m.prefill(ids.to(m.device), lengths, self.cache,
+                            RowSampling([r.sampling for r in admitted]),
+                            backfill=self.backfill, rows=[r.slot for r in admitted]).tolist()
+            self.stats.prefills += 1
+            self.stats.prefill_tokens += sum(lengths)
+            now = time.perf_counter()
+            events += [self._take(r, t, L, now) for r, t in zip(admitted, nxt)]
+        if decoding:
+            depths = [r.schedule.depth(len(r.tokens), L) for r in decoding]
+            kept = [r.schedule.kept_layers(d, L) for r, d in zip(decoding, depths)]
+            tokens = torch.tensor([r.tokens[-1] for r in decoding], device=m.device)
+            nxt = m.decode_rows(tokens, [r.slot for r in decoding],
+                                [len(r.prompt) + len(r.tokens) - 1 for r in decoding], kept,
+                                self.cache, RowSampling([r.sampling for r in decoding]),
+                                backfill=self.backfill).tolist()
+            self.stats.decode_steps += 1
+            self.stats.row_steps += len(decoding)
+            self.stats.layers_run += sum(depths)
+            self.stats.layer_passes += len(set().union(*kept))
+            now = time.perf_counter()
+            events += [self._take(r, t, d, now) for r, t, d in zip(decoding, nxt, depths)]
+        self.stats.seconds += time.perf_counter() - t0
+        return events
+
+    def run(self) -> Iterator[StreamedToken]:
+        """Step until no request is waiting or running, yielding each token as it is made.
+        Requests submitted (or cancelled) while iterating are taken into account."""
+        while not self.idle:
+            yield from self.step()

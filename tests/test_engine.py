@@ -1,0 +1,194 @@
+"""Continuous batching: every request gets exactly what it gets alone, whatever joins or leaves
+the batch around it; rows are never lost or leaked; faults stay in their own row."""
+import random
+
+import pytest
+import torch
+
+from d3kernels import DepthSchedule, Engine, LlamaD3
+
+LOWER = DepthSchedule(alpha=0.8, head=1, tail=1)
+UPPER = DepthSchedule(alpha=0.85, start=2, head=2, tail=1, order="upper")
+EXPLICIT = DepthSchedule(alpha=0.7, head=1, tail=2, order=(3, 1, 4, 2, 5))
+SCHEDULES = [LOWER, UPPER, EXPLICIT, DepthSchedule.full()]
+
+
+@pytest.fixture(scope="module")
+def tiny64():
+    return LlamaD3.random("tiny", dtype=torch.float64, seed=7)
+
+
+def _prompt(rng: random.Random, model, n: int) -> list[int]:
+    return [rng.randrange(model.config.vocab_size) for _ in range(n)]
+
+
+def _alone(model, req, backfill="propagate"):
+    s = req.sampling
+    return model.generate(req.prompt, req.max_new_tokens, req.schedule, temperature=s.temperature,
+                          top_k=s.top_k, top_p=s.top_p, seed=s.seed,
+                          stop_tokens=req.stop_tokens, backfill=backfill)
+
+
+def _assert_drained(engine: Engine):
+    assert engine.idle and not engine.running and not engine.waiting
+    assert engine.free_slots == engine.max_batch  # no leaked row
+
+
+@pytest.mark.parametrize("backfill", ["propagate", "mask"])
+def test_every_request_equals_alone(tiny64, backfill):
+    """Mixed prompt lengths, lengths, schedules and orders; requests join while others run."""
+    rng = random.Random(1)
+    engine = Engine(tiny64, max_batch=4, max_seq_len=48, stop_tokens=(), backfill=backfill)
+    reqs = [engine.submit(_prompt(rng, tiny64, rng.randint(1, 20)), rng.randint(1, 16),
+                          SCHEDULES[k % len(SCHEDULES)]) for k in range(10)]
+    events = []
+    for event in engine.run():
+        events.append(event)
+        if len(reqs) < 16 and len(events) % 7 == 0:  # late arrivals into a running batch
+            reqs.append(engine.submit(_prompt(rng, tiny64, rng.randint(1, 12)),
+                                      rng.randint(2, 12), SCHEDULES[len(reqs) % 4]))
+    assert len(reqs) == 16
+    _assert_drained(engine)
+    for req in reqs:
+        alone = _alone(tiny64, req, backfill)
+        assert req.tokens == alone.tokens[0], req.id
+        assert req.depths == alone.depths[0], req.id
+        assert req.finish_reason == "length" and len(req.tokens) == req.max_new_tokens
+        assert [e.token for e in events if e.row == req.id] == req.tokens
+        assert [e.index for e in events if e.row == req.id] == list(range(len(req.tokens)))
+    # rows at different depths shared steps, and no step ran more layers than its rows needed
+    assert engine.stats.layer_ratio > 1 and engine.stats.union_layer_ratio >= 1
+    assert engine.stats.generated_tokens == len(events)
+
+
+def test_sampled_requests_equal_alone(tiny64):
+    """Each request samples with its own seeded generator, unaffected by its neighbours."""
+    rng = random.Random(2)
+    engine = Engine(tiny64, max_batch=3, max_seq_len=40, schedule=LOWER, stop_tokens=())
+    reqs = [engine.submit(_prompt(rng, tiny64, 4 + 3 * k), 6 + k, temperature=0.9, top_k=40,
+                          seed=100 + k) for k in range(4)]
+    reqs.append(engine.submit(_prompt(rng, tiny64, 5), 8))  # a greedy one among them
+    list(engine.run())
+    _assert_drained(engine)
+    for req in reqs:
+        assert req.tokens == _alone(tiny64, req).tokens[0]
+
+
+def test_many_requests_lose_none_and_leak_no_row():
+    """Admission and release under load: 60 requests of mixed lengths, some stopping early on a
+    stop token, some cancelled, some submitted mid-run; every one ends once, every row returns."""
+    model = LlamaD3.random("tiny", dtype=torch.float32, seed=3)
+    rng = random.Random(3)
+    stop = {rng.randrange(model.config.vocab_size) for _ in range(40)}  # frequent early stops
+    engine = Engine(model, max_batch=5, max_seq_len=40, schedule=LOWER, stop_tokens=stop)
+    reqs = [engine.submit(_prompt(rng, model, rng.randint(1, 24)), rng.randint(1, 16))
+            for _ in range(30)]
+    seen: dict[int, int] = {}
+    for step in range(10_000):
+        if engine.idle:
+            break
+        for event in engine.step():
+            seen[event.row] = seen.get(event.row, 0) + 1
+        assert len(engine.running) + engine.free_slots == engine.max_batch
+        assert len({r.slot for r in engine.running}) == len(engine.running)
+        if step % 2 == 0 and len(reqs) < 60:
+            reqs.append(engine.submit(_prompt(rng, model, rng.randint(1, 24)),
+                                      rng.randint(1, 16)))
+        if step % 11 == 5 and engine.running:
+            engine.cancel(engine.running[0])
+    _assert_drained(engine)
+    assert len(reqs) == 60 and len({r.id for r in reqs}) == 60
+    for req in reqs:
+        assert req.done and req.slot is None
+        assert seen.get(req.id, 0) == len(req.tokens) <= req.max_new_tokens
+        if req.finish_reason == "stop":
+            assert req.tokens[-1] in stop and not set(req.tokens[:-1]) & stop
+        elif req.finish_reason == "length":
+            assert len(req.tokens) == req.max_new_tokens and not set(req.tokens) & stop
+        else:
+            assert req.finish_reason == "cancelled"
+    reasons = {r.finish_reason for r in reqs}
+    assert reasons == {"stop", "length", "cancelled"}
+
+
+def test_stop_token_on_the_first_step_frees_the_row(tiny64):
+    """A request whose prefill token is a stop token ends with that one token; its neighbours,
+    and the request that takes over its row, are unaffected."""
+    rng = random.Random(4)
+    p0, p1, p2 = (_prompt(rng, tiny64, n) for n in (7, 11, 5))
+    first = tiny64.generate(p0, 1, stop_tokens=()).tokens[0][0]
+    engine = Engine(tiny64, max_batch=2, max_seq_len=32, schedule=LOWER)
+    a = engine.submit(p0, 10, stop_tokens=[first])
+    b = engine.submit(p1, 10, stop_tokens=())
+    c = engine.submit(p2, 10, stop_tokens=())
+    engine.step()  # a and b prefilled; a stops at once and gives its row back
+    assert a.done and a.tokens == [first] and a.finish_reason == "stop" and a.depths == [8]
+    assert engine.free_slots == 1 and c.status == "waiting"
+    list(engine.run())
+    _assert_drained(engine)
+    for req in (b, c):
+        assert req.tokens == _alone(tiny64, req).tokens[0]
+
+
+def test_cancel_mid_generation(tiny64):
+    rng = random.Random(5)
+    engine = Engine(tiny64, max_batch=2, max_seq_len=40, schedule=UPPER, stop_tokens=())
+    a = engine.submit(_prompt(rng, tiny64, 9), 20)
+    b = engine.submit(_prompt(rng, tiny64, 4), 12)
+    c = engine.submit(_prompt(rng, tiny64, 13), 9)  # waits for a row
+    d = engine.submit(_prompt(rng, tiny64, 6), 9)
+    assert engine.cancel(d) and d.finish_reason == "cancelled" and d.tokens == []
+    for _ in range(4):
+        engine.step()
+    assert len(a.tokens) == 4 and engine.cancel(a)
+    assert a.finish_reason == "cancelled" and a.slot is None and engine.free_slots == 1
+    assert a.tokens == _alone(tiny64, a).tokens[0][:4]  # what it had so far was right
+    assert not engine.cancel(a)  # already finished
+    list(engine.run())  # c takes a's row, over a's stale cache entries
+    _assert_drained(engine)
+    assert c.slot is None and c.tokens == _alone(tiny64, c).tokens[0]
+    assert b.tokens == _alone(tiny64, b).tokens[0]
+
+
+def test_smollm2_requests_equal_alone(smollm2_f64):
+    """The real model, D³ lower and upper at once, chat prompts of different lengths."""
+    tok = smollm2_f64.tokenizer
+    engine = Engine(smollm2_f64, max_batch=2, max_seq_len=128, stop_tokens=())
+    questions = ["Name three rivers.", "What is two plus two?", "Say hello in French."]
+    reqs = [engine.submit(tok.encode_chat([{"role": "user", "content": q}]), 10,
+                          DepthSchedule(alpha=0.9, order=order))
+            for q, order in zip(questions, ["lower", "upper", "lower"])]
+    list(engine.run())
+    _assert_drained(engine)
+    for req in reqs:
+        assert req.tokens == _alone(smollm2_f64, req).tokens[0]
+        assert req.text == tok.decode(req.tokens)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(prompt=[]), "empty"),
+    (dict(prompt=[1, 2, 10**6]), "outside the vocabulary"),
+    (dict(prompt=[[1, 2], [3]]), "one prompt"),
+    (dict(prompt=[1] * 30, max_new_tokens=4), "max_seq_len=32"),
+    (dict(prompt=[1], max_new_tokens=0), "max_new_tokens"),
+    (dict(prompt=[1], temperature=-1), "temperature"),
+    (dict(prompt=[1], schedule=DepthSchedule(head=6, tail=6)), "head \\+ tail"),
+    (dict(prompt=[1], stop_tokens=[-1]), "stop_tokens"),
+])
+def test_bad_request_is_refused_before_queueing(tiny64, kwargs, match):
+    engine = Engine(tiny64, max_batch=2, max_seq_len=32)
+    kwargs = {"max_new_tokens": 3, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        engine.submit(kwargs.pop("prompt"), **kwargs)
+    assert engine.idle and engine.free_slots == 2 and engine.step() == []
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(max_batch=0), "max_batch"),
+    (dict(max_seq_len=10**9), "max_seq_len"),
+    (dict(schedule="lower"), "schedule"),
+    (dict(backfill="copy"), "backfill"),
+])
+def test_bad_engine_arguments(tiny64, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Engine(tiny64, **kwargs)

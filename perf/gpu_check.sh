@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole GPU check in one device call: GPU tests, per-op benchmarks, end-to-end report.
 # Run from the repo root on the GPU machine: `bash perf/gpu_check.sh`; results go under $OUT
-# (perf/out by default): gpu_tests.log, ops_bench.json, ops_bench.log, gpu_report.{md,json,png}.
+# (perf/out by default): gpu_tests.log, ops_bench.json, ops_bench.log, gpu_report.{md,json,png},
+# backfill_timing.{md,json}, engine.{md,json}.
 # Record the numbers in perf/RESULTS.md with card, date and commit.
 set -uo pipefail
 OUT=${OUT:-perf/out}
@@ -17,4 +18,8 @@ python3 -m pytest perf/ops --benchmark-only --benchmark-json="$OUT/ops_bench.jso
   --benchmark-columns=median,iqr,rounds -q -p no:cacheprovider > "$OUT/ops_bench.log" 2>&1 \
   || status=1
 python3 -m perf.gpu_report --out "$OUT" || status=1
+python3 -m perf.backfill_timing --preset llama-2-7b --device cuda --dtype bfloat16 --out "$OUT" \
+  || status=1
+python3 -m perf.engine_bench --preset llama-2-7b --device cuda --dtype bfloat16 --requests 16 \
+  --out "$OUT" || status=1
 exit $status

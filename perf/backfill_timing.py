@@ -35,11 +35,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -48,6 +45,7 @@ from d3kernels import PRESETS, DepthSchedule, LlamaD3
 from d3kernels.eval import load_prompts
 from d3kernels.stats import backfill_layer_bytes
 from perf.gpu_report import PROMPT_LEN
+from perf.provenance import run_info, write_report
 from perf.report import timed
 
 MODES = ("full depth", "D³ mask", "D³ eager", "D³ deferred")
@@ -207,7 +205,6 @@ def main(argv=None) -> dict:
     if args.tokens < 2:
         raise SystemExit("--tokens must be >= 2 (one decode step at least)")
     out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     schedule = DepthSchedule(alpha=args.alpha, start=args.start, head=args.head, tail=args.tail,
                              order=args.order)
 
@@ -219,9 +216,7 @@ def main(argv=None) -> dict:
             result = _run(args, device, dtype, dtype_name, schedule)
     finally:
         torch.set_num_threads(threads)
-    (out_dir / "backfill_timing.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out_dir / "backfill_timing.md").write_text(markdown(result))
-    print(markdown(result))
+    write_report(out_dir, "backfill_timing", result, markdown(result))
     return result
 
 
@@ -246,12 +241,7 @@ def _run(args, device, dtype, dtype_name, schedule) -> dict:
                                if not k.endswith("_samples")}))
     result = {
         "model": name, "backend": model.backend, "dtype": dtype_name,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-        else f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-        "date": time.strftime("%Y-%m-%d"),
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                 text=True).stdout.strip(),
-        "torch": torch.__version__, "new_tokens": args.tokens, "reps": args.reps,
+        **run_info(device), "new_tokens": args.tokens, "reps": args.reps,
         "schedule": schedule.to_dict(), "mask_skipped": mask_note, "rows": rows,
     }
     del model

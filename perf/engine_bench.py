@@ -16,17 +16,14 @@ engine.json under --out.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import random
 import statistics
-import subprocess
-from pathlib import Path
 
 import torch
 
 from d3kernels import DepthSchedule, Engine, LlamaD3
 from d3kernels.eval import load_prompts
+from perf.provenance import run_info, write_report
 from perf.report import _sync
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -98,12 +95,7 @@ def main(argv=None) -> dict:
     run(model, warm, d3, args.max_batch, max_seq_len)  # first calls allocate and warm up
 
     result = {
-        "model": args.preset or args.model, "device": args.device, "dtype": args.dtype,
-        "cpu": platform.processor() or platform.machine(),
-        "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
-        "torch": torch.__version__,
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                 text=True).stdout.strip(),
+        **run_info(model.device), "model": args.preset or args.model, "dtype": args.dtype,
         "requests": args.requests, "max_batch": args.max_batch,
         "prompt_tokens": sum(len(p) for p, _ in requests),
         "schedule": d3.to_dict(), "runs": {},
@@ -113,17 +105,13 @@ def main(argv=None) -> dict:
         result["runs"][name] = run(model, requests, schedule, args.max_batch, max_seq_len)
     full, fast = result["runs"]["full depth"], result["runs"]["D³"]
     result["throughput_speedup"] = fast["tokens_per_s"] / full["tokens_per_s"]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "engine.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "engine.md").write_text(markdown(result))
-    print(markdown(result))
+    write_report(args.out, "engine", result, markdown(result))
     return result
 
 
 def markdown(r: dict) -> str:
-    lines = [f"# Continuous batching: {r['model']} ({r['dtype']}, {r['gpu'] or r['cpu']}, "
-             f"commit {r['commit']})", "",
+    lines = [f"# Continuous batching: {r['model']} ({r['dtype']}, {r['device']}, torch "
+             f"{r['torch']}, {r['date']}, commit {r['commit']})", "",
              f"{r['requests']} requests, {r['prompt_tokens']} prompt tokens, max batch "
              f"{r['max_batch']}; D³ schedule {r['schedule']}", "",
              "| run | tokens | tokens/s | latency/token median (ms) | p90 (ms) | first token "

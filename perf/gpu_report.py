@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import torch
 
 from d3kernels import DepthSchedule, LlamaD3
 from d3kernels.stats import step_bytes
+from perf.provenance import run_info, write_report
 from perf.report import copy_bandwidth
 
 PROMPT_LEN = 128
@@ -117,15 +116,11 @@ def main(argv=None) -> dict:
         gc.collect()
         torch.cuda.empty_cache()
     result = {
-        "device": torch.cuda.get_device_name(device), "date": time.strftime("%Y-%m-%d"),
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                 text=True).stdout.strip(),
-        "torch": torch.__version__, "copy_bandwidth_GBps": bandwidth,
+        **run_info(device), "copy_bandwidth_GBps": bandwidth,
         "schedule": schedule.to_dict(), "new_tokens": args.tokens, "prompt_len": PROMPT_LEN,
         "rows": rows,
     }
-    (out_dir / "gpu_report.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out_dir / "gpu_report.md").write_text(markdown(result))
+    write_report(out_dir, "gpu_report", result, markdown(result))
     plot(result, out_dir / "gpu_report.png")
     print(markdown(result))
     return result

@@ -10,10 +10,7 @@ measured here; and load times. Writes results.md and results.json under --out.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
@@ -22,6 +19,7 @@ import torch
 from d3kernels import DepthSchedule, LlamaD3
 from d3kernels.models_registry import resolve_model_source
 from d3kernels.stats import step_bytes
+from perf.provenance import run_info, write_report
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
@@ -65,7 +63,6 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     n = args.tokens
 
     gguf = resolve_model_source("smollm2-135m-instruct")
@@ -114,12 +111,7 @@ def main(argv=None) -> dict:
     d3_tps = 1 / per_token["LlamaD3 D³"]
     realized = d3_tps / full_tps
     result = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-        else f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-        "date": time.strftime("%Y-%m-%d"),
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                 text=True).stdout.strip(),
-        "torch": torch.__version__, "dtype": args.dtype, "new_tokens": n, "prompt_tokens": len(ids),
+        **run_info(device), "dtype": args.dtype, "new_tokens": n, "prompt_tokens": len(ids),
         "schedule": schedule.to_dict(),
         "decode_tokens_per_s": {name: 1 / t for name, t in per_token.items()},
         "load_seconds_median": statistics.median(load_times),
@@ -132,9 +124,7 @@ def main(argv=None) -> dict:
     }
     if "transformers generate" in per_token:
         result["full_depth_vs_transformers"] = full_tps * per_token["transformers generate"]
-    (out_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out_dir / "results.md").write_text(markdown(result))
-    print(markdown(result))
+    write_report(out_dir, "results", result, markdown(result))
     return result
 
 

@@ -13,7 +13,17 @@ runs one decode pass over the requests that were already running, each at its ow
 so at its own depth n_i (``LlamaD3.decode_rows``: a layer runs only on the rows that keep it).
 Each step gives every running request one token. A request that stops (a stop token, its
 ``max_new_tokens``, or :meth:`Engine.cancel`) frees its row at once for the next admission.
-A request's tokens are exactly what ``model.generate`` gives it alone (tests/test_engine.py).
+A request's tokens are exactly what ``model.generate`` gives it alone (tests/test_engine.py):
+on the torch backend for greedy and seeded sampling; on the triton backend for greedy
+requests and for seeded ones whose draw is not fused into the LM head kernel (top_p, or top_k
+> 64). A seeded temperature/top-k request on triton draws T_0 as ``generate`` does, then its
+later tokens with torch from kernel logits (one LM head pass serves every request, where the
+fused draw would need one per request seed): repeatable, unaffected by its neighbours, but
+not ``generate``'s tokens.
+
+Both backends run the engine. The triton backend drives its kernels with ``rows=`` in the
+cache-row layout (``TritonBackend.decode_rows``), without CUDA graphs (the row sets change at
+every step), and prefills each admitted prompt as its own batch of one on its cache row.
 
 Where D³ pays in a mixed batch: a row that skips layer j saves layer j's attention and MLP
 compute for that row, but layer j's weights are read as long as ANY row keeps it. At small
@@ -101,16 +111,12 @@ class Engine:
     """A running batch of up to ``max_batch`` requests over one KV cache of ``max_seq_len``
     tokens per row (default: the model's). ``schedule`` (None: full depth), ``stop_tokens``
     (None: the tokenizer's) and ``backfill`` (None: the model's mode) are the defaults of
-    :meth:`submit`. Runs on ``backend="torch"``; the triton kernels' active-row path is not
-    wired into the engine yet.
+    :meth:`submit`. Either backend (see the module docstring for what each guarantees).
     """
 
     def __init__(self, model, max_batch: int = 8, max_seq_len: int | None = None,
                  schedule: DepthSchedule | None = None, *, stop_tokens=None,
                  backfill: str | None = None):
-        if model.backend != "torch":
-            raise ValueError(f"Engine needs a model with backend='torch' for now, got "
-                             f"{model.backend!r}")
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
         if max_seq_len is None:

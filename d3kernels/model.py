@@ -382,7 +382,9 @@ class LlamaD3:
         flushed, and any owed at slots it overwrites is dropped. backfill: None (the model's)
         or the mode; in ``mask`` mode history entries never written are not attended to.
         rows: None (batch row b goes to cache row b) or the distinct cache row of each batch
-        row (the continuous-batching engine prefills new requests into free rows).
+        row (the continuous-batching engine prefills new requests into free rows; the triton
+        backend then runs one batch-of-one pass per prompt on its cache row, see
+        ``TritonBackend.prefill``). sampling: a Sampling, or a RowSampling (one per row).
         """
         mode, _ = self.resolve_backfill(backfill)
         if rows is not None:
@@ -391,8 +393,6 @@ class LlamaD3:
                     0 <= r < cache.batch_size for r in rows):
                 raise ValueError(f"rows must hold {ids.shape[0]} distinct cache rows in "
                                  f"[0, {cache.batch_size}), got {rows}")
-            if self._triton is not None:
-                raise ValueError("prefill(rows=...) runs on backend='torch' only for now")
         if start is not None:
             if len(start) != ids.shape[0]:
                 raise ValueError(f"start must hold one position per row ({ids.shape[0]}), "
@@ -402,7 +402,7 @@ class LlamaD3:
                                  f"max_seq_len {self.max_seq_len})")
         self._begin_prefill(cache, lengths, start, rows)
         if self._triton is not None:
-            return self._triton.prefill(ids, lengths, cache, sampling, start, mode)
+            return self._triton.prefill(ids, lengths, cache, sampling, start, mode, rows)
         x = self._forward_full(ids, lengths, cache, start, mode == "mask",
                                None if rows is None else torch.tensor(rows, device=self.device))
         last = torch.tensor(lengths, device=self.device) - 1
@@ -501,28 +501,54 @@ class LlamaD3:
         batching: each request is at its own step i, so at its own depth).
 
         tokens [R] long: the newest token of each request, at slot positions[r] of cache row
-        rows[r]; kept[r]: the ascending layers request r runs; sampling: a Sampling, or a
-        :class:`d3kernels.sampling.RowSampling` when requests pick their tokens differently.
-        Layer j runs (QKV, attention, MLP) only on the rows that keep it; the others' residual
-        passes through and, in ``propagate`` mode, their K/V at j are filled from it (eager:
-        the engine never defers, a released row is never read again); ``mask`` writes nothing
-        for them. Returns the next tokens [R] (long).
+        rows[r] (distinct); kept[r]: the ascending layers request r runs; sampling: a
+        Sampling, or a :class:`d3kernels.sampling.RowSampling` when requests pick their tokens
+        differently. Layer j runs (QKV, attention, MLP) only on the rows that keep it; the
+        others' residual passes through and, in ``propagate`` mode, their K/V at j are filled
+        from it (eager: the engine never defers, a released row is never read again); ``mask``
+        writes nothing for them. Returns the next tokens [R] (long). Bad arguments raise
+        ValueError before anything runs.
+
+        Both backends: the torch one gathers the rows that run a layer and scatters the result
+        back; the triton one passes them to every kernel as ``rows=`` in the cache-row layout
+        (``TritonBackend.decode_rows``; no CUDA graphs, the row sets change every step).
         """
         mode, _ = self.resolve_backfill(backfill)
-        if self._triton is not None:
-            raise ValueError("decode_rows (mixed depths) runs on backend='torch' only for now")
         cfg, dev, L = self.config, self.device, self.config.num_layers
+        rows, positions, kept = list(rows), list(positions), [tuple(k) for k in kept]
         R = len(rows)
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 1 or R == 0 \
+                or tokens.shape[0] != R:
+            got = list(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens)
+            raise ValueError(f"tokens must be a 1-D tensor with one token per row of rows "
+                             f"({R}), got {got}")
+        if len(set(rows)) != R or not all(isinstance(r, int) and 0 <= r < cache.batch_size
+                                          for r in rows):
+            raise ValueError(f"rows must hold distinct cache rows in [0, {cache.batch_size}), "
+                             f"got {rows}")
+        capacity = min(cache.seq_len, self.max_seq_len)
+        if len(positions) != R or not all(isinstance(p, int) and 0 <= p < capacity
+                                          for p in positions):
+            raise ValueError(f"positions must hold one slot in [0, {capacity}) per row, got "
+                             f"{positions}")
+        if len(kept) != R or not all(list(k) == sorted(set(k)) and all(
+                isinstance(j, int) and 0 <= j < L for j in k) for k in kept):
+            raise ValueError(f"kept must hold one ascending tuple of distinct layers in "
+                             f"[0, {L}) per row, got {kept}")
         keeps = [frozenset(k) for k in kept]
         row_t, pos = torch.tensor(rows, device=dev), torch.tensor(positions, device=dev)
         mark = torch.tensor([[mode == "propagate" or j in k for k in keeps] for j in range(L)],
                             device=dev)
         cache.written[:, row_t, pos] = mark
+        if mode == "propagate":  # one backfill per layer that any row skips
+            cache.backfill_bytes += sum(any(j not in k for k in keeps) for j in range(L)) \
+                * backfill_layer_bytes(cfg, self.embed.element_size())
+        if self._triton is not None:
+            return self._triton.decode_rows(tokens, rows, positions, kept, cache, sampling, mode)
         cos, sin = self.rope_cos[pos][:, None, None], self.rope_sin[pos][:, None, None]
         span = max(positions) + 1
         causal = (torch.arange(span, device=dev) <= pos[:, None])[:, None, None]  # [R,1,1,span]
         x = self.embed[tokens][:, None]  # [R, 1, H]
-        per_layer = backfill_layer_bytes(cfg, self.embed.element_size())
 
         def pick(t, idx):  # rows idx of t, without a copy when idx is every row
             return t if idx is None else t[idx]
@@ -534,7 +560,6 @@ class LlamaD3:
                 s_idx = torch.tensor(skip, device=dev)
                 self._backfill((j, j + 1), x[s_idx], cos[s_idx], sin[s_idx],
                                [positions[r] for r in skip], cache, row_t[s_idx])
-                cache.backfill_bytes += per_layer
             if not run:
                 continue
             r_idx = None if len(run) == R else torch.tensor(run, device=dev)

@@ -9,6 +9,10 @@ launch); the LM head picks the token without writing logits. In ``mask`` mode sk
 cost nothing and attention at layer j reads ``cache.written[j]`` as its validity mask. On a GPU
 each distinct (batch, layer set, mode) decode step is captured once as a CUDA graph and replayed
 after that.
+
+Continuous batching (``decode_rows``, ``prefill(rows=...)``) works in the cache-row layout: the
+residual has one row per cache row, and each layer kernel gets, through ``rows=``, the cache rows
+that run it, so nothing is gathered or scattered between layers (design.md §4.3).
 """
 from __future__ import annotations
 
@@ -21,10 +25,13 @@ from d3kernels.ops.lm_head import lm_head
 from d3kernels.ops.qkv_rope import qkv_rope
 from d3kernels.ops.rms_norm import rms_norm
 from d3kernels.ops.swiglu import down_residual, swiglu_gate_up
-from d3kernels.sampling import Sampling
+from d3kernels.sampling import RowSampling, Sampling
 from d3kernels.schedule import skipped_runs
 
 MAX_FUSED_TOP_K = 64  # lm_head samples among at most this many candidates per row
+# decode_rows' row-index tensors are cached by row tuple; in a long-running engine the tuples
+# keep changing, so the cache is dropped when it grows past this (no graph holds them)
+MAX_ROW_SETS = 4096
 
 
 class TritonBackend:
@@ -35,6 +42,7 @@ class TritonBackend:
         self.cuda_graphs = cuda_graphs and model.device.type == "cuda"
         self._layer_ids: dict[tuple[int, int], torch.Tensor] = {}
         self._row_ids: dict[int, torch.Tensor] = {}
+        self._row_sets: dict[tuple[int, ...], torch.Tensor] = {}
         self._graphs: dict[tuple, tuple] = {}
         self._graph_cache: KVCache | None = None
         self._pool = None
@@ -55,12 +63,26 @@ class TritonBackend:
             self._row_ids[batch] = torch.arange(batch, dtype=torch.int32, device=self.m.device)
         return self._row_ids[batch]
 
-    def _attention_and_mlp(self, j: int, residual: torch.Tensor, attn: torch.Tensor) -> None:
-        """O projection + residual, then the SwiGLU MLP + residual; residual [M, H] in place."""
+    def _row_set(self, rows: tuple[int, ...]) -> torch.Tensor:
+        """int32 device tensor of these cache rows (decode_rows' ``rows=``), made once per tuple
+        so steady decoding does not copy row sets to the device at every step."""
+        t = self._row_sets.get(rows)
+        if t is None:
+            if len(self._row_sets) >= MAX_ROW_SETS:
+                self._row_sets.clear()
+            t = self._row_sets[rows] = torch.tensor(rows, dtype=torch.int32, device=self.m.device)
+        return t
+
+    def _attention_and_mlp(self, j: int, residual: torch.Tensor, attn: torch.Tensor,
+                           rows: torch.Tensor | None = None) -> None:
+        """O projection + residual, then the SwiGLU MLP + residual; residual [M, H] in place.
+        attn [M, Q]; rows: None (all M rows) or int32 [R]: only those rows are read and
+        updated."""
         m = self.m
-        down_residual(attn, m.w_o[j], residual)
-        h, _ = rms_norm(residual, m.mlp_norm[j], m.config.rms_norm_eps)
-        down_residual(swiglu_gate_up(h, m.w_gate_up[j]), m.w_down[j], residual)
+        down_residual(attn, m.w_o[j], residual, rows=rows)
+        h, _ = rms_norm(residual, m.mlp_norm[j], m.config.rms_norm_eps, rows=rows)
+        down_residual(swiglu_gate_up(h, m.w_gate_up[j], rows=rows), m.w_down[j], residual,
+                      rows=rows)
 
     @staticmethod
     def _fused(sampling: Sampling) -> bool:
@@ -68,20 +90,30 @@ class TritonBackend:
         return sampling.top_p is None and (sampling.top_k is None
                                            or sampling.top_k <= MAX_FUSED_TOP_K)
 
-    def _pick(self, x: torch.Tensor, sampling: Sampling, seed, offset) -> torch.Tensor:
-        """Next tokens [M] from last hidden states x [M, H] (final norm + LM head fused).
+    def _pick(self, x: torch.Tensor, sampling: Sampling | RowSampling, seed=None, offset=0,
+              rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Next tokens (long) from last hidden states x [M, H]: [M], or [R] for ``rows``
+        (int32 [R] rows of x, in the order of the result; the other rows are not read).
 
-        seed, offset: the Philox seed and noise offset of this draw (ints, or device tensors
-        inside a CUDA graph); unused when greedy.
+        The LM head kernel makes the choice itself (final norm + vocab projection + argmax or
+        Gumbel-max in one pass) when one rule covers every row: greedy, or a Sampling with a
+        temperature and top-k <= MAX_FUSED_TOP_K. Otherwise (nucleus, wide top-k, a sampling
+        RowSampling, whose requests each have their own rule and generator) the kernel writes
+        fp32 logits and ``sampling(logits)`` chooses with torch. seed, offset: the Philox seed
+        and noise offset of a fused draw (ints, or device tensors inside a CUDA graph).
         """
         m = self.m
-        if not self._fused(sampling):  # nucleus or wide top-k: kernel logits, torch choice
+        per_row = isinstance(sampling, RowSampling)
+        if not (sampling.temperature == 0 if per_row else self._fused(sampling)):
             logits = torch.empty(x.shape[0], m.config.vocab_size, device=x.device)
-            lm_head(x, m.final_norm, m.lm_head, m.config.rms_norm_eps, logits_out=logits)
-            return sampling(logits)
-        return lm_head(x, m.final_norm, m.lm_head, m.config.rms_norm_eps,
-                       temperature=sampling.temperature, top_k=sampling.top_k, seed=seed,
-                       offset=offset)
+            lm_head(x, m.final_norm, m.lm_head, m.config.rms_norm_eps, rows=rows,
+                    logits_out=logits)
+            return sampling(logits if rows is None else logits.index_select(0, rows))
+        tokens = lm_head(x, m.final_norm, m.lm_head, m.config.rms_norm_eps,
+                         temperature=sampling.temperature,
+                         top_k=None if per_row else sampling.top_k, seed=seed, offset=offset,
+                         rows=rows)
+        return tokens if rows is None else tokens.index_select(0, rows)
 
     def _next_offset(self, sampling: Sampling, rows: int) -> int:
         """Noise offset for this draw; each draw consumes rows * vocab counters."""
@@ -93,26 +125,52 @@ class TritonBackend:
     # ---- passes -------------------------------------------------------------------------------
 
     def prefill(self, ids: torch.Tensor, lengths: list[int], cache: KVCache,
-                sampling: Sampling, start: list[int] | None = None,
-                mode: str = "propagate") -> torch.Tensor:
-        """Full-depth pass over right-padded ids [B, T]; fills cache slots start[b]..
+                sampling: Sampling | RowSampling, start: list[int] | None = None,
+                mode: str = "propagate", rows: list[int] | None = None) -> torch.Tensor:
+        """Full-depth pass over right-padded ids [B, T] (long); fills cache slots start[b]..
         start[b]+T-1 (start None: 0), attending to the history already cached before them
-        (mode ``"mask"``: only to the entries ``cache.written`` marks)."""
+        (mode ``"mask"``: only to the entries ``cache.written`` marks). Returns the next token
+        [B] (long) after each row's last real token.
+
+        rows: None (batch row b is cache row b: one batched pass) or the cache row of each
+        batch row (the engine's admissions). Then each prompt runs as its own batch of one on
+        the views ``cache.k[j, r:r+1]``: no cache-row-layout copy of the prompts, no padding,
+        and each request's token is chosen exactly as ``generate`` would choose it alone (its
+        own Sampling, batch row 0, its own noise offset; ``sampling`` a RowSampling gives
+        each request its own). Prefill is compute-bound at realistic prompt lengths, so the
+        extra weight reads of one pass per prompt cost little.
+        """
+        if rows is not None:
+            samplings = (sampling.samplings if isinstance(sampling, RowSampling)
+                         else [sampling] * len(rows))
+            return torch.cat([
+                self._prefill(ids[b:b + 1, :lengths[b]], lengths[b:b + 1], cache, samplings[b],
+                              None if start is None else start[b:b + 1], mode, row)
+                for b, row in enumerate(rows)])
+        return self._prefill(ids, lengths, cache, sampling, start, mode)
+
+    def _prefill(self, ids: torch.Tensor, lengths: list[int], cache: KVCache,
+                 sampling: Sampling | RowSampling, start: list[int] | None, mode: str,
+                 row0: int = 0) -> torch.Tensor:
+        """prefill of ids [B, T] into the contiguous cache rows row0..row0+B-1."""
         m, cfg = self.m, self.m.config
         B, T = ids.shape
+        rows = slice(row0, row0 + B)
         start = torch.tensor([0] * B if start is None else start, dtype=torch.int32,
                              device=m.device)
         lens = torch.tensor(lengths, dtype=torch.int32, device=m.device)
         residual = m.embed[ids.reshape(-1)]  # [B*T, H], updated in place layer by layer
         for j in range(cfg.num_layers):
-            k_cache, v_cache = cache.k[j, :B], cache.v[j, :B]
+            k_cache, v_cache = cache.k[j, rows], cache.v[j, rows]
             h, _ = rms_norm(residual, m.attn_norm[j], cfg.rms_norm_eps)
             q = qkv_rope(h.view(B, T, -1), m.w_qkv[j], m.rope_cos, m.rope_sin, start, k_cache,
                          v_cache, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads)
-            valid = cache.written[j, :B] if mode == "mask" else None
+            valid = cache.written[j, rows] if mode == "mask" else None
             attn = attention_prefill(q, k_cache, v_cache, start, lens, valid=valid)
             self._attention_and_mlp(j, residual, attn.view(B * T, cfg.q_size))
         last = residual.view(B, T, -1)[torch.arange(B, device=m.device), lens.long() - 1]
+        if isinstance(sampling, RowSampling):
+            return self._pick(last, sampling)
         return self._pick(last, sampling, sampling.seed, self._next_offset(sampling, B))
 
     def backfill_states(self, states: torch.Tensor, layers: list[int], pos: torch.Tensor,
@@ -189,6 +247,70 @@ class TritonBackend:
             return self._replay(tokens, pos, kept, cache, sampling, deferred, mask)
         return self._decode(tokens, pos, kept, cache, sampling, sampling.seed,
                             self._next_offset(sampling, tokens.shape[0]), deferred, mask)
+
+    def decode_rows(self, tokens: torch.Tensor, rows: list[int], positions: list[int],
+                    kept: list[tuple[int, ...]], cache: KVCache,
+                    sampling: Sampling | RowSampling, mode: str = "propagate") -> torch.Tensor:
+        """One decode pass where request r (cache row rows[r], newest token tokens[r] at slot
+        positions[r]) runs its own ascending layer set kept[r]; returns the next tokens [R]
+        (long), in request order. The caller (``LlamaD3.decode_rows``) has checked the
+        arguments and marked ``cache.written``.
+
+        Cache-row layout: the residual is [cache.batch_size, H] with each request's embedding
+        at its cache row (one scatter of R rows), positions int32 [cache.batch_size]. Layer j
+        runs its kernels with ``rows=`` the cache rows that keep j (index tensors cached per
+        row tuple), reading and writing ``cache.k[j]``/``cache.v[j]`` in place; a layer no row
+        keeps launches nothing. ``propagate``: the rows that skip a run of consecutive layers
+        (the same rows skipping each) get those layers' K/V from one ``kv_backfill`` launch
+        over their residual rows (a small index_select: kv_backfill takes states [M, H]).
+        ``mask``: skipped layers write nothing and attention reads ``cache.written[j]``.
+
+        Tokens: one fused greedy LM head over the running rows when every request is greedy
+        (or one fused draw for a plain sampling Sampling); a RowSampling with sampling
+        requests gets fp32 logits from one LM head pass and each request draws with torch
+        from its own generator (see README, Continuous batching, for what that means for
+        reproducibility). No CUDA graphs here: the row sets change at every step.
+        """
+        m, cfg = self.m, self.m.config
+        L, n_rows = cfg.num_layers, cache.batch_size
+        keeps = [frozenset(k) for k in kept]
+        pos_host = [0] * n_rows  # rows not running are never read: any position will do
+        for r, p in zip(rows, positions):
+            pos_host[r] = p
+        pos = torch.tensor(pos_host, dtype=torch.int32, device=m.device)
+        context = pos + 1
+        running = self._row_set(tuple(rows))
+        residual = torch.empty(n_rows, cfg.hidden_size, dtype=m.dtype, device=m.device)
+        residual.index_copy_(0, running.long(), m.embed[tokens])
+        # per layer, the cache rows that run it and (propagate) those that skip it
+        run_sets = [tuple(r for r, k in zip(rows, keeps) if j in k) for j in range(L)]
+        skip_sets = [tuple(r for r, k in zip(rows, keeps) if j not in k) for j in range(L)]
+        for j in range(L):
+            skip = skip_sets[j]
+            if mode == "propagate" and skip and (j == 0 or skip_sets[j - 1] != skip):
+                # these rows' residual stays as it is through the run: fill it all now
+                b = j + 1
+                while b < L and skip_sets[b] == skip:
+                    b += 1
+                idx = self._row_set(skip)
+                kv_backfill(residual.index_select(0, idx), self._layers((j, b)), m.attn_norm,
+                            m.w_qkv, m.rope_cos, m.rope_sin, pos.index_select(0, idx), idx,
+                            cache.k, cache.v, q_size=cfg.q_size, eps=cfg.rms_norm_eps)
+            if not run_sets[j]:
+                continue
+            idx = self._row_set(run_sets[j])
+            h, _ = rms_norm(residual, m.attn_norm[j], cfg.rms_norm_eps, rows=idx)
+            q = qkv_rope(h[:, None], m.w_qkv[j], m.rope_cos, m.rope_sin, pos, cache.k[j],
+                         cache.v[j], num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+                         rows=idx)
+            valid = cache.written[j] if mode == "mask" else None
+            attn = attention_decode(q[:, 0], cache.k[j], cache.v[j], context, rows=idx,
+                                    valid=valid)
+            self._attention_and_mlp(j, residual, attn.view(n_rows, cfg.q_size), idx)
+        if isinstance(sampling, RowSampling):
+            return self._pick(residual, sampling, rows=running)
+        return self._pick(residual, sampling, sampling.seed,
+                          self._next_offset(sampling, n_rows), rows=running)
 
     # ---- CUDA graphs --------------------------------------------------------------------------
 

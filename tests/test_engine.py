@@ -5,7 +5,9 @@ import random
 import pytest
 import torch
 
-from d3kernels import DepthSchedule, Engine, LlamaD3
+from d3kernels import DepthSchedule, Engine, KVCache, LlamaD3
+from d3kernels.sampling import RowSampling, Sampling
+from tests.ops.conftest import DEVICE, TOL, rel_err
 
 LOWER = DepthSchedule(alpha=0.8, head=1, tail=1)
 UPPER = DepthSchedule(alpha=0.85, start=2, head=2, tail=1, order="upper")
@@ -192,3 +194,119 @@ def test_bad_request_is_refused_before_queueing(tiny64, kwargs, match):
 def test_bad_engine_arguments(tiny64, kwargs, match):
     with pytest.raises(ValueError, match=match):
         Engine(tiny64, **kwargs)
+
+
+# ---- triton backend (the interpreter on the CPU) -----------------------------------------------
+
+TRITON_SCHEDULES = [DepthSchedule(alpha=0.7, head=1, tail=1),
+                    DepthSchedule(alpha=0.75, start=1, head=2, tail=1, order="upper"),
+                    DepthSchedule.full(),
+                    DepthSchedule(alpha=0.6, head=1, tail=2, order=(3, 1, 4, 2, 5))]
+
+
+@pytest.fixture(scope="module")
+def tiny_triton():
+    return LlamaD3.random("tiny", dtype=torch.float32, device=DEVICE, seed=7, backend="triton")
+
+
+@pytest.mark.parametrize("backfill", ["propagate", "mask"])
+def test_triton_requests_equal_alone(tiny_triton, backfill):
+    """Requests of different prompt lengths and schedules (lower, upper, explicit, full) through
+    two rows: the later ones wait and take the rows the first ones free. Greedy and nucleus
+    requests get generate's tokens; a seeded temperature/top-k request draws T_0 as generate
+    does and its later tokens with torch from kernel logits, which its neighbours do not
+    change. (Interpreter time: mask mode runs greedy requests only.)"""
+    model, rng = tiny_triton, random.Random(6)
+    lower, upper, explicit, full = TRITON_SCHEDULES
+    engine = Engine(model, max_batch=2, max_seq_len=24, stop_tokens=(), backfill=backfill)
+    submit = engine.submit
+    if backfill == "propagate":
+        reqs = [submit(_prompt(rng, model, 5), 4, lower), submit(_prompt(rng, model, 9), 3, full),
+                submit(_prompt(rng, model, 1), 3, explicit, temperature=0.8, top_p=0.9, seed=3)]
+        sampled = submit(_prompt(rng, model, 3), 3, upper, temperature=0.9, top_k=20, seed=4)
+    else:
+        reqs = [submit(_prompt(rng, model, 5), 4, lower), submit(_prompt(rng, model, 9), 3, upper),
+                submit(_prompt(rng, model, 2), 3, full)]
+        sampled = None
+    list(engine.run())
+    _assert_drained(engine)
+    for req in reqs:
+        alone = _alone(model, req, backfill)
+        assert req.tokens == alone.tokens[0] and req.depths == alone.depths[0], req.id
+    assert engine.stats.layer_ratio > 1
+    if sampled is not None:
+        first = model.generate(sampled.prompt, 1, temperature=0.9, top_k=20, seed=4,
+                               stop_tokens=())
+        assert sampled.tokens[0] == first.tokens[0][0]
+        solo = Engine(model, max_batch=1, max_seq_len=24, stop_tokens=())  # no neighbour
+        again = solo.submit(sampled.prompt, 3, upper, temperature=0.9, top_k=20, seed=4)
+        list(solo.run())
+        assert again.tokens == sampled.tokens and again.depths == sampled.depths
+
+
+def _prefilled(model, prompts, rows, n_rows):
+    """A cache of n_rows rows with prompt b prefilled into cache row rows[b]."""
+    cache = KVCache(model.config, n_rows, 16, model.dtype, model.device)
+    ids = torch.zeros(len(prompts), max(map(len, prompts)), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, :len(p)] = torch.tensor(p)
+    first = model.prefill(ids.to(model.device), [len(p) for p in prompts], cache, Sampling(),
+                          rows=rows)
+    return cache, first
+
+
+@pytest.mark.parametrize("backfill", ["propagate", "mask"])
+def test_triton_decode_rows_matches_torch_backend(tiny_triton, backfill):
+    """Rows at different positions keeping different layer sets (layers 5 and 6 kept by no row,
+    0, 3 and 7 by all), two steps: the next tokens and every cache entry (backfilled ones
+    included) agree with the float64 torch backend on the same weights."""
+    ref = LlamaD3(tiny_triton.config, tiny_triton.state_dict(), dtype=torch.float64,
+                  backend="torch")
+    rng = random.Random(8)
+    prompts = [_prompt(rng, ref, n) for n in (4, 7, 2)]
+    rows = [2, 0, 3]  # cache row of each request; row 1 stays empty
+    steps = [[(0, 1, 2, 3, 4, 7), (0, 1, 3, 7), (0, 2, 3, 4, 7)],
+             [(0, 1, 3, 7), (0, 3, 7), (0, 3, 4, 7)]]  # nested: depths only fall
+    caches, tokens = [], []
+    with torch.inference_mode():
+        for model in (tiny_triton, ref):
+            cache, nxt = _prefilled(model, prompts, rows, 4)
+            out = [nxt.tolist()]
+            for i, kept in enumerate(steps):
+                sampling = Sampling() if i == 0 else RowSampling([Sampling()] * len(rows))
+                feed = torch.tensor(tokens[0][i] if tokens else out[i], device=model.device)
+                out.append(model.decode_rows(feed, rows, [len(p) + i for p in prompts], kept,
+                                             cache, sampling, backfill=backfill).tolist())
+            caches.append(cache)
+            tokens.append(out)
+    assert tokens[0] == tokens[1]
+    got, want = caches
+    assert torch.equal(got.written, want.written)
+    for r, n in zip(rows, (len(p) + len(steps) for p in prompts)):
+        # entries a mask-mode step leaves unwritten hold whatever was there (the torch
+        # backend's prefill writes its padding): only written ones must agree
+        written = got.written[:, r, None, :n, None]
+        for x, y in ((got.k, want.k), (got.v, want.v)):
+            assert rel_err(x[:, r, :, :n] * written, y[:, r, :, :n] * written) \
+                <= TOL[torch.float32]
+    assert not got.k[:, 1].any()  # the empty row was never touched
+    if backfill == "mask":  # layers no row kept hold nothing at the step slots
+        assert not got.written[5:7, rows[0], len(prompts[0])].any()
+    assert got.backfill_bytes * 2 == want.backfill_bytes  # same layers filled, half the bytes
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(rows=[0, 0]), "rows must hold distinct"),
+    (dict(rows=[0, 5]), "rows must hold distinct"),
+    (dict(positions=[3, 16]), "positions"),
+    (dict(kept=[(0, 7), (7, 0)]), "kept"),
+    (dict(tokens=torch.tensor([1])), "tokens"),
+])
+def test_triton_decode_rows_bad_input(tiny_triton, kwargs, match):
+    cache = KVCache(tiny_triton.config, 2, 16, tiny_triton.dtype, tiny_triton.device)
+    args = {**dict(tokens=torch.tensor([1, 2]), rows=[0, 1], positions=[3, 4],
+                   kept=[(0, 7), (0, 1, 7)]), **kwargs}
+    with pytest.raises(ValueError, match=match):
+        tiny_triton.decode_rows(args.pop("tokens"), args["rows"], args["positions"],
+                                args["kept"], cache, Sampling())
+    assert not cache.written.any()  # refused before anything ran

@@ -1,12 +1,13 @@
 """Continuous batching benchmark: a stream of mixed-length requests, full depth vs D³.
 
     python -m perf.engine_bench [--model smollm2-135m-instruct | --preset llama-2-7b]
-                                [--device cpu] [--requests 24] [--max-batch 8] [--out perf/out]
+                                [--device cpu] [--backends auto] [--requests 24] [--max-batch 8]
+                                [--out perf/out]
 
 The same requests (chat prompts from the shipped set, or random ids for a random preset; lengths
 and max_new_tokens drawn from a seeded generator; stop tokens off, so both runs make the same
 tokens count) go through ``d3kernels.Engine`` twice in one run, at full depth and with a D³
-schedule, after a short warm-up. All arrive at t = 0 and join the batch as rows free up.
+schedule, after a short warm-up, on each backend asked for (the same weights). All arrive at t = 0 and join the batch as rows free up.
 Reported per run: generated tokens/s, per-token latency (the gaps between a request's
 consecutive tokens: median and p90) and time to first token (median), the per-request layer
 ratio and the union layer ratio (layers any running row kept: what a bandwidth-bound step
@@ -73,6 +74,9 @@ def main(argv=None) -> dict:
     src.add_argument("--preset", default=None, help="random weights of a preset instead")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    ap.add_argument("--backends", nargs="+", default=["auto"], choices=["auto", "torch", "triton"],
+                    help="each one runs full depth and D³ (default: auto; on a GPU try "
+                         "triton torch)")
     ap.add_argument("--requests", type=int, default=24, help="(default: %(default)s)")
     ap.add_argument("--max-batch", type=int, default=8, help="(default: %(default)s)")
     ap.add_argument("--new-tokens", type=int, nargs=2, default=[16, 96], metavar=("MIN", "MAX"),
@@ -85,14 +89,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default="perf/out")
     args = ap.parse_args(argv)
 
-    kw = dict(dtype=DTYPES[args.dtype], device=args.device, backend="torch")
+    kw = dict(dtype=DTYPES[args.dtype], device=args.device, backend=args.backends[0])
     model = (LlamaD3.random(args.preset, **kw) if args.preset
              else LlamaD3.from_pretrained(args.model, **kw))
     d3 = DepthSchedule(alpha=args.alpha, head=args.head, tail=args.tail, order=args.order)
     requests = workload(model, args.requests, args.seed, tuple(args.new_tokens))
     max_seq_len = max(len(p) + n for p, n in requests)
     warm = [(p[:8], 4) for p, _ in requests[:args.max_batch]]
-    run(model, warm, d3, args.max_batch, max_seq_len)  # first calls allocate and warm up
 
     result = {
         **run_info(model.device), "model": args.preset or args.model, "dtype": args.dtype,
@@ -100,11 +103,18 @@ def main(argv=None) -> dict:
         "prompt_tokens": sum(len(p) for p, _ in requests),
         "schedule": d3.to_dict(), "runs": {},
     }
-    for name, schedule in (("full depth", None), ("D³", d3)):
-        print(f"engine_bench: {name} ...", flush=True)
-        result["runs"][name] = run(model, requests, schedule, args.max_batch, max_seq_len)
-    full, fast = result["runs"]["full depth"], result["runs"]["D³"]
-    result["throughput_speedup"] = fast["tokens_per_s"] / full["tokens_per_s"]
+    for k, backend in enumerate(args.backends):
+        if k:  # the same weights on another backend
+            model = LlamaD3(model.config, model.state_dict(), tokenizer=model.tokenizer,
+                            dtype=model.dtype, device=model.device, backend=backend)
+        run(model, warm, d3, args.max_batch, max_seq_len)  # compile, allocate, warm up
+        runs = {}
+        for name, schedule in (("full depth", None), ("D³", d3)):
+            print(f"engine_bench: {model.backend} {name} ...", flush=True)
+            runs[name] = run(model, requests, schedule, args.max_batch, max_seq_len)
+        result["runs"][model.backend] = runs
+        result["throughput_speedup_" + model.backend] = (runs["D³"]["tokens_per_s"]
+                                                         / runs["full depth"]["tokens_per_s"])
     write_report(args.out, "engine", result, markdown(result))
     return result
 
@@ -114,15 +124,20 @@ def markdown(r: dict) -> str:
              f"{r['torch']}, {r['date']}, commit {r['commit']})", "",
              f"{r['requests']} requests, {r['prompt_tokens']} prompt tokens, max batch "
              f"{r['max_batch']}; D³ schedule {r['schedule']}", "",
-             "| run | tokens | tokens/s | latency/token median (ms) | p90 (ms) | first token "
+             "| backend | run | tokens | tokens/s | latency/token median (ms) | p90 (ms) | first token "
              "median (ms) | mean batch | layer ratio | union layer ratio |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for name, x in r["runs"].items():
-        lines.append(f"| {name} | {x['tokens']} | {x['tokens_per_s']:.1f} | "
-                     f"{x['latency_ms_median']:.1f} | {x['latency_ms_p90']:.1f} | "
-                     f"{x['first_token_ms_median']:.0f} | {x['mean_batch']:.2f} | "
-                     f"{x['layer_ratio']:.2f} | {x['union_layer_ratio']:.2f} |")
-    lines += ["", f"D³ throughput / full depth: {r['throughput_speedup']:.2f}×", ""]
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for backend, runs in r["runs"].items():
+        for name, x in runs.items():
+            lines.append(f"| {backend} | {name} | {x['tokens']} | {x['tokens_per_s']:.1f} | "
+                         f"{x['latency_ms_median']:.1f} | {x['latency_ms_p90']:.1f} | "
+                         f"{x['first_token_ms_median']:.0f} | {x['mean_batch']:.2f} | "
+                         f"{x['layer_ratio']:.2f} | {x['union_layer_ratio']:.2f} |")
+    lines.append("")
+    for backend in r["runs"]:
+        lines.append(f"D³ throughput / full depth ({backend}): "
+                     f"{r['throughput_speedup_' + backend]:.2f}×")
+    lines.append("")
     return "\n".join(lines)
 
 

@@ -1,4 +1,5 @@
-"""``d3kernels generate``, ``chat`` and ``eval``: D³ decoding on a real model from the shell."""
+"""``d3kernels generate``, ``chat``, ``eval`` and ``calibrate``: D³ decoding on a real model from
+the shell."""
 from __future__ import annotations
 
 import argparse
@@ -35,11 +36,11 @@ def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="cpu", help="(default: %(default)s)")
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    _add_checkpoint_args(p)
-    s = p.add_argument_group("D³ schedule (design.md §2)")
-    # 0.995: on SmolLM2-135M, 0.98 visibly derails replies within ~10 tokens (a small model
-    # loses more per layer than the paper's 7B-70B ones); measured choices are issue 5's.
+def _add_schedule_args(s) -> None:
+    """alpha, start, min_depth, head, tail: shared by generate, chat and calibrate."""
+    # 0.995 with order lower: on SmolLM2-135M, 0.98 visibly derails replies within ~10 tokens
+    # (a small model loses more per layer than the paper's 7B-70B ones), and at 0.995 `lower`
+    # beat `upper` and the calibrated order on ΔNLL and first divergence (perf/RESULTS.md).
     s.add_argument("--alpha", type=float, default=0.995,
                    help="depth decay per token, in (0, 1]; 1 = full depth (default: %(default)s)")
     s.add_argument("--start", type=int, default=0,
@@ -48,6 +49,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="fewest layers a pass runs (default: head + tail)")
     s.add_argument("--head", type=int, default=4, help="bottom core layers (default: %(default)s)")
     s.add_argument("--tail", type=int, default=2, help="top core layers (default: %(default)s)")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    _add_checkpoint_args(p)
+    s = p.add_argument_group("D³ schedule (design.md §2)")
+    _add_schedule_args(s)
     s.add_argument("--order", type=_order, default="lower",
                    help="skip order: lower, upper, or comma-separated flex layers "
                         "(default: %(default)s)")
@@ -203,6 +210,13 @@ def cmd_eval(args) -> int:
 
     schedules = ev.schedule_grid(args.alphas, args.starts, args.min_depths, args.heads,
                                  args.tails, args.orders)
+    # Schedule files (e.g. from `d3kernels calibrate`) are evaluated as they are, after the grid.
+    for f in args.schedules or ():
+        if not Path(f).is_file():
+            raise ValueError(f"--schedules: no such file {f}")
+        s = DepthSchedule.load(f)
+        if s not in schedules:
+            schedules.append(s)
     prompts = ev.load_prompts(args.prompts)
     if args.limit is not None:
         if args.limit < 1:
@@ -267,6 +281,9 @@ def _add_eval_args(e: argparse.ArgumentParser) -> None:
     s.add_argument("--tails", type=int, nargs="+", default=[2], help="(default: %(default)s)")
     s.add_argument("--orders", type=_order, nargs="+", default=["lower"],
                    help="lower, upper or comma-separated flex layers (default: lower)")
+    s.add_argument("--schedules", metavar="FILE", nargs="+", default=None,
+                   help="schedule files (DepthSchedule JSON, e.g. from `d3kernels calibrate`) "
+                        "evaluated as they are, in addition to the grid")
     d = e.add_argument_group("data and output")
     d.add_argument("--prompts", metavar="FILE", default=None,
                    help="one prompt per line, '#' comments (default: the shipped set)")
@@ -291,6 +308,48 @@ def _add_eval_args(e: argparse.ArgumentParser) -> None:
                    help="smallest exact-match rate with full depth, in [0, 1]")
 
 
+def cmd_calibrate(args) -> int:
+    from pathlib import Path
+
+    from d3kernels.calibrate import calibrate
+    from d3kernels.eval import load_held_text
+
+    # Everything checkable without the model is checked first: a bad file or schedule fails fast.
+    if args.text is not None and not Path(args.text).is_file():
+        raise ValueError(f"--text: no such file {args.text}")
+    text = load_held_text(args.text)  # ValueError naming the file if it is empty
+    if args.max_tokens < 2:
+        raise ValueError(f"--max-tokens must be >= 2, got {args.max_tokens}")
+    DepthSchedule(alpha=args.alpha, start=args.start, min_depth=args.min_depth, head=args.head,
+                  tail=args.tail)
+    model = _load(args)
+    cal = calibrate(model, text, head=args.head, tail=args.tail, max_tokens=args.max_tokens,
+                    progress=not args.quiet)
+    print(cal.format_table())
+    schedule = cal.schedule(alpha=args.alpha, start=args.start, min_depth=args.min_depth)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    schedule.save(out)
+    print(f"-- wrote {out}: {json.dumps(schedule.to_dict())}")
+    return 0
+
+
+def _add_calibrate_args(k: argparse.ArgumentParser) -> None:
+    _add_checkpoint_args(k)
+    s = k.add_argument_group("saved schedule (head/tail also set the layers ranked)")
+    _add_schedule_args(s)
+    d = k.add_argument_group("calibration")
+    d.add_argument("--text", metavar="FILE", default=None,
+                   help="calibration text, read as plain text (default: the shipped held text)")
+    d.add_argument("--max-tokens", type=int, default=256,
+                   help="tokens of the text used; cost is 1 + F(F+1)/2 passes over them for F "
+                        "flex layers (default: %(default)s, ~2.5 min on SmolLM2, 2 CPU cores)")
+    d.add_argument("--out", metavar="FILE", default="calibrated_schedule.json",
+                   help="schedule file to write, for --schedule / --schedules "
+                        "(default: %(default)s)")
+    d.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="d3kernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -310,6 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="sweep D³ schedules: quality vs full depth, realized speedup")
     _add_eval_args(e)
     e.set_defaults(func=cmd_eval)
+    k = sub.add_parser("calibrate", help="rank flex layers by the loss their skipping costs; "
+                                         "save a schedule with that skip order")
+    _add_calibrate_args(k)
+    k.set_defaults(func=cmd_calibrate)
     return parser
 
 

@@ -186,7 +186,10 @@ def describe(schedule: DepthSchedule) -> str:
     s = schedule
     if s.is_full_depth:
         return "full depth (a=1)"
-    order = s.order if isinstance(s.order, str) else "custom"
+    # an explicit order (e.g. calibrated) by its first layers dropped, so two differ in the table
+    order = s.order
+    if not isinstance(order, str):
+        order = "order " + ",".join(map(str, order[:3])) + ",…"
     label = f"a={s.alpha:g} {order}"
     if s.start:
         label += f" start={s.start}"

@@ -332,3 +332,11 @@ def test_cli_eval_bad_arguments_exit_2_before_loading(args, message, tmp_path):
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr
     assert "loading" not in r.stderr  # rejected before the model is read
+
+
+def test_describe_names_schedules_apart():
+    assert ev.describe(DepthSchedule.full()) == "full depth (a=1)"
+    assert ev.describe(DepthSchedule(alpha=0.99, start=2, head=1, tail=1)) == \
+        "a=0.99 lower start=2 h/t=1/1"
+    calibrated = DepthSchedule(alpha=0.98, order=(17, 18, 16, 5, 14))
+    assert ev.describe(calibrated) == "a=0.98 order 17,18,16,…"

@@ -109,7 +109,9 @@ class EngineStats:
 
 class Engine:
     """A running batch of up to ``max_batch`` requests over one KV cache of ``max_seq_len``
-    tokens per row (default: the model's). ``schedule`` (None: full depth), ``stop_tokens``
+    tokens per row (default: the model's; the cache takes 2·L·max_batch·kv_heads·max_seq_len·
+    head_dim elements, allocated here: ~3 GB for SmolLM2 in float32 with the defaults, so set
+    max_seq_len to what requests need). ``schedule`` (None: full depth), ``stop_tokens``
     (None: the tokenizer's) and ``backfill`` (None: the model's mode) are the defaults of
     :meth:`submit`. Either backend (see the module docstring for what each guarantees).
     """

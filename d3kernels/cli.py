@@ -215,7 +215,8 @@ def cmd_eval(args) -> int:
         if not Path(f).is_file():
             raise ValueError(f"--schedules: no such file {f}")
         s = DepthSchedule.load(f)
-        if s not in schedules:
+        if s not in schedules and not (s.is_full_depth
+                                       and any(x.is_full_depth for x in schedules)):
             schedules.append(s)
     prompts = ev.load_prompts(args.prompts)
     if args.limit is not None:
@@ -323,6 +324,8 @@ def cmd_calibrate(args) -> int:
     DepthSchedule(alpha=args.alpha, start=args.start, min_depth=args.min_depth, head=args.head,
                   tail=args.tail)
     model = _load(args)
+    DepthSchedule(alpha=args.alpha, start=args.start, min_depth=args.min_depth, head=args.head,
+                  tail=args.tail).validate(model.config.num_layers)  # before the long part
     cal = calibrate(model, text, head=args.head, tail=args.tail, max_tokens=args.max_tokens,
                     progress=not args.quiet)
     print(cal.format_table())

@@ -13,7 +13,9 @@ runs one decode pass over the requests that were already running, each at its ow
 so at its own depth n_i (``LlamaD3.decode_rows``: a layer runs only on the rows that keep it).
 Each step gives every running request one token. A request that stops (a stop token, its
 ``max_new_tokens``, or :meth:`Engine.cancel`) frees its row at once for the next admission.
-A request's tokens are exactly what ``model.generate`` gives it alone (tests/test_engine.py):
+In float32/float64 a request's tokens are exactly what ``model.generate`` gives it alone
+(tests/test_engine.py; in bf16/fp16 its batch-mates change the rounding — matmul blocking,
+padding — as in any batched decoder, so it may drift from its solo run):
 on the torch backend for greedy and seeded sampling; on the triton backend for greedy
 requests and for seeded ones whose draw is not fused into the LM head kernel (top_p, or top_k
 > 64). A seeded temperature/top-k request on triton draws T_0 as ``generate`` does, then its
@@ -175,16 +177,18 @@ class Engine:
         (``max_seq_len``), bad sampling options or schedule. schedule / stop_tokens None: the
         engine's.
         """
+        one = "submit takes one prompt (a string or a list of token ids); submit each prompt of " \
+              "a batch separately"
         if isinstance(prompt, (list, tuple)) and prompt and not isinstance(prompt[0], int):
-            raise ValueError("submit takes one prompt (a string or a list of token ids); "
-                             "submit each prompt of a batch separately")
+            raise ValueError(one)
         schedule = self.schedule if schedule is None else schedule
         stop_tokens = self.stop_tokens if stop_tokens is None else stop_tokens
         plan = _plan(self.model, prompt, max_new_tokens, schedule, temperature, top_k, top_p,
                      seed, stop_tokens)
+        if len(plan.prompts) != 1:  # e.g. a 2-D tensor
+            raise ValueError(one)
         ids = plan.prompts[0]
-        # the last token is never fed back, so a request fills prompt + max_new_tokens - 1 slots
-        if len(ids) + max_new_tokens - 1 > self.cache.seq_len:
+        if len(ids) + max_new_tokens > self.cache.seq_len:  # the rule of generate
             raise ValueError(f"prompt of {len(ids)} tokens plus max_new_tokens={max_new_tokens} "
                              f"exceeds the engine's rows (max_seq_len={self.cache.seq_len})")
         req = Request(self._next_id, ids, max_new_tokens, plan.schedule, plan.sampling,
@@ -196,11 +200,13 @@ class Engine:
     def cancel(self, request: Request) -> bool:
         """Stop a waiting or running request now (finish_reason ``"cancelled"``), freeing its
         row for the next admission; the other requests are unaffected. Returns False if it had
-        already finished."""
+        already finished. A request of another engine raises ValueError."""
         if request.done:
             return False
-        if request.status == "waiting":
+        if request.status == "waiting" and request in self._waiting:
             self._waiting.remove(request)
+        elif request.slot is None or self._running.get(request.slot) is not request:
+            raise ValueError(f"request {request.id} was not submitted to this engine")
         self._finish(request, "cancelled")
         return True
 
@@ -247,9 +253,19 @@ class Engine:
             ids = torch.zeros(len(admitted), max(lengths), dtype=torch.long)
             for b, r in enumerate(admitted):
                 ids[b, :len(r.prompt)] = torch.tensor(r.prompt)
-            nxt = m.prefill(ids.to(m.device), lengths, self.cache,
-                            RowSampling([r.sampling for r in admitted]),
-                            backfill=self.backfill, rows=[r.slot for r in admitted]).tolist()
+            try:
+                nxt = m.prefill(ids.to(m.device), lengths, self.cache,
+                                RowSampling([r.sampling for r in admitted]),
+                                backfill=self.backfill,
+                                rows=[r.slot for r in admitted]).tolist()
+            except BaseException:  # out of memory, Ctrl-C: back to the queue, rows freed
+                for r in reversed(admitted):
+                    del self._running[r.slot]
+                    self._free.append(r.slot)
+                    r.slot, r.status = None, "waiting"
+                    self._waiting.appendleft(r)
+                self._free.sort(reverse=True)
+                raise
             self.stats.prefills += 1
             self.stats.prefill_tokens += sum(lengths)
             now = time.perf_counter()

@@ -84,6 +84,11 @@ def _resolve_backend(backend: str, dtype: torch.dtype, device: torch.device) -> 
     return backend
 
 
+def _is_int(x) -> bool:
+    """An int index (bool is an int in Python, but never a row, slot or layer here)."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
@@ -387,19 +392,27 @@ class LlamaD3:
         ``TritonBackend.prefill``). sampling: a Sampling, or a RowSampling (one per row).
         """
         mode, _ = self.resolve_backfill(backfill)
+        B, T = ids.shape
+        lengths = list(lengths)
+        if len(lengths) != B or not all(_is_int(n) and 1 <= n <= T for n in lengths):
+            raise ValueError(f"lengths must hold one length in [1, {T}] per row of ids, got "
+                             f"{lengths}")
+        self._check_ids(ids, "ids")
+        if rows is None and B > cache.batch_size:
+            raise ValueError(f"ids has {B} rows but the cache only {cache.batch_size}")
         if rows is not None:
             rows = list(rows)
-            if len(rows) != ids.shape[0] or len(set(rows)) != len(rows) or not all(
-                    0 <= r < cache.batch_size for r in rows):
-                raise ValueError(f"rows must hold {ids.shape[0]} distinct cache rows in "
+            if len(rows) != B or len(set(rows)) != B or not all(
+                    _is_int(r) and 0 <= r < cache.batch_size for r in rows):
+                raise ValueError(f"rows must hold {B} distinct cache rows in "
                                  f"[0, {cache.batch_size}), got {rows}")
-        if start is not None:
-            if len(start) != ids.shape[0]:
-                raise ValueError(f"start must hold one position per row ({ids.shape[0]}), "
-                                 f"got {len(start)}")
-            if any(s + n > min(cache.seq_len, self.max_seq_len) for s, n in zip(start, lengths)):
-                raise ValueError(f"start + lengths exceeds the cache ({cache.seq_len} slots, "
-                                 f"max_seq_len {self.max_seq_len})")
+        if start is not None and (len(start) != B or not all(_is_int(x) and x >= 0
+                                                             for x in start)):
+            raise ValueError(f"start must hold one position >= 0 per row ({B}), got {start}")
+        first = [0] * B if start is None else start
+        if any(x + n > min(cache.seq_len, self.max_seq_len) for x, n in zip(first, lengths)):
+            raise ValueError(f"start + lengths exceeds the cache ({cache.seq_len} slots, "
+                             f"max_seq_len {self.max_seq_len})")
         self._begin_prefill(cache, lengths, start, rows)
         if self._triton is not None:
             return self._triton.prefill(ids, lengths, cache, sampling, start, mode, rows)
@@ -518,21 +531,25 @@ class LlamaD3:
         rows, positions, kept = list(rows), list(positions), [tuple(k) for k in kept]
         R = len(rows)
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 1 or R == 0 \
-                or tokens.shape[0] != R:
-            got = list(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens)
-            raise ValueError(f"tokens must be a 1-D tensor with one token per row of rows "
+                or tokens.shape[0] != R or tokens.dtype != torch.long:
+            got = (f"{tokens.dtype} {list(tokens.shape)}" if isinstance(tokens, torch.Tensor)
+                   else type(tokens))
+            raise ValueError(f"tokens must be a 1-D long tensor with one token per row of rows "
                              f"({R}), got {got}")
-        if len(set(rows)) != R or not all(isinstance(r, int) and 0 <= r < cache.batch_size
+        self._check_ids(tokens, "tokens")
+        if cache.deferred:  # its owed entries would be overwritten or read out of order
+            raise ValueError("cache owes a deferred backfill: call flush_backfill(cache) before "
+                             "decode_rows")
+        if len(set(rows)) != R or not all(_is_int(r) and 0 <= r < cache.batch_size
                                           for r in rows):
             raise ValueError(f"rows must hold distinct cache rows in [0, {cache.batch_size}), "
                              f"got {rows}")
         capacity = min(cache.seq_len, self.max_seq_len)
-        if len(positions) != R or not all(isinstance(p, int) and 0 <= p < capacity
-                                          for p in positions):
+        if len(positions) != R or not all(_is_int(p) and 0 <= p < capacity for p in positions):
             raise ValueError(f"positions must hold one slot in [0, {capacity}) per row, got "
                              f"{positions}")
         if len(kept) != R or not all(list(k) == sorted(set(k)) and all(
-                isinstance(j, int) and 0 <= j < L for j in k) for k in kept):
+                _is_int(j) and 0 <= j < L for j in k) for k in kept):
             raise ValueError(f"kept must hold one ascending tuple of distinct layers in "
                              f"[0, {L}) per row, got {kept}")
         keeps = [frozenset(k) for k in kept]

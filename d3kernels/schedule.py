@@ -110,6 +110,9 @@ class DepthSchedule:
     def load(cls, path: str | Path) -> "DepthSchedule":
         """Read a schedule file written by :meth:`save`."""
         data = json.loads(Path(path).read_text())
+        if not isinstance(data, dict):
+            raise ValueError(f"DepthSchedule.load: {path}: expected a JSON object, got "
+                             f"{type(data).__name__}")
         unknown = set(data) - {"alpha", "start", "min_depth", "head", "tail", "order"}
         if unknown:
             raise ValueError(f"DepthSchedule.load: {path}: unknown keys {sorted(unknown)}")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from d3kernels.kv_cache import KVCache
-from d3kernels.ops.attention import attention_decode, attention_prefill
+from d3kernels.ops.attention import attention_decode, attention_decode_splits, attention_prefill
 from d3kernels.ops.kv_backfill import kv_backfill
 from d3kernels.ops.lm_head import lm_head
 from d3kernels.ops.qkv_rope import qkv_rope
@@ -285,6 +285,9 @@ class TritonBackend:
         # per layer, the cache rows that run it and (propagate) those that skip it
         run_sets = [tuple(r for r, k in zip(rows, keeps) if j in k) for j in range(L)]
         skip_sets = [tuple(r for r, k in zip(rows, keeps) if j not in k) for j in range(L)]
+        # from the cache's shape only: a row's split boundaries (and so its rounding) must not
+        # depend on how many requests run beside it
+        splits = attention_decode_splits(n_rows, cfg.num_kv_heads, cache.seq_len, m.device)
         for j in range(L):
             skip = skip_sets[j]
             if mode == "propagate" and skip and (j == 0 or skip_sets[j - 1] != skip):
@@ -305,7 +308,7 @@ class TritonBackend:
                          rows=idx)
             valid = cache.written[j] if mode == "mask" else None
             attn = attention_decode(q[:, 0], cache.k[j], cache.v[j], context, rows=idx,
-                                    valid=valid)
+                                    valid=valid, num_splits=splits)
             self._attention_and_mlp(j, residual, attn.view(n_rows, cfg.q_size), idx)
         if isinstance(sampling, RowSampling):
             return self._pick(residual, sampling, rows=running)

@@ -237,3 +237,22 @@ def test_cli_calibrate_head_tail_too_large(tiny_dir, tmp_path, capsys):
                  "--out", str(tmp_path / "o.json"), "--quiet"]) == 2
     assert "head + tail" in capsys.readouterr().err
     assert not (tmp_path / "o.json").exists()
+
+
+def test_cli_calibrate_min_depth_too_large_fails_before_any_pass(tiny_dir, tmp_path, capsys,
+                                                                 monkeypatch):
+    def no_pass(*args, **kwargs):
+        raise AssertionError("calibration ran")
+
+    monkeypatch.setattr(cal_mod, "calibrate", no_pass)
+    assert main(["calibrate", "--model", str(tiny_dir), "--min-depth", "100",
+                 "--out", str(tmp_path / "o.json"), "--quiet"]) == 2
+    assert "min_depth (100) exceeds" in capsys.readouterr().err
+    assert not (tmp_path / "o.json").exists()
+
+
+def test_schedule_file_must_hold_an_object(tmp_path):
+    f = tmp_path / "s.json"
+    f.write_text("0.98\n")
+    with pytest.raises(ValueError, match="JSON object"):
+        DepthSchedule.load(f)

@@ -1,5 +1,6 @@
-"""Continuous batching: every request gets exactly what it gets alone, whatever joins or leaves
-the batch around it; rows are never lost or leaked; faults stay in their own row."""
+"""Continuous batching: every request gets exactly what it gets alone (float32/float64),
+whatever joins or leaves the batch around it; rows are never lost or leaked; faults stay in
+their own row."""
 import random
 
 import pytest
@@ -171,7 +172,8 @@ def test_smollm2_requests_equal_alone(smollm2_f64):
     (dict(prompt=[]), "empty"),
     (dict(prompt=[1, 2, 10**6]), "outside the vocabulary"),
     (dict(prompt=[[1, 2], [3]]), "one prompt"),
-    (dict(prompt=[1] * 30, max_new_tokens=4), "max_seq_len=32"),
+    (dict(prompt=torch.tensor([[1, 2], [3, 4]])), "one prompt"),
+    (dict(prompt=[1] * 29, max_new_tokens=4), "max_seq_len=32"),
     (dict(prompt=[1], max_new_tokens=0), "max_new_tokens"),
     (dict(prompt=[1], temperature=-1), "temperature"),
     (dict(prompt=[1], schedule=DepthSchedule(head=6, tail=6)), "head \\+ tail"),
@@ -310,3 +312,79 @@ def test_triton_decode_rows_bad_input(tiny_triton, kwargs, match):
         tiny_triton.decode_rows(args.pop("tokens"), args["rows"], args["positions"],
                                 args["kept"], cache, Sampling())
     assert not cache.written.any()  # refused before anything ran
+
+
+def test_a_failed_prefill_puts_its_requests_back(tiny64, monkeypatch):
+    """An exception inside a step (out of memory, Ctrl-C) leaves no half-admitted request:
+    the next step admits them again and they finish as if nothing happened."""
+    rng = random.Random(6)
+    engine = Engine(tiny64, max_batch=2, max_seq_len=32, schedule=LOWER, stop_tokens=())
+    reqs = [engine.submit(_prompt(rng, tiny64, n), 5) for n in (4, 7, 3)]
+    real = tiny64.prefill
+    calls = []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tiny64, "prefill", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        engine.step()
+    assert engine.free_slots == 2 and engine.waiting == reqs
+    assert all(r.status == "waiting" and r.slot is None and not r.tokens for r in reqs)
+    list(engine.run())
+    _assert_drained(engine)
+    for req in reqs:
+        assert req.tokens == _alone(tiny64, req).tokens[0]
+
+
+def test_cancel_refuses_another_engines_request(tiny64):
+    e1 = Engine(tiny64, max_batch=1, max_seq_len=16, stop_tokens=())
+    e2 = Engine(tiny64, max_batch=1, max_seq_len=16, stop_tokens=())
+    running, waiting = e1.submit([1, 2], 4), e1.submit([3], 4)
+    mine = e2.submit([4, 5], 4)
+    e1.step()
+    e2.step()
+    for req in (running, waiting):
+        with pytest.raises(ValueError, match="not submitted to this engine"):
+            e2.cancel(req)
+    assert mine.status == "running" and running.status == "running"
+    assert waiting.status == "waiting" and e2.free_slots == 0
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(tokens=torch.tensor([1.0, 2.0])), "long tensor"),
+    (dict(tokens=torch.tensor([1, 10**6])), "outside the vocabulary"),
+    (dict(rows=[True, False]), "distinct cache rows"),
+    (dict(positions=[3, 40]), "positions"),
+    (dict(kept=[(0, 2), (3, 1)]), "ascending"),
+])
+def test_decode_rows_bad_input_changes_nothing(tiny64, kwargs, match):
+    cache = tiny64.new_cache(2, 32)
+    before = cache.written.clone()
+    args = {**dict(tokens=torch.tensor([1, 2]), rows=[0, 1], positions=[3, 4],
+                   kept=[(0, 1, 7), tuple(range(8))], cache=cache,
+                   sampling=Sampling().on(tiny64.device)), **kwargs}
+    with pytest.raises(ValueError, match=match):
+        tiny64.decode_rows(**args)
+    assert torch.equal(cache.written, before)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(lengths=[3, 2]), "lengths"),
+    (dict(lengths=[5]), "lengths"),
+    (dict(rows=[True]), "distinct cache rows"),
+    (dict(rows=[0, 1]), "distinct cache rows"),
+    (dict(ids=torch.ones(1, 40, dtype=torch.long), lengths=[40]), "exceeds the cache"),
+    (dict(ids=torch.tensor([[1, 2, 10**6]])), "outside the vocabulary"),
+])
+def test_prefill_bad_input_changes_nothing(tiny64, kwargs, match):
+    cache = tiny64.new_cache(2, 32)
+    before = cache.written.clone()
+    args = {**dict(ids=torch.tensor([[1, 2, 3]]), lengths=[3], cache=cache,
+                   sampling=Sampling().on(tiny64.device), rows=[1]), **kwargs}
+    with pytest.raises(ValueError, match=match):
+        tiny64.prefill(**args)
+    assert torch.equal(cache.written, before)

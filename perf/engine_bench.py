@@ -7,7 +7,9 @@
 The same requests (chat prompts from the shipped set, or random ids for a random preset; lengths
 and max_new_tokens drawn from a seeded generator; stop tokens off, so both runs make the same
 tokens count) go through ``d3kernels.Engine`` twice in one run, at full depth and with a D³
-schedule, after a short warm-up, on each backend asked for (the same weights). All arrive at t = 0 and join the batch as rows free up.
+schedule, after a short warm-up, on each backend asked for (the same weights) and for each
+``--min-free`` (Engine admission: 1 = as rows free up, max batch = in waves). All arrive at
+t = 0.
 Reported per run: generated tokens/s, per-token latency (the gaps between a request's
 consecutive tokens: median and p90) and time to first token (median), the per-request layer
 ratio and the union layer ratio (layers any running row kept: what a bandwidth-bound step
@@ -44,10 +46,10 @@ def workload(model, n: int, seed: int, new_tokens: tuple[int, int]) -> list[tupl
     return [(p, rng.randint(*new_tokens)) for p in prompts]
 
 
-def run(model, requests, schedule, max_batch: int, max_seq_len: int) -> dict:
+def run(model, requests, schedule, max_batch: int, max_seq_len: int, min_free: int = 1) -> dict:
     """Drain one engine over all requests; times and ratios of that run."""
     engine = Engine(model, max_batch=max_batch, max_seq_len=max_seq_len, schedule=schedule,
-                    stop_tokens=())
+                    stop_tokens=(), min_free=min_free)
     reqs = [engine.submit(p, n) for p, n in requests]
     _sync(model.device)
     for _ in engine.run():
@@ -79,6 +81,9 @@ def main(argv=None) -> dict:
                          "triton torch)")
     ap.add_argument("--requests", type=int, default=24, help="(default: %(default)s)")
     ap.add_argument("--max-batch", type=int, default=8, help="(default: %(default)s)")
+    ap.add_argument("--min-free", type=int, nargs="+", default=[1],
+                    help="Engine min_free values to compare: 1 = continuous admission, "
+                         "max batch = waves (default: 1)")
     ap.add_argument("--new-tokens", type=int, nargs=2, default=[16, 96], metavar=("MIN", "MAX"),
                     help="max_new_tokens drawn uniformly in [MIN, MAX] (default: 16 96)")
     ap.add_argument("--alpha", type=float, default=0.98, help="D³ alpha (default: %(default)s)")
@@ -101,20 +106,24 @@ def main(argv=None) -> dict:
         **run_info(model.device), "model": args.preset or args.model, "dtype": args.dtype,
         "requests": args.requests, "max_batch": args.max_batch,
         "prompt_tokens": sum(len(p) for p, _ in requests),
-        "schedule": d3.to_dict(), "runs": {},
+        "schedule": d3.to_dict(), "runs": {}, "throughput_speedup": {},
     }
     for k, backend in enumerate(args.backends):
         if k:  # the same weights on another backend
             model = LlamaD3(model.config, model.state_dict(), tokenizer=model.tokenizer,
                             dtype=model.dtype, device=model.device, backend=backend)
         run(model, warm, d3, args.max_batch, max_seq_len)  # compile, allocate, warm up
-        runs = {}
-        for name, schedule in (("full depth", None), ("D³", d3)):
-            print(f"engine_bench: {model.backend} {name} ...", flush=True)
-            runs[name] = run(model, requests, schedule, args.max_batch, max_seq_len)
-        result["runs"][model.backend] = runs
-        result["throughput_speedup_" + model.backend] = (runs["D³"]["tokens_per_s"]
-                                                         / runs["full depth"]["tokens_per_s"])
+        for min_free in args.min_free:
+            runs = {}
+            for name, schedule in (("full depth", None), ("D³", d3)):
+                print(f"engine_bench: {model.backend} min_free {min_free} {name} ...",
+                      flush=True)
+                runs[name] = run(model, requests, schedule, args.max_batch, max_seq_len,
+                                 min_free)
+            key = f"{model.backend}, min_free {min_free}"
+            result["runs"][key] = runs
+            result["throughput_speedup"][key] = (runs["D³"]["tokens_per_s"]
+                                                 / runs["full depth"]["tokens_per_s"])
     write_report(args.out, "engine", result, markdown(result))
     return result
 
@@ -124,7 +133,7 @@ def markdown(r: dict) -> str:
              f"{r['torch']}, {r['date']}, commit {r['commit']})", "",
              f"{r['requests']} requests, {r['prompt_tokens']} prompt tokens, max batch "
              f"{r['max_batch']}; D³ schedule {r['schedule']}", "",
-             "| backend | run | tokens | tokens/s | latency/token median (ms) | p90 (ms) | first token "
+             "| backend, admission | run | tokens | tokens/s | latency/token median (ms) | p90 (ms) | first token "
              "median (ms) | mean batch | layer ratio | union layer ratio |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for backend, runs in r["runs"].items():
@@ -134,9 +143,8 @@ def markdown(r: dict) -> str:
                          f"{x['first_token_ms_median']:.0f} | {x['mean_batch']:.2f} | "
                          f"{x['layer_ratio']:.2f} | {x['union_layer_ratio']:.2f} |")
     lines.append("")
-    for backend in r["runs"]:
-        lines.append(f"D³ throughput / full depth ({backend}): "
-                     f"{r['throughput_speedup_' + backend]:.2f}×")
+    for key, ratio in r["throughput_speedup"].items():
+        lines.append(f"D³ throughput / full depth ({key}): {ratio:.2f}×")
     lines.append("")
     return "\n".join(lines)
 

@@ -388,3 +388,24 @@ def test_prefill_bad_input_changes_nothing(tiny64, kwargs, match):
     with pytest.raises(ValueError, match=match):
         tiny64.prefill(**args)
     assert torch.equal(cache.written, before)
+
+
+def test_wave_admission(tiny64):
+    """min_free=max_batch admits only into an empty batch: requests that run together started
+    together, so the rows of every decode step share their step index i and depth."""
+    rng = random.Random(8)
+    engine = Engine(tiny64, max_batch=3, max_seq_len=40, schedule=LOWER, stop_tokens=(),
+                    min_free=3)
+    reqs = [engine.submit(_prompt(rng, tiny64, rng.randint(1, 12)), rng.randint(2, 9))
+            for _ in range(8)]
+    while not engine.idle:
+        running_before = {r.id for r in engine.running}
+        events = engine.step()
+        admitted = {e.row for e in events if e.index == 0}
+        assert not (admitted and running_before)  # a wave joins only an empty batch
+        assert len({e.index for e in events}) == 1  # one step index across the batch
+    _assert_drained(engine)
+    for req in reqs:
+        assert req.tokens == _alone(tiny64, req).tokens[0]
+    with pytest.raises(ValueError, match="min_free"):
+        Engine(tiny64, max_batch=3, min_free=4)

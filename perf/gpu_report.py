@@ -96,7 +96,8 @@ def main(argv=None) -> dict:
                 full, _ = decode_seconds_per_step(model, prompts, args.tokens, None, args.reps)
                 d3, stats = decode_seconds_per_step(model, prompts, args.tokens, schedule,
                                                     args.reps)
-                full_bytes = step_bytes(cfg, cfg.num_layers, batch * (PROMPT_LEN + args.tokens // 2),
+                # context is per row: step_bytes multiplies the KV read by the batch itself
+                full_bytes = step_bytes(cfg, cfg.num_layers, PROMPT_LEN + args.tokens // 2,
                                         batch, 2)
                 rows.append({
                     "preset": preset, "batch": batch, "backend": name,

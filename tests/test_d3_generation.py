@@ -24,7 +24,7 @@ def tiny64():
 
 
 def oracle(model, prompt, n, s: DepthSchedule):
-    weights = {k: v.double() for k, v in model.state_dict().items()}
+    weights = {k: v.double().cpu() for k, v in model.state_dict().items()}  # oracle on the CPU
     order = s.order if isinstance(s.order, str) else list(s.order)
     return reference.d3_generate(weights, model.config, prompt, n, alpha=s.alpha, start=s.start,
                                  min_depth=s.min_depth, head=s.head, tail=s.tail, order=order)

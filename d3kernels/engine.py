@@ -46,7 +46,7 @@ from typing import Iterator
 
 import torch
 
-from d3kernels.generation import StreamedToken, _plan
+from d3kernels.generation import StreamedToken, _plan, right_padded
 from d3kernels.kv_cache import KVCache
 from d3kernels.sampling import RowSampling, Sampling
 from d3kernels.schedule import DepthSchedule
@@ -222,12 +222,16 @@ class Engine:
         self._finish(request, "cancelled")
         return True
 
+    def _release(self, req: Request) -> None:
+        """Give req's cache row back (the lowest free row is admitted next)."""
+        del self._running[req.slot]
+        self._free.append(req.slot)
+        self._free.sort(reverse=True)
+        req.slot = None
+
     def _finish(self, req: Request, reason: str) -> None:
         if req.slot is not None:
-            del self._running[req.slot]
-            self._free.append(req.slot)
-            self._free.sort(reverse=True)
-            req.slot = None
+            self._release(req)
         req.status, req.finish_reason = "finished", reason
         if self.model.tokenizer is not None:
             req.text = self.model.tokenizer.decode(req.tokens)
@@ -265,9 +269,7 @@ class Engine:
         events = []
         if admitted:
             lengths = [len(r.prompt) for r in admitted]
-            ids = torch.zeros(len(admitted), max(lengths), dtype=torch.long)
-            for b, r in enumerate(admitted):
-                ids[b, :len(r.prompt)] = torch.tensor(r.prompt)
+            ids = right_padded([r.prompt for r in admitted])
             try:
                 nxt = m.prefill(ids.to(m.device), lengths, self.cache,
                                 RowSampling([r.sampling for r in admitted]),
@@ -275,11 +277,9 @@ class Engine:
                                 rows=[r.slot for r in admitted]).tolist()
             except BaseException:  # out of memory, Ctrl-C: back to the queue, rows freed
                 for r in reversed(admitted):
-                    del self._running[r.slot]
-                    self._free.append(r.slot)
-                    r.slot, r.status = None, "waiting"
+                    self._release(r)
+                    r.status = "waiting"
                     self._waiting.appendleft(r)
-                self._free.sort(reverse=True)
                 raise
             self.stats.prefills += 1
             self.stats.prefill_tokens += sum(lengths)

@@ -78,6 +78,14 @@ def _as_token_lists(model, prompts) -> list[list[int]]:
     return out
 
 
+def right_padded(prompts: list[list[int]]) -> torch.Tensor:
+    """Token id lists -> long [B, longest] on the CPU, each row right-padded with 0."""
+    ids = torch.zeros(len(prompts), max(len(p) for p in prompts), dtype=torch.long)
+    for r, p in enumerate(prompts):
+        ids[r, :len(p)] = torch.tensor(p)
+    return ids
+
+
 def _plan(model, prompts, max_new_tokens, schedule, temperature, top_k, top_p, seed,
           stop_tokens, cache=None, past_lengths=None, backfill=None, backfill_timing=None,
           flush_backfill=False) -> _Plan:
@@ -146,9 +154,7 @@ def _run(model, plan: _Plan) -> Iterator[StreamedToken]:
         cache = model.new_cache(B, max(lengths) + plan.max_new_tokens)
     else:
         cache = plan.cache
-    ids = torch.zeros(B, max(lengths), dtype=torch.long)
-    for r, p in enumerate(prompts):
-        ids[r, :len(p)] = torch.tensor(p)
+    ids = right_padded(prompts)
     tokens = [[] for _ in range(B)]
     depths = [[] for _ in range(B)]
     finished = [False] * B

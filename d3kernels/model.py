@@ -444,11 +444,16 @@ class LlamaD3:
         if mark is None:  # made once per layer set: no host copy in steady decoding
             mark = torch.tensor([j in filled for j in range(L)], device=self.device)
             self._marks[filled] = mark
-        if min(positions) == max(positions):
+        uniform = min(positions) == max(positions)
+        if uniform:
             cache.written[:, :B, positions[0]] = mark[:, None]
-        else:
-            cache.written[:, torch.arange(B, device=self.device),
-                          torch.tensor(positions, device=self.device)] = mark[:, None]
+        else:  # the triton backend keeps both on the device: no host copy in steady decoding
+            if self._triton is not None:
+                rows, pos = self._triton._rows(B), self._triton._positions_on_device(positions)
+            else:
+                rows = torch.arange(B, device=self.device)
+                pos = torch.tensor(positions, device=self.device)
+            cache.written[:, rows, pos] = mark[:, None]
         if skipped and mode == "propagate":
             if deferred:
                 for run in skipped_runs(kept, L):
@@ -461,14 +466,11 @@ class LlamaD3:
             return self._triton.decode_step(tokens, positions, kept, cache, sampling, deferred,
                                             mode)
         cfg = self.config
-        uniform = min(positions) == max(positions)
         if uniform:
             p = positions[0]
             cos, sin = self.rope_cos[p], self.rope_sin[p]
             span, mask = p + 1, None
         else:
-            pos = torch.tensor(positions, device=self.device)
-            rows = torch.arange(B, device=self.device)
             cos, sin = self.rope_cos[pos][:, None, None], self.rope_sin[pos][:, None, None]
             span = max(positions) + 1
             mask = (torch.arange(span, device=self.device) <= pos[:, None])[:, None, None]

@@ -223,7 +223,10 @@ class TritonBackend:
 
     def _positions_on_device(self, positions: list[int]) -> torch.Tensor:
         """Device int32 [B] positions; a step that follows the last advances it in place, so
-        steady decoding copies nothing from the host."""
+        steady decoding copies nothing from the host (the same positions again, as when
+        LlamaD3.decode_step marks the cache first, return the same tensor)."""
+        if self._positions == list(positions):
+            return self._pos
         if self._pos is not None and self._positions is not None \
                 and len(positions) == len(self._positions) \
                 and all(p == q + 1 for p, q in zip(positions, self._positions)):

@@ -1,8 +1,10 @@
 """Autotuning that stays cheap in Triton's interpreter, where every config would run for real."""
 from __future__ import annotations
 
+import contextlib
 import os
 
+import torch
 import triton
 
 
@@ -10,9 +12,39 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s input_precision for inputs of ``dtype``: fp32 multiplies as IEEE fp32 (tf32
+    would miss the fp32 tolerance, design §5); fp16/bf16 use the tensor cores as usual ("tf32"
+    only names the default setting for them)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 def autotune(configs: list[triton.Config], key: list[str], **kwargs):
-    """``triton.autotune`` over ``configs`` on a GPU; only the first config in the interpreter."""
-    return triton.autotune(configs=configs[:1] if interpreting() else configs, key=key, **kwargs)
+    """``triton.autotune`` over ``configs`` on a GPU; only the first config in the interpreter.
+
+    The returned tuner keeps the whole list as ``all_configs``, so a test can run each config
+    in turn under the interpreter with :func:`only_config`.
+    """
+    tune = triton.autotune(configs=configs[:1] if interpreting() else configs, key=key, **kwargs)
+
+    def wrap(fn):
+        tuner = tune(fn)
+        tuner.all_configs = list(configs)
+        return tuner
+
+    return wrap
+
+
+@contextlib.contextmanager
+def only_config(tuner, config: triton.Config):
+    """Within the block, ``tuner`` (a kernel made by :func:`autotune`) runs ``config`` alone,
+    with no tuning and no remembered choice; afterwards it is as it was."""
+    saved = tuner.configs, tuner.cache
+    tuner.configs, tuner.cache = [config], {}
+    try:
+        yield
+    finally:
+        tuner.configs, tuner.cache = saved
 
 
 def m_bucket(m: int, cap: int, floor: int = 1) -> int:

@@ -23,19 +23,13 @@ import triton
 import triton.language as tl
 
 from d3kernels.ops._checks import FLOAT_DTYPES, check_launchable, check_rows, check_tensor
-from d3kernels.ops._tuning import autotune
+from d3kernels.ops._tuning import autotune, dot_precision
 
 _LOG2E = 1.4426950408889634
 # Phase 2 keeps [splits, D] partials in registers; more splits than this buys no occupancy.
 MAX_SPLITS = 64
 # With a full cache a split still streams this many keys, so its launch cost stays amortized.
 _MIN_SPLIT_KEYS = 128
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 runs as true fp32 (tf32 would miss the fp32 tolerance on peaked softmaxes);
-    # fp16/bf16 use the tensor cores as usual ("tf32" is only the default setting for them).
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _as_bytes(valid: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -187,7 +181,7 @@ def _attention_prefill_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         out.stride(0), out.stride(1), out.stride(2),
         0 if valid is None else valid.stride(0), T, t_max, _LOG2E / math.sqrt(D),
         NUM_HEADS=Hq, GROUP=Hq // kv_heads, HEAD_DIM=D, HAS_ROWS=rows is not None,
-        HAS_VALID=valid is not None, DOT_PRECISION=_dot_precision(q.dtype))
+        HAS_VALID=valid is not None, DOT_PRECISION=dot_precision(q.dtype))
 
 
 @_attention_prefill_op.register_fake
@@ -328,7 +322,7 @@ def _attention_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         t_max, _LOG2E / math.sqrt(D),
         KV_HEADS=kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=D, NUM_SPLITS=num_splits, HAS_ROWS=rows is not None,
-        HAS_VALID=valid is not None, DOT_PRECISION=_dot_precision(q.dtype))
+        HAS_VALID=valid is not None, DOT_PRECISION=dot_precision(q.dtype))
     _decode_merge_kernel[(R * Hq,)](
         partial_out, partial_lse, rows, out,
         partial_out.stride(0), partial_out.stride(1), partial_out.stride(2),

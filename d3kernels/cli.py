@@ -331,8 +331,10 @@ def _add_eval_args(e: argparse.ArgumentParser) -> None:
                    help="held text for perplexity (default: the shipped one)")
     d.add_argument("--no-held", action="store_true", help="skip held-text perplexity")
     d.add_argument("--held-reply-tokens", type=int, default=None, metavar="N",
-                   help="restart the schedule every N held tokens (default: the whole held "
-                        "text is one reply, so its late tokens run at min_depth)")
+                   help="read the held text as replies of N tokens, the schedule restarting "
+                        "at each (default: --max-new-tokens, the prompts' reply length; N >= "
+                        "the held text's length reads it as one reply, whose late tokens all "
+                        "run at min_depth)")
     d.add_argument("--raw", action="store_true", help="prompts without the chat template")
     d.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
     d.add_argument("--max-new-tokens", type=int, default=32, help="(default: %(default)s)")

@@ -13,11 +13,12 @@ prompt:
 - ``nll``: mean negative log-likelihood per generated token (stop token included, pooled over
   all prompts) of the D³ outputs under the full-depth model, one ``model.logits`` pass over
   prompt + output; ``full_nll``: the same for the full-depth outputs; ``delta_nll`` the increase.
-- ``held_ppl``: perplexity of a held text read as a reply to a short prefix, each held token t
-  predicted by a pass at the depth n_t the schedule gives generated token t (design.md §2:
-  positions before the reply at full depth), by masked full-sequence recompute
-  (:func:`masked_logits`); ``full_held_ppl``: the same at full depth. With
-  ``held_reply_tokens=N`` the schedule restarts every N held tokens instead.
+- ``held_ppl``: perplexity of a held text read as consecutive replies of ``held_reply_tokens``
+  tokens (default: ``max_new_tokens``, the prompts' reply length) to a short prefix, held token
+  t of each reply predicted by a pass at the depth n_t the schedule gives generated token t
+  (design.md §2: positions before the reply at full depth), by masked full-sequence recompute
+  (:func:`masked_logits`); ``full_held_ppl``: the same at full depth. One reply as long as the
+  whole held text would put its late tokens at min_depth for any alpha < 1.
 - ``layer_ratio``, ``work_ratio`` and ``realized_speedup`` (design.md §8), from timed runs with
   stop tokens disabled, so D³ and full depth decode the same number of steps on the same prompts:
   each prompt alone (batch 1), full depth then D³ back to back, within the same run;
@@ -288,9 +289,10 @@ def evaluate(model, prompts, schedules, max_new_tokens: int = 32, held_text=None
     prompts: strings (chat-templated when ``chat`` and the tokenizer has a template) or token-id
     lists. schedules: DepthSchedules (alpha = 1 gives the full-depth row: agreement 1, ΔNLL 0).
     held_text: a string, token ids (the first is the prefix), or None to skip held perplexity.
-    held_reply_tokens: None reads the whole held text as one reply (its late tokens then sit at
-    min_depth for any alpha < 1); N restarts the schedule every N held tokens (consecutive
-    replies of N tokens; see :func:`reply_keep`), e.g. N = max_new_tokens.
+    held_reply_tokens: the schedule restarts every N held tokens (consecutive replies of N
+    tokens; see :func:`reply_keep`); None: N = max_new_tokens, the replies the prompts get.
+    N at least the held text's length reads it as one reply, whose late tokens then all run at
+    min_depth for any alpha < 1.
     timing_repeats: timed runs of each prompt per schedule; the fastest is kept.
     progress: a tqdm bar on stderr. generate_kwargs: more arguments for every ``generate`` call
     (e.g. a backfill mode; within one reply it changes speed, never tokens: design.md §2).
@@ -317,6 +319,8 @@ def evaluate(model, prompts, schedules, max_new_tokens: int = 32, held_text=None
             held_reply_tokens, int) or held_reply_tokens < 1):
         raise ValueError(f"held_reply_tokens must be None or an int >= 1, got "
                          f"{held_reply_tokens!r}")
+    if held_reply_tokens is None:
+        held_reply_tokens = max_new_tokens
     ids = _prompt_ids(model, prompts, chat)
     held = _held_ids(model, held_text, chat)
     from tqdm.auto import tqdm

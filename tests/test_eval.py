@@ -42,12 +42,16 @@ def results(tiny64, prompts, held):
     return ev.evaluate(tiny64, prompts, schedules, N_NEW, held, progress=False)
 
 
-def oracle_keep(s: DepthSchedule, L: int, prefix: int, total: int) -> torch.Tensor:
-    """keep rows built from the oracle's schedule functions, independently of d3kernels."""
+def oracle_keep(s: DepthSchedule, L: int, prefix: int, total: int,
+                reply_len: int | None = None) -> torch.Tensor:
+    """keep rows built from the oracle's schedule functions, independently of d3kernels;
+    reply_len: the schedule restarts every reply_len tokens after the prefix."""
     md = s.head + s.tail if s.min_depth is None else s.min_depth
     rows = []
     for p in range(total):
         i = p - (prefix - 1)
+        if i > 0 and reply_len is not None:
+            i %= reply_len
         depth = L if i <= 0 else reference.depth_at(i, L, s.alpha, s.start, md)
         kept = set(reference.kept_layers(depth, L, s.head, s.tail, s.order))
         rows.append([j in kept for j in range(L)])
@@ -111,18 +115,24 @@ def test_reply_keep_restarts_every_reply_len_tokens():
     assert torch.equal(ev.reply_keep(s, L, P, P + 7, reply_len=100), ev.reply_keep(s, L, P, P + 7))
 
 
-def test_held_reply_tokens(tiny64, prompts, held, results):
-    [whole, split] = [ev.evaluate(tiny64, prompts[:1], [SKIPPY], 3, held, progress=False,
-                                  held_reply_tokens=n)[0] for n in (None, 8)]
-    assert whole.held_ppl == pytest.approx(results[1].held_ppl, rel=1e-12)
-    seq = held
-    keep = ev.reply_keep(SKIPPY, 8, 1, len(seq), reply_len=8)
-    logits = reference.llama_forward(tiny64.state_dict(), tiny64.config, torch.tensor([seq]),
+def _reference_held_ppl(model, seq, keep):
+    logits = reference.llama_forward(model.state_dict(), model.config, torch.tensor([seq]),
                                      keep[None])[0]
     lp = torch.log_softmax(logits, -1)
     nll = [-float(lp[t - 1, seq[t]]) for t in range(1, len(seq))]
-    assert split.held_ppl == pytest.approx(math.exp(sum(nll) / len(nll)), rel=1e-9)
-    assert split.held_ppl != whole.held_ppl
+    return math.exp(sum(nll) / len(nll))
+
+
+def test_held_reply_tokens(tiny64, prompts, held, results):
+    """Held text read as replies of N tokens; by default N = max_new_tokens (N_NEW in
+    ``results``), and N past the held text's length reads it as one reply."""
+    [whole, split, default] = [ev.evaluate(tiny64, prompts[:1], [SKIPPY], 3, held,
+                                           progress=False, held_reply_tokens=n)[0]
+                               for n in (len(held), 8, None)]
+    for n, got in ((None, whole), (8, split), (N_NEW, results[1]), (3, default)):
+        keep = ev.reply_keep(SKIPPY, 8, 1, len(held), reply_len=n)
+        assert got.held_ppl == pytest.approx(_reference_held_ppl(tiny64, held, keep), rel=1e-9)
+    assert len({whole.held_ppl, split.held_ppl, default.held_ppl}) == 3
     with pytest.raises(ValueError, match="held_reply_tokens"):
         ev.evaluate(tiny64, prompts, [SKIPPY], 3, held, progress=False, held_reply_tokens=0)
 
@@ -171,8 +181,9 @@ def test_skipping_schedule_metrics_match_independent_computation(results, tiny64
     nll = [x for p, gen in zip(prompts, d3) for x in nll_of(tiny64, p, gen)]
     assert r.nll == pytest.approx(sum(nll) / len(nll), rel=1e-9)
     assert r.delta_nll == pytest.approx(r.nll - r.full_nll)
-    # held perplexity: the oracle's masked recompute with the oracle's keep rows
-    keep = oracle_keep(SKIPPY, L, 1, len(held))
+    # held perplexity: the oracle's masked recompute with the oracle's keep rows, the held
+    # text read as replies of N_NEW tokens (the default: max_new_tokens)
+    keep = oracle_keep(SKIPPY, L, 1, len(held), reply_len=N_NEW)
     logits = reference.llama_forward(tiny64.state_dict(), tiny64.config,
                                      torch.tensor([held]), keep[None])[0]
     lp = torch.log_softmax(logits, -1)

@@ -2,16 +2,16 @@
 
     python -m pytest perf/ops/bench_attention.py --benchmark-only [--benchmark-json=out.json]
 
-Llama-2-7B (32 q / 32 kv heads) and Llama-3-8B (32 / 8) heads, head_dim 128, bf16.
-Decode: batch 1, 8, 32 x context 512, 4096 (a full cache of that length); d3kernels'
-split-KV ``attention_decode`` (caller-provided out and workspace, as in a captured step) vs
+Llama-2-7B (32 q / 32 kv heads) and, marked ``extra``, Llama-3-8B (32 / 8) heads, head_dim 128,
+bf16. Decode: batch 1, 8, 32 x context 512, 4096 (a full cache of that length); d3kernels'
+``attention_decode`` (caller-provided out and workspace, as in a captured step) vs
 ``F.scaled_dot_product_attention(q, k_cache[:, :, :ctx], v_cache[:, :, :ctx], enable_gqa=True)``
 eager and under torch.compile. Calls rotate over enough cache copies (>= 256 MiB) that each one
-reads its K/V from HBM, not from L2, as a decode step does. extra_info: per-call time, achieved
-GB/s of K/V read and its fraction of a device-to-device copy measured in the same run (the
-``copy_gbps`` fixture of perf/ops/conftest.py).
-Prefill: one 2048-token causal prompt, ``attention_prefill`` vs SDPA(is_causal=True), TFLOP/s
-counting the causal half (4·Hq·D·T²/2 flops).
+reads its K/V from HBM, not from L2, as a decode step does. extra_info: per-call time, kernel
+launches, achieved GB/s of K/V read and its fraction of a device-to-device copy measured in the
+same run (the ``copy_gbps`` fixture of perf/ops/conftest.py).
+Prefill (``extra``): one 2048-token causal prompt, ``attention_prefill`` vs SDPA(is_causal=True),
+TFLOP/s counting the causal half (4·Hq·D·T²/2 flops).
 Each round runs the op ``calls`` times then synchronizes (warm-up rounds first, median
 reported; perf/ops/timing.py), so the table's times are per round. Groups hold one shape, so the
 table's columns compare the implementations.
@@ -29,14 +29,13 @@ if not torch.cuda.is_available():
 
 from d3kernels.ops.attention import (attention_decode, attention_decode_splits,  # noqa: E402
                                      attention_decode_workspace, attention_prefill)
-from perf.ops.timing import measure  # noqa: E402
+from perf.ops.timing import OURS, measure  # noqa: E402
 
 MODELS = {"llama2-7b": (32, 32), "llama3-8b": (32, 8)}  # (q heads, kv heads)
+MODEL_PARAMS = ["llama2-7b", pytest.param("llama3-8b", marks=pytest.mark.extra)]
 D, DTYPE = 128, torch.bfloat16
-IMPLS = ["d3kernels", "eager", "compile"]
+IMPLS = [OURS, "eager", "compile"]
 COLD_BYTES = 256 * 2**20  # more than an H100/H200 L2 (50/60 MB) several times over
-# One compiled graph per shape: keep dynamo from falling back to eager.
-torch._dynamo.config.cache_size_limit = 64
 
 
 def _sdpa(impl: str, **kw):
@@ -49,7 +48,7 @@ def _sdpa(impl: str, **kw):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("ctx", [512, 4096])
 @pytest.mark.parametrize("batch", [1, 8, 32])
-@pytest.mark.parametrize("model", list(MODELS))
+@pytest.mark.parametrize("model", MODEL_PARAMS)
 def test_decode(benchmark, copy_gbps, model, batch, ctx, impl):
     Hq, Hkv = MODELS[model]
     torch.manual_seed(batch * ctx + Hkv)
@@ -60,7 +59,7 @@ def test_decode(benchmark, copy_gbps, model, batch, ctx, impl):
     q = torch.randn(batch, Hq, D, device="cuda", dtype=DTYPE)
     rotation = itertools.cycle(caches)
 
-    if impl == "d3kernels":
+    if impl == OURS:
         context_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
         splits = attention_decode_splits(batch, Hkv, ctx, q.device)
         workspace = attention_decode_workspace(batch, Hq, D, splits, q.device)
@@ -72,7 +71,6 @@ def test_decode(benchmark, copy_gbps, model, batch, ctx, impl):
 
         benchmark.extra_info.update(num_splits=splits)
     else:
-        torch._dynamo.reset()
         attn = _sdpa(impl)
         q4 = q[:, :, None]  # [B, Hq, 1, D]
 
@@ -80,11 +78,12 @@ def test_decode(benchmark, copy_gbps, model, batch, ctx, impl):
             k, v = next(rotation)
             attn(q4, k[:, :, :ctx], v[:, :, :ctx])
 
-    benchmark.group = f"attention decode {model} B={batch} ctx={ctx}"
+    benchmark.group = f"attention_decode {model} B={batch} ctx={ctx}"
     benchmark.extra_info.update(impl=impl, model=model, batch=batch, ctx=ctx, dtype=str(DTYPE))
     measure(benchmark, fn, nbytes=kv_bytes, copy_gbps=copy_gbps)
 
 
+@pytest.mark.extra
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("model", list(MODELS))
 def test_prefill(benchmark, model, impl):
@@ -94,7 +93,7 @@ def test_prefill(benchmark, model, impl):
     q = torch.randn(1, T, Hq, D, device="cuda", dtype=DTYPE)
     k = torch.randn(1, Hkv, T, D, device="cuda", dtype=DTYPE)
     v = torch.randn(1, Hkv, T, D, device="cuda", dtype=DTYPE)
-    if impl == "d3kernels":
+    if impl == OURS:
         start = torch.zeros(1, dtype=torch.int32, device="cuda")
         lengths = torch.full((1,), T, dtype=torch.int32, device="cuda")
         out = torch.empty_like(q)
@@ -102,13 +101,12 @@ def test_prefill(benchmark, model, impl):
         def fn():
             attention_prefill(q, k, v, start, lengths, out=out)
     else:
-        torch._dynamo.reset()
         attn = _sdpa(impl, is_causal=True)
         qt = q.transpose(1, 2)  # [1, Hq, T, D], the engine's layout for SDPA
 
         def fn():
             attn(qt, k, v)
 
-    benchmark.group = f"attention prefill {model} T={T}"
+    benchmark.group = f"attention_prefill {model} T={T}"
     benchmark.extra_info.update(impl=impl, model=model, tokens=T, dtype=str(DTYPE))
     measure(benchmark, fn, flops=4 * Hq * D * T * T // 2)

@@ -1,16 +1,19 @@
-"""pytest-benchmark suite (GPU only): the SwiGLU MLP with residual add vs eager, compile, Liger.
+"""pytest-benchmark suite (GPU only): a decode layer's MLP and O projection vs eager, compile, Liger.
 
     python -m pytest perf/ops/bench_swiglu.py --benchmark-only [--benchmark-json=out.json]
 
-``residual + (silu(x @ gate.T) * (x @ up.T)) @ down.T`` at Llama-2-7B (H 4096, I 11008) and
-Llama-3-8B (H 4096, I 14336) shapes, bf16, decode batches 1, 8, 32 and a 2048-token prefill.
-d3kernels runs ``swiglu_gate_up`` then ``down_residual`` (in place, into caller buffers). Each round
-runs the MLP ``calls`` times then synchronizes (warm-up rounds first, median reported;
-perf/ops/timing.py), so the table's times are per round; extra_info holds the per-call time,
-achieved GB/s (weights plus activations), its fraction of a device-to-device copy measured in the
-same run (perf/ops/conftest.py), and TFLOP/s.
-Groups hold one shape, so the table's columns compare the implementations. Liger-Kernel's column
-(its silu·mul kernel between torch matmuls) appears only where it is installed.
+MLP: ``r + (silu(h @ gate.T) * (h @ up.T)) @ down.T`` with ``h = rms_norm(r)``, at Llama-2-7B
+(H 4096, I 11008) and, marked ``extra``, Llama-3-8B (H 4096, I 14336) shapes, bf16, decode
+batches 1, 8, 32 and (``extra``) a 2048-token prefill. d3kernels runs
+``swiglu_gate_up(r, norm_weight=...)`` (the norm in its prologue) then ``down_residual`` (in
+place, into caller buffers): two launches. O projection: ``r + attn @ w_o.T`` (Llama-2-7B,
+4096 x 4096), d3kernels' ``down_residual``. Each round runs the op ``calls`` times then
+synchronizes (warm-up rounds first, median reported; perf/ops/timing.py), so the table's times
+are per round; extra_info holds the per-call time, kernel launches, achieved GB/s (weights plus
+activations), its fraction of a device-to-device copy measured in the same run
+(perf/ops/conftest.py), and TFLOP/s. Groups hold one shape, so the table's columns compare the
+implementations. Liger-Kernel's column (its silu·mul kernel between torch matmuls) appears only
+where it is installed.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ if not torch.cuda.is_available():
     pytest.skip("GPU benchmark: needs CUDA", allow_module_level=True)
 
 from d3kernels.ops.swiglu import down_residual, swiglu_gate_up  # noqa: E402
-from perf.ops.timing import measure  # noqa: E402
+from perf.ops.timing import OURS, measure  # noqa: E402
 
 try:
     from liger_kernel.ops.swiglu import LigerSiLUMulFunction
@@ -30,53 +33,85 @@ except ImportError:
     LigerSiLUMulFunction = None
 
 MODELS = {"llama2-7b": (4096, 11008), "llama3-8b": (4096, 14336)}
-DTYPE = torch.bfloat16
-IMPLS = ["d3kernels", "eager", "compile"] + (["liger"] if LigerSiLUMulFunction is not None
-                                             else [])
-# One compiled graph per (shape, model): keep dynamo from falling back to eager.
-torch._dynamo.config.cache_size_limit = 64
+DTYPE, EPS = torch.bfloat16, 1e-5
+IMPLS = [OURS, "eager", "compile"] + (["liger"] if LigerSiLUMulFunction is not None else [])
+M_PARAMS = [1, 8, 32, pytest.param(2048, marks=pytest.mark.extra)]
 
 
-@pytest.fixture(scope="module", params=list(MODELS))
+@pytest.fixture(scope="module",
+                params=["llama2-7b", pytest.param("llama3-8b", marks=pytest.mark.extra)])
 def weights(request):
-    """Stacked [2I, H] gate/up and [H, I] down weights at Llama scales (never zeros)."""
+    """Stacked [2I, H] gate/up and [H, I] down weights and an [H] norm weight at Llama scales
+    (never zeros)."""
     H, inter = MODELS[request.param]
     torch.manual_seed(0)
     w_gate_up = torch.randn(2 * inter, H, device="cuda", dtype=DTYPE) * H ** -0.5
     w_down = torch.randn(H, inter, device="cuda", dtype=DTYPE) * inter ** -0.5
-    return request.param, w_gate_up, w_down
+    norm = torch.rand(H, device="cuda", dtype=DTYPE) + 0.5
+    return request.param, w_gate_up, w_down, norm
 
 
-def _impl(name: str, w_gate_up: torch.Tensor, w_down: torch.Tensor, h: torch.Tensor):
-    """The MLP under test: (x, residual) -> residual + mlp(x)."""
-    inter = w_down.shape[1]
+def _mlp(name: str, w_gate_up: torch.Tensor, w_down: torch.Tensor, norm: torch.Tensor,
+         h: torch.Tensor):
+    """The MLP under test: r -> r + mlp(rms_norm(r)) (d3kernels: r updated in place)."""
+    H, inter = w_down.shape
     gate, up = w_gate_up[:inter], w_gate_up[inter:]
-    if name == "d3kernels":
-        def mlp(x, r):
-            down_residual(swiglu_gate_up(x, w_gate_up, out=h), w_down, r)
+    if name == OURS:
+        def mlp(r):
+            down_residual(swiglu_gate_up(r, w_gate_up, out=h, norm_weight=norm, eps=EPS),
+                          w_down, r)
             return r
         return mlp
     if name == "liger":
-        return lambda x, r: LigerSiLUMulFunction.apply(x @ gate.T, x @ up.T) @ w_down.T + r
+        def mlp(r):
+            x = F.rms_norm(r, (H,), norm, EPS)
+            return LigerSiLUMulFunction.apply(x @ gate.T, x @ up.T) @ w_down.T + r
+        return mlp
 
-    def mlp(x, r):
+    def mlp(r):
+        x = F.rms_norm(r, (H,), norm, EPS)
         return (F.silu(x @ gate.T) * (x @ up.T)) @ w_down.T + r
 
     return torch.compile(mlp, dynamic=False) if name == "compile" else mlp
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("M", [1, 8, 32, 2048])
+@pytest.mark.parametrize("M", M_PARAMS)
 def test_swiglu_mlp(benchmark, copy_gbps, weights, impl, M):
-    model, w_gate_up, w_down = weights
+    model, w_gate_up, w_down, norm = weights
     H, inter = w_down.shape
     torch.manual_seed(M)
-    x = torch.randn(M, H, device="cuda", dtype=DTYPE)
     r = torch.randn(M, H, device="cuda", dtype=DTYPE)
-    fn = _impl(impl, w_gate_up, w_down, torch.empty(M, inter, device="cuda", dtype=DTYPE))
-    # Weights, x read, h written and read back, residual read and written.
-    nbytes = (3 * inter * H + 3 * M * H + 2 * M * inter) * x.element_size()
-    benchmark.group = f"swiglu {model} M={M}"
+    fn = _mlp(impl, w_gate_up, w_down, norm, torch.empty(M, inter, device="cuda", dtype=DTYPE))
+    # Weights and norm weight, r read (norm), h written and read back, r read and written.
+    nbytes = (3 * inter * H + H + 3 * M * H + 2 * M * inter) * r.element_size()
+    benchmark.group = f"swiglu_mlp {model} M={M}"
     benchmark.extra_info.update(impl=impl, model=model, M=M, H=H, I=inter, dtype=str(DTYPE))
-    measure(benchmark, lambda: fn(x, r), nbytes=nbytes, flops=6 * M * H * inter,
+    measure(benchmark, lambda: fn(r), nbytes=nbytes, flops=6 * M * H * inter,
             copy_gbps=copy_gbps)
+
+
+@pytest.mark.parametrize("impl", [OURS, "eager", "compile"])
+@pytest.mark.parametrize("M", M_PARAMS)
+def test_o_proj(benchmark, copy_gbps, impl, M):
+    H = 4096
+    torch.manual_seed(M)
+    w_o = torch.randn(H, H, device="cuda", dtype=DTYPE) * H ** -0.5
+    attn = torch.randn(M, H, device="cuda", dtype=DTYPE)
+    r = torch.randn(M, H, device="cuda", dtype=DTYPE)
+    if impl == OURS:
+        def fn():
+            down_residual(attn, w_o, r)
+    else:
+        def o_proj(a, res):
+            return res + a @ w_o.T
+
+        op = torch.compile(o_proj, dynamic=False) if impl == "compile" else o_proj
+
+        def fn():
+            op(attn, r)
+    # Weight, attention output read, residual read and written.
+    nbytes = (H * H + 3 * M * H) * r.element_size()
+    benchmark.group = f"o_proj llama2-7b M={M}"
+    benchmark.extra_info.update(impl=impl, model="llama2-7b", M=M, H=H, dtype=str(DTYPE))
+    measure(benchmark, fn, nbytes=nbytes, flops=2 * M * H * H, copy_gbps=copy_gbps)

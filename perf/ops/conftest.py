@@ -1,8 +1,20 @@
-"""Fixtures shared by the per-op GPU benchmarks; their timing lives in perf/ops/timing.py."""
+"""Fixtures shared by the per-op GPU benchmarks; their timing lives in perf/ops/timing.py.
+
+The GPU check (perf/gpu_check.sh) runs ``-m "not extra"``: Llama-2-7B decode shapes only.
+"""
 from __future__ import annotations
 
 import pytest
 import torch
+
+# torch.compile baselines are compiled per shape (dynamic=False, torch.compile's best case): more
+# shapes of one function than dynamo's default limit of 8 would silently fall back to eager.
+torch._dynamo.config.cache_size_limit = 64
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "extra: shapes beyond the GPU check's Llama-2-7B decode "
+                            "set (Llama-3-8B, prefill)")
 
 
 @pytest.fixture(scope="session")

@@ -6,19 +6,20 @@ compiles, Triton autotunes), then one CUDA-event-timed call to size a round at `
 running the op ``calls`` times and synchronizing once, so launch and sync overheads are spread
 over the round. The median round over ``calls`` is the time per call. ``measure`` records the
 rounds through pytest-benchmark's ``benchmark.pedantic`` (the table's times are per round) and
-fills ``benchmark.extra_info`` with the per-call figures; ``seconds_per_call`` times another
-implementation the same way outside the table, for speedups.
+fills ``benchmark.extra_info`` with the per-call figures and ``kernel_launches``, the GPU kernels
+one call launches, counted by ``count_launches`` (the one place launches are counted).
+perf/ops/summary.py makes one table of the JSON, with each shape's speedups.
 """
 from __future__ import annotations
 
-import statistics
-import time
-from typing import Callable, Mapping, Optional
+from typing import Callable, Optional
 
 import torch
 
 ROUNDS, WARMUP_ROUNDS = 20, 3
 ROUND_SECONDS, MAX_CALLS = 2e-3, 200
+# The name every benchmark gives its d3kernels implementation (extra_info["impl"]).
+OURS = "d3kernels"
 
 
 def _prepare(fn: Callable[[], object]) -> tuple[Callable[[], None], int, float]:
@@ -41,17 +42,19 @@ def _prepare(fn: Callable[[], object]) -> tuple[Callable[[], None], int, float]:
     return run, calls, one_ms / 1e3
 
 
-def seconds_per_call(fn: Callable[[], object]) -> float:
-    """Median seconds per call of fn, timed as ``measure`` does but not recorded."""
-    run, calls, _ = _prepare(fn)
-    for _ in range(WARMUP_ROUNDS):
-        run()
-    times = []
-    for _ in range(ROUNDS):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) / calls
+def count_launches(fn: Callable[[], object]) -> int:
+    """GPU kernels one call of fn launches: torch.profiler's CUDA kernel events, whoever launched
+    them (Triton, cuBLAS, inductor); memory copies and sets are not kernels. Call fn once before,
+    so compilation and autotuning launch nothing here."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(e.device_type == DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset"))
+               for e in prof.events())
 
 
 def record_rates(benchmark, per_call: float, *, nbytes: Optional[int] = None,
@@ -71,18 +74,19 @@ def record_rates(benchmark, per_call: float, *, nbytes: Optional[int] = None,
 
 def measure(benchmark, fn: Callable[[], object], *, nbytes: Optional[int] = None,
             flops: Optional[int] = None, copy_gbps: Optional[float] = None) -> float:
-    """Time fn through ``benchmark.pedantic``, record ``calls`` and ``record_rates`` in extra_info,
-    return the median seconds per call. Under --benchmark-disable (no stats) the one timed
-    sizing call stands in."""
+    """Time fn through ``benchmark.pedantic``, record ``calls``, ``kernel_launches`` and
+    ``record_rates`` in extra_info, return the median seconds per call. Under
+    --benchmark-disable (a warm-up pass: no stats, launches not counted) the one timed sizing
+    call stands in."""
     run, calls, one_call = _prepare(fn)
     benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS)
-    per_call = one_call if benchmark.stats is None else benchmark.stats.stats.median / calls
+    if benchmark.stats is None:
+        return one_call
+    per_call = benchmark.stats.stats.median / calls
     benchmark.extra_info["calls"] = calls
+    try:
+        benchmark.extra_info["kernel_launches"] = count_launches(fn)
+    except RuntimeError as exc:  # a profiler that fails must not cost the timing
+        benchmark.extra_info["kernel_launches_error"] = repr(exc)
     record_rates(benchmark, per_call, nbytes=nbytes, flops=flops, copy_gbps=copy_gbps)
     return per_call
-
-
-def record_speedups(benchmark, per_call: float, others: Mapping[str, Callable[[], object]]) -> None:
-    """extra_info ``speedup_vs_<name>``: each other implementation's time per call over per_call."""
-    for name, other in others.items():
-        benchmark.extra_info[f"speedup_vs_{name}"] = seconds_per_call(other) / per_call

@@ -11,12 +11,15 @@ Per-row context lengths are read on the device (no host sync, CUDA-graph captura
 ``valid`` (optional bool [B, T_max], e.g. ``cache.written[j]`` of the ``mask`` backfill mode)
 excludes the cache entries it marks False, on top of the causal / context-length limits; those
 entries are never read. Without it the kernels are compiled without the mask (HAS_VALID=False).
+
+Each op is one kernel launch; decode merges its KV splits inside that launch (the last split of
+each row and kv head to finish does it, counted by atomics in the caller's workspace).
 """
 from __future__ import annotations
 
 import functools
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -26,7 +29,7 @@ from d3kernels.ops._checks import FLOAT_DTYPES, check_launchable, check_rows, ch
 from d3kernels.ops._tuning import autotune, dot_precision
 
 _LOG2E = 1.4426950408889634
-# Phase 2 keeps [splits, D] partials in registers; more splits than this buys no occupancy.
+# The merge keeps [splits, D] partials in registers; more splits than this buys no occupancy.
 MAX_SPLITS = 64
 # With a full cache a split still streams this many keys, so its launch cost stays amortized.
 _MIN_SPLIT_KEYS = 128
@@ -202,20 +205,44 @@ _DECODE_CONFIGS = [
 ]
 
 
+@triton.jit
+def _merge_splits(po_ptr, plse_ptr, o_ptr, row, kvh, spo_b, spo_h, spo_s, spl_b, spl_h, so_b,
+                  so_h, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                  SPLITS_PAD: tl.constexpr):
+    """out[h] = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M), M = max_s lse_s, for the GROUP
+    query heads of kv head ``kvh``. Loads bypass L1 (.cg): the other splits' partials were
+    written by other SMs, and only L2 is coherent across SMs."""
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, HEAD_DIM)
+    s_valid = offs_s < NUM_SPLITS
+    # num_stages=1: the pipeliner must not multi-buffer these [splits, D] tiles in shared memory
+    for g in tl.range(GROUP, num_stages=1):
+        h = kvh * GROUP + g
+        lse = tl.load(plse_ptr + row * spl_b + h * spl_h + offs_s, mask=s_valid,
+                      other=float("-inf"), cache_modifier=".cg")
+        m = tl.max(lse, 0)
+        w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
+        po = tl.load(po_ptr + row * spo_b + h * spo_h + offs_s[:, None] * spo_s + offs_d[None, :],
+                     mask=s_valid[:, None], other=0.0, cache_modifier=".cg")
+        den = tl.sum(w, 0)
+        o = tl.sum(po * w[:, None], 0) / tl.where(den > 0, den, 1.0)
+        tl.store(o_ptr + row * so_b + h * so_h + offs_d, o.to(o_ptr.dtype.element_ty))
+
+
 @autotune(_DECODE_CONFIGS, key=["HEAD_DIM", "GROUP_PAD", "NUM_SPLITS"],
           prune_configs_by={"early_config_prune": _prune_fp32})
 @triton.jit
-def _decode_split_kernel(q_ptr, k_ptr, v_ptr, ctx_ptr, rows_ptr, valid_ptr, po_ptr, plse_ptr,
-                         sq_b, sq_h, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
-                         spo_b, spo_h, spo_s, spl_b, spl_h, sval_b,
-                         t_max, qk_scale,
-                         KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-                         HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                         HAS_ROWS: tl.constexpr, HAS_VALID: tl.constexpr,
-                         DOT_PRECISION: tl.constexpr,
-                         BLOCK_N: tl.constexpr):
-    """Phase 1: one program = (row, kv head, split); all GROUP query heads of that kv head share
-    each K/V tile (a [GROUP_PAD, D] x [D, BLOCK_N] dot), so K/V is read once per kv head."""
+def _decode_kernel(q_ptr, k_ptr, v_ptr, ctx_ptr, rows_ptr, valid_ptr, o_ptr, po_ptr, plse_ptr,
+                   cnt_ptr, sq_b, sq_h, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, so_b, so_h,
+                   spo_b, spo_h, spo_s, spl_b, spl_h, scnt_b, sval_b, t_max, qk_scale,
+                   KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+                   HAS_ROWS: tl.constexpr, HAS_VALID: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    """One program = (row, kv head, split); all GROUP query heads of that kv head share each K/V
+    tile (a [GROUP_PAD, D] x [D, BLOCK_N] dot), so K/V is read once per kv head. With one split
+    the program writes ``out``; with more, each writes its partial output and LSE, and the last
+    of the (row, kv head)'s splits to finish merges them into ``out`` (no second launch)."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     r = pid // KV_HEADS
@@ -262,49 +289,42 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, ctx_ptr, rows_ptr, valid_ptr, po_p
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
-    # An empty split (no keys, or every key excluded by ``valid``) writes a zero partial with
-    # LSE -inf, so the merge gives it zero weight (and the workspace never needs clearing).
+    # An empty split (no keys, or every key excluded by ``valid``) has a zero output with LSE
+    # -inf, so the merge gives it zero weight (and the partials never need clearing).
     has_keys = l_i > 0
     o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
-    tl.store(po_ptr + row * spo_b + heads[:, None] * spo_h + split * spo_s + offs_d[None, :], o,
-             mask=g_valid[:, None])
-    tl.store(plse_ptr + row * spl_b + heads * spl_h + split, lse, mask=g_valid)
-
-
-@triton.jit
-def _decode_merge_kernel(po_ptr, plse_ptr, rows_ptr, o_ptr,
-                         spo_b, spo_h, spo_s, spl_b, spl_h, so_b, so_h,
-                         NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                         NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
-                         HAS_ROWS: tl.constexpr):
-    """Phase 2: out = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M), M = max_s lse_s."""
-    pid = tl.program_id(0)
-    r = pid // NUM_HEADS
-    h = pid % NUM_HEADS
-    if HAS_ROWS:
-        row = tl.load(rows_ptr + r).to(tl.int64)
+    if NUM_SPLITS == 1:
+        tl.store(o_ptr + row * so_b + heads[:, None] * so_h + offs_d[None, :],
+                 o.to(o_ptr.dtype.element_ty), mask=g_valid[:, None])
     else:
-        row = r.to(tl.int64)
-    offs_s = tl.arange(0, SPLITS_PAD)
-    offs_d = tl.arange(0, HEAD_DIM)
-    s_valid = offs_s < NUM_SPLITS
-    lse = tl.load(plse_ptr + row * spl_b + h * spl_h + offs_s, mask=s_valid, other=float("-inf"))
-    m = tl.max(lse, 0)
-    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
-    po = tl.load(po_ptr + row * spo_b + h * spo_h + offs_s[:, None] * spo_s + offs_d[None, :],
-                 mask=s_valid[:, None], other=0.0)
-    den = tl.sum(w, 0)
-    o = tl.sum(po * w[:, None], 0) / tl.where(den > 0, den, 1.0)
-    tl.store(o_ptr + row * so_b + h * so_h + offs_d, o.to(o_ptr.dtype.element_ty))
+        lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+        tl.store(po_ptr + row * spo_b + heads[:, None] * spo_h + split * spo_s + offs_d[None, :],
+                 o, mask=g_valid[:, None])
+        tl.store(plse_ptr + row * spl_b + heads * spl_h + split, lse, mask=g_valid)
+        # Arrival count, GPU memory model: the barrier orders every thread's partial stores
+        # before the atomic (one thread runs it); its gpu-scope release publishes them (release
+        # is cumulative over the barrier) and its acquire makes the partials of every split that
+        # arrived earlier visible to this program, whose threads read them only after the
+        # atomic's result is broadcast to them (another barrier, inside Triton's lowering of a
+        # scalar atomic). No program waits for another, so no co-residency is assumed.
+        tl.debug_barrier()
+        cnt = cnt_ptr + row * scnt_b + kvh
+        arrived = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
+        if arrived == NUM_SPLITS - 1:
+            # Every split has arrived and none touches the counter again: reset it, so the next
+            # launch (or CUDA-graph replay) finds it zero; kernel boundaries order that store.
+            tl.store(cnt, 0)
+            _merge_splits(po_ptr, plse_ptr, o_ptr, row, kvh, spo_b, spo_h, spo_s, spl_b, spl_h,
+                          so_b, so_h, GROUP, HEAD_DIM, NUM_SPLITS, SPLITS_PAD)
 
 
 @torch.library.custom_op("d3kernels::attention_decode",
-                         mutates_args=("out", "partial_out", "partial_lse"))
+                         mutates_args=("out", "partial_out", "partial_lse", "counters"))
 def _attention_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          context_lens: torch.Tensor, rows: Optional[torch.Tensor],
                          valid: Optional[torch.Tensor], out: torch.Tensor,
-                         partial_out: torch.Tensor, partial_lse: torch.Tensor) -> None:
+                         partial_out: torch.Tensor, partial_lse: torch.Tensor,
+                         counters: torch.Tensor) -> None:
     B, Hq, D = q.shape
     kv_heads, t_max = k_cache.shape[1], k_cache.shape[2]
     num_splits = partial_lse.shape[2]
@@ -312,28 +332,23 @@ def _attention_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     if R == 0:
         return
     group = Hq // kv_heads
-    _decode_split_kernel[(R * kv_heads, num_splits)](
-        q, k_cache, v_cache, context_lens, rows, _as_bytes(valid), partial_out, partial_lse,
-        q.stride(0), q.stride(1),
+    _decode_kernel[(R * kv_heads, num_splits)](
+        q, k_cache, v_cache, context_lens, rows, _as_bytes(valid), out, partial_out, partial_lse,
+        counters, q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
         partial_out.stride(0), partial_out.stride(1), partial_out.stride(2),
-        partial_lse.stride(0), partial_lse.stride(1), 0 if valid is None else valid.stride(0),
-        t_max, _LOG2E / math.sqrt(D),
+        partial_lse.stride(0), partial_lse.stride(1), counters.stride(0),
+        0 if valid is None else valid.stride(0), t_max, _LOG2E / math.sqrt(D),
         KV_HEADS=kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
-        HEAD_DIM=D, NUM_SPLITS=num_splits, HAS_ROWS=rows is not None,
-        HAS_VALID=valid is not None, DOT_PRECISION=dot_precision(q.dtype))
-    _decode_merge_kernel[(R * Hq,)](
-        partial_out, partial_lse, rows, out,
-        partial_out.stride(0), partial_out.stride(1), partial_out.stride(2),
-        partial_lse.stride(0), partial_lse.stride(1), out.stride(0), out.stride(1),
-        NUM_HEADS=Hq, HEAD_DIM=D, NUM_SPLITS=num_splits,
-        SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)), HAS_ROWS=rows is not None,
-        num_warps=4)
+        HEAD_DIM=D, NUM_SPLITS=num_splits, SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)),
+        HAS_ROWS=rows is not None, HAS_VALID=valid is not None,
+        DOT_PRECISION=dot_precision(q.dtype))
 
 
 @_attention_decode_op.register_fake
-def _(q, k_cache, v_cache, context_lens, rows, valid, out, partial_out, partial_lse) -> None:
+def _(q, k_cache, v_cache, context_lens, rows, valid, out, partial_out, partial_lse,
+      counters) -> None:
     return None
 
 
@@ -442,21 +457,39 @@ def attention_decode_splits(num_rows: int, kv_heads: int, t_max: int,
     return max(1, min(want, triton.cdiv(t_max, _MIN_SPLIT_KEYS), MAX_SPLITS))
 
 
+class DecodeWorkspace(NamedTuple):
+    """Split-KV scratch of ``attention_decode``, from ``attention_decode_workspace``.
+
+    partial_out: fp32 [batch, num_heads, num_splits, head_dim], each split's normalized output;
+    partial_lse: fp32 [batch, num_heads, num_splits], its log2-sum-exp (-inf: no keys);
+    counters: int32 [batch, num_heads], zero at rest. Entry [b, kvh] counts the finished splits
+        of (row b, kv head kvh) during a launch (sized by query heads, which are at least the kv
+        heads, so the workspace needs no kv head count); the last split resets it to zero.
+    """
+    partial_out: torch.Tensor
+    partial_lse: torch.Tensor
+    counters: torch.Tensor
+
+
 def attention_decode_workspace(batch: int, num_heads: int, head_dim: int, num_splits: int,
-                               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Preallocated split-KV workspace for ``attention_decode(..., workspace=...)``:
-    partial outputs fp32 [batch, num_heads, num_splits, head_dim] and their log2-sum-exp fp32
-    [batch, num_heads, num_splits]. Never needs clearing; reuse it across steps and layers."""
-    return (torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=device),
-            torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=device))
+                               device: torch.device) -> DecodeWorkspace:
+    """Preallocated split-KV workspace for ``attention_decode(..., workspace=...)``: the
+    partials need no clearing and the kernel leaves the counters zero, so one workspace serves
+    every step and layer of a model, CUDA-graph replays included. It must not serve two
+    launches in flight at once (e.g. on two streams): their counts and partials would mix."""
+    return DecodeWorkspace(
+        torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=device),
+        torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=device),
+        torch.zeros(batch, num_heads, dtype=torch.int32, device=device))
 
 
 def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      context_lens: torch.Tensor, *, rows: torch.Tensor | None = None,
                      valid: torch.Tensor | None = None,
                      out: torch.Tensor | None = None, num_splits: int | None = None,
-                     workspace: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """Single-token GQA attention against the KV cache by split-KV flash-decoding.
+                     workspace: DecodeWorkspace | None = None) -> torch.Tensor:
+    """Single-token GQA attention against the KV cache by split-KV flash-decoding, in one
+    kernel launch: the last split of each (row, kv head) to finish merges the splits' partials.
 
     Args:
         q: [B, Hq, D] fp32/fp16/bf16, one query per row at position context_lens[b] - 1 (its K/V
@@ -465,7 +498,7 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             outer strides.
         context_lens: int32 [B], keys row b attends (1..T_max; read on the device).
         rows: None or int32 [R] of distinct batch rows to compute; other rows of ``out`` are
-            left untouched.
+            left untouched. (A repeated row would also leave the workspace counters nonzero.)
         valid: None or bool (or uint8) [B, T_max]: cache entries marked False (0) are excluded
             from attention and never read (e.g. ``cache.written[j]`` in ``mask`` backfill
             mode); read on the device, so a captured graph follows later changes to it. The
@@ -474,11 +507,14 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         out: optional [B, Hq, D] output buffer in q's dtype.
         num_splits: KV splits per row (1..MAX_SPLITS); None: ``attention_decode_splits`` of the
             active rows, kv heads and T_max, or the workspace's split count when one is given.
-        workspace: optional ``attention_decode_workspace(B, Hq, D, num_splits, device)``.
+        workspace: optional ``attention_decode_workspace(B, Hq, D, num_splits, device)``, not
+            used by another launch in flight at the same time.
 
-    With ``out`` and ``workspace`` given the call allocates nothing and never syncs, so it can be
-    captured in a CUDA graph and replayed with new ``context_lens`` values. Without them, the
-    allocations depend on shapes only (capturable too, from the graph's private pool).
+    With ``out`` and ``workspace`` given the call allocates nothing, never syncs and is exactly
+    one kernel launch, so it can be captured in a CUDA graph and replayed with new
+    ``context_lens`` values. Without them, the allocations depend on shapes only (capturable
+    too, from the graph's private pool), and zeroing a fresh workspace's counters is one more
+    small launch.
 
     Returns ``out`` [B, Hq, D]; rows not in ``rows`` keep their previous contents (zeros if
     ``out`` was allocated here).
@@ -499,15 +535,17 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                                                  k_cache.shape[1], k_cache.shape[2], q.device)
         workspace = attention_decode_workspace(B, Hq, D, num_splits, q.device)
     else:
-        if not isinstance(workspace, (tuple, list)) or len(workspace) != 2:
-            raise ValueError("workspace must be the pair (partial_out, partial_lse) from "
-                             "attention_decode_workspace")
-        partial_out, partial_lse = workspace
+        if not isinstance(workspace, (tuple, list)) or len(workspace) != 3:
+            raise ValueError("workspace must be the triple (partial_out, partial_lse, counters) "
+                             "from attention_decode_workspace")
+        partial_out, partial_lse, counters = workspace
         check_tensor("workspace[1] (partial_lse)", partial_lse, shape=(B, Hq, None),
                      dtype=torch.float32, device=q.device)
         S = partial_lse.shape[2]
         check_tensor("workspace[0] (partial_out)", partial_out, shape=(B, Hq, S, D),
                      dtype=torch.float32, device=q.device)
+        check_tensor("workspace[2] (counters)", counters, shape=(B, Hq), dtype=torch.int32,
+                     device=q.device)
         if not 1 <= S <= MAX_SPLITS:
             raise ValueError(f"workspace holds {S} splits, must be in [1, {MAX_SPLITS}]")
         if num_splits is not None and num_splits != S:

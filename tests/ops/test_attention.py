@@ -8,9 +8,12 @@ import zlib
 import pytest
 import torch
 
-from d3kernels.ops.attention import (MAX_SPLITS, _DECODE_CONFIGS, _PREFILL_CONFIGS, _prune_fp32,
-                                     attention_decode, attention_decode_splits,
-                                     attention_decode_workspace, attention_prefill)
+from d3kernels.ops._launches import count_launches
+from d3kernels.ops._tuning import only_config
+from d3kernels.ops.attention import (MAX_SPLITS, _DECODE_CONFIGS, _PREFILL_CONFIGS, _decode_kernel,
+                                     _prefill_kernel, _prune_fp32, attention_decode,
+                                     attention_decode_splits, attention_decode_workspace,
+                                     attention_prefill)
 from reference import causal_gqa_attention
 from tests.ops.conftest import CUDA, DEVICE, DTYPES, assert_close, gpu, poisoned, randn
 
@@ -94,6 +97,19 @@ def i32(values):
     return torch.tensor(values, dtype=torch.int32, device=DEVICE)
 
 
+def poisoned_workspace(B, Hq, D, num_splits):
+    """A decode workspace whose partials are NaN (they never need clearing); counters zero."""
+    workspace = attention_decode_workspace(B, Hq, D, num_splits, DEVICE)
+    workspace.partial_out.fill_(float("nan"))
+    workspace.partial_lse.fill_(float("nan"))
+    return workspace
+
+
+def assert_counters_at_rest(workspace):
+    """The last split of each (row, kv head) resets its arrival counter: zero after every call."""
+    assert (workspace.counters == 0).all(), workspace.counters
+
+
 # ---- prefill ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("D,Hq,Hkv", HEADS)
@@ -110,6 +126,24 @@ def test_prefill_rows_of_different_lengths(dtype, D, Hq, Hkv):
     res = attention_prefill(q, k, v, start, i32(lengths), out=out)
     assert res is out
     assert_close(out, ref_prefill(q, k, v, start, i32(lengths)), dtype)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("D,Hq,Hkv", HEADS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prefill_batch_one(dtype, D, Hq, Hkv, masked):
+    """Batch 1: a fresh prompt one past a key block; or (masked) rows= and valid= with a chunk
+    that starts three keys before a block boundary and ends past it."""
+    _seed("prefill-b1", dtype, D, Hq, Hkv, masked)
+    start, T = (PREFILL_BN - 3, 5) if masked else (0, PREFILL_BN + 1)
+    t_max = start + T + 4
+    q = randn(1, T, Hq, D, dtype=dtype)
+    k, v = make_cache(1, Hkv, t_max, D, dtype, [start + T])
+    valid = make_valid(t_max, [(start, start + T)], k, v) if masked else None
+    out = poisoned(q.shape, dtype)
+    attention_prefill(q, k, v, i32([start]), i32([T]), rows=i32([0]) if masked else None,
+                      valid=valid, out=out)
+    assert_close(out, ref_prefill(q, k, v, i32([start]), i32([T]), valid), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -185,6 +219,66 @@ def test_decode_large_scores(dtype):
     assert_close(out, ref_decode(q, k, v, i32(ctx)), dtype)
 
 
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("ctx", [1, 3 * DECODE_BN + 1])
+@pytest.mark.parametrize("D,Hq,Hkv", HEADS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_batch_one(dtype, D, Hq, Hkv, ctx, masked):
+    """Batch 1 over 4 KV splits: context 1 (three empty splits) or one past three key blocks
+    (every split has keys, the last just one); masked: rows= and valid= as well."""
+    _seed("decode-b1", dtype, D, Hq, Hkv, ctx, masked)
+    t_max = 4 * DECODE_BN
+    q = randn(1, Hq, D, dtype=dtype)
+    k, v = make_cache(1, Hkv, t_max, D, dtype, [ctx])
+    valid = make_valid(t_max, [(ctx - 1, ctx)], k, v) if masked else None
+    workspace = poisoned_workspace(1, Hq, D, 4)
+    out = poisoned(q.shape, dtype)
+    attention_decode(q, k, v, i32([ctx]), rows=i32([0]) if masked else None, valid=valid,
+                     out=out, workspace=workspace)
+    assert_counters_at_rest(workspace)
+    assert_close(out, ref_decode(q, k, v, i32([ctx]), valid), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_workspace_reused(dtype):
+    """One workspace (partials NaN at first) through consecutive calls with different rows,
+    contexts, masks and caches, as in the layers and steps of a decode: each call is right and
+    leaves every counter at zero."""
+    _seed("decode-reuse", dtype)
+    D, Hq, Hkv, B, t_max = 64, 6, 2, 3, 3 * DECODE_BN
+    workspace = poisoned_workspace(B, Hq, D, 3)
+    calls = [([t_max, 1, DECODE_BN + 1], None, False), ([5, 70, 2], [2, 0], True),
+             ([DECODE_BN, 9, t_max], [1], False), ([40, 41, 42], None, True)]
+    for ctx, rows, masked in calls:
+        q = randn(B, Hq, D, dtype=dtype)
+        k, v = make_cache(B, Hkv, t_max, D, dtype, ctx)
+        valid = make_valid(t_max, [(n - 1, n) for n in ctx], k, v) if masked else None
+        out = poisoned(q.shape, dtype)
+        attention_decode(q, k, v, i32(ctx), rows=None if rows is None else i32(rows),
+                         valid=valid, out=out, workspace=workspace)
+        assert_counters_at_rest(workspace)
+        rows = list(range(B)) if rows is None else rows
+        assert_close(out[rows], ref_decode(q, k, v, i32(ctx), valid)[rows], dtype)
+
+
+def test_decode_independent_of_num_splits():
+    """Batch 1 and a mixed batch: every split count gives the reference result, and the results
+    agree with each other to fp32 rounding."""
+    _seed("decode-splits")
+    D, Hq, Hkv, t_max = 64, 6, 2, 4 * DECODE_BN
+    for ctx in ([3 * DECODE_BN + 1], [t_max, 1, 2 * DECODE_BN + 5]):
+        q = randn(len(ctx), Hq, D)
+        k, v = make_cache(len(ctx), Hkv, t_max, D, torch.float32, ctx)
+        ref = ref_decode(q, k, v, i32(ctx))
+        first = None
+        for num_splits in (1, 2, 7, 16):
+            out = attention_decode(q, k, v, i32(ctx), out=poisoned(q.shape, torch.float32),
+                                   num_splits=num_splits)
+            assert_close(out, ref, torch.float32)
+            first = out if first is None else first
+            torch.testing.assert_close(out, first, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_decode_active_rows_with_workspace(dtype):
     """Only the listed rows are written; a NaN-filled workspace needs no clearing; the split
@@ -194,14 +288,13 @@ def test_decode_active_rows_with_workspace(dtype):
     ctx = [9, 70, 1, 33, 50]
     q = randn(B, Hq, D, dtype=dtype)
     k, v = make_cache(B, Hkv, t_max, D, dtype, ctx)
-    workspace = attention_decode_workspace(B, Hq, D, 3, DEVICE)
-    for w in workspace:
-        w.fill_(float("nan"))
+    workspace = poisoned_workspace(B, Hq, D, 3)
     rows, untouched = [4, 1, 2], [0, 3]
     out = poisoned(q.shape, dtype)
     out[untouched] = SENTINEL
     attention_decode(q, k, v, i32(ctx), rows=i32(rows), out=out, workspace=workspace)
     assert (out[untouched] == SENTINEL).all()
+    assert_counters_at_rest(workspace)
     assert_close(out[rows], ref_decode(q, k, v, i32(ctx))[rows], dtype)
 
 
@@ -238,6 +331,49 @@ def test_fp32_tunes_only_the_first_config():
     for configs in (_PREFILL_CONFIGS, _DECODE_CONFIGS):
         assert _prune_fp32(configs, {"q_ptr": randn(1)}) == configs[:1]
         assert _prune_fp32(configs, {"q_ptr": randn(1, dtype=torch.float16)}) == configs
+
+
+def test_every_autotune_config():
+    """Each config the GPU autotuner may pick, run alone under the interpreter, fp32, at a tiny
+    shape where keys span two blocks of the smallest tile (and two decode splits)."""
+    _seed("configs")
+    D, Hq, Hkv, t_max = 16, 4, 2, 140
+    start, lengths = [0, 130], [9, 7]
+    q = randn(2, max(lengths), Hq, D)
+    k, v = make_cache(2, Hkv, t_max, D, torch.float32, [s + n for s, n in zip(start, lengths)])
+    ref = ref_prefill(q, k, v, i32(start), i32(lengths))
+    for config in _prefill_kernel.all_configs:
+        with only_config(_prefill_kernel, config):
+            out = attention_prefill(q, k, v, i32(start), i32(lengths),
+                                    out=poisoned(q.shape, torch.float32))
+        assert_close(out, ref, torch.float32)
+    ctx = [1, 130]
+    ref = ref_decode(q[:, 0], k, v, i32(ctx))
+    workspace = poisoned_workspace(2, Hq, D, 2)
+    for config in _decode_kernel.all_configs:
+        with only_config(_decode_kernel, config):
+            out = attention_decode(q[:, 0], k, v, i32(ctx), workspace=workspace,
+                                   out=poisoned(ref.shape, torch.float32))
+        assert_counters_at_rest(workspace)
+        assert_close(out, ref, torch.float32)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_one_launch_each(num_splits):
+    """attention_decode (split-KV and merge together) and attention_prefill are one kernel launch
+    each, and nothing else, when the caller gives the buffers."""
+    d = _decode_args(rows=i32([1, 0]), valid=torch.ones(2, 8, dtype=torch.bool, device=DEVICE))
+    workspace = attention_decode_workspace(2, 4, 16, num_splits, DEVICE)
+    out = torch.empty_like(d["q"])
+    with count_launches() as launches:
+        attention_decode(**d, out=out, workspace=workspace)
+    assert dict(launches) == {"_decode_kernel": 1}
+    assert_counters_at_rest(workspace)
+    p = _prefill_args()
+    out = torch.empty_like(p["q"])
+    with count_launches() as launches:
+        attention_prefill(**p, out=out)
+    assert dict(launches) == {"_prefill_kernel": 1}
 
 
 def test_decode_matches_last_prefill_query():
@@ -323,14 +459,13 @@ def test_decode_valid_mask_fully_masked_splits(dtype):
     # split 1 only the own entry, split 2 no keys; row 2: splits 0 and 1 wholly excluded.
     valid = make_valid(t_max, [(n - 1, n) for n in ctx], k, v, p=0.0,
                        keep=[(0, slice(DECODE_BN + 5, DECODE_BN + 9))])
-    workspace = attention_decode_workspace(B, Hq, D, 3, DEVICE)
-    for w in workspace:
-        w.fill_(float("nan"))
+    workspace = poisoned_workspace(B, Hq, D, 3)
     rows = [0, 2]
     out = poisoned(q.shape, dtype)
     attention_decode(q, k, v, i32(ctx), rows=i32(rows), valid=valid, out=out,
                      workspace=workspace)
     assert out[1].isnan().all()  # row 1 untouched
+    assert_counters_at_rest(workspace)
     assert_close(out[rows], ref_decode(q, k, v, i32(ctx), valid)[rows], dtype)
     # row 2 has only its own entry: the output is exactly its value vector
     torch.testing.assert_close(out[2].float(), v[2, :, ctx[2] - 1].float().repeat_interleave(
@@ -405,7 +540,11 @@ def test_prefill_bad_input(over, match):
     (dict(num_splits=MAX_SPLITS + 1), "num_splits"),
     (dict(workspace=attention_decode_workspace(2, 4, 16, 2, DEVICE), num_splits=3), "workspace"),
     (dict(workspace=attention_decode_workspace(2, 4, 32, 2, DEVICE)), "partial_out"),
-    (dict(workspace=attention_decode_workspace(2, 4, 16, 2, DEVICE)[1]), "workspace must be"),
+    (dict(workspace=attention_decode_workspace(2, 4, 16, 2, DEVICE)[:2]), "workspace must be"),
+    (dict(workspace=attention_decode_workspace(2, 4, 16, 2, DEVICE)._replace(
+        counters=torch.zeros(2, 4, dtype=torch.int64, device=DEVICE))), "counters"),
+    (dict(workspace=attention_decode_workspace(2, 4, 16, 2, DEVICE)._replace(
+        counters=torch.zeros(2, 2, dtype=torch.int32, device=DEVICE))), "counters"),
     (dict(valid=torch.ones(2, 8, dtype=torch.float32, device=DEVICE)), "valid must have dtype"),
     (dict(valid=torch.ones(3, 8, dtype=torch.bool, device=DEVICE)), "valid must have shape"),
     (dict(valid=torch.ones(2, 8, dtype=torch.bool, device="meta")), "valid must be on"),
@@ -419,27 +558,33 @@ def test_decode_bad_input(over, match):
 def test_opcheck(with_rows):
     rows = i32([1]) if with_rows else None
     valid = torch.ones(2, 8, dtype=torch.bool, device=DEVICE) if with_rows else None
+    tests = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
     p = _prefill_args()
     torch.library.opcheck(torch.ops.d3kernels.attention_prefill.default,
-                          (*p.values(), rows, valid, torch.zeros_like(p["q"])),
-                          test_utils=("test_schema", "test_faketensor"))
+                          (*p.values(), rows, valid, torch.zeros_like(p["q"])), test_utils=tests)
     d = _decode_args()
-    po, plse = attention_decode_workspace(2, 4, 16, 2, DEVICE)
+    workspace = attention_decode_workspace(2, 4, 16, 2, DEVICE)
     torch.library.opcheck(torch.ops.d3kernels.attention_decode.default,
-                          (*d.values(), rows, valid, torch.zeros_like(d["q"]), po, plse),
-                          test_utils=("test_schema", "test_faketensor"))
+                          (*d.values(), rows, valid, torch.zeros_like(d["q"]), *workspace),
+                          test_utils=tests)
+    assert_counters_at_rest(workspace)
 
 
 def test_torch_compile_fullgraph():
-    """The wrappers trace into one graph (the custom ops are opaque nodes, no graph breaks)."""
+    """The wrappers trace into one graph (the custom ops are opaque nodes, no graph breaks),
+    with and without a caller's workspace."""
     p, d = _prefill_args(), _decode_args()
+    workspace = attention_decode_workspace(2, 4, 16, 3, DEVICE)
 
-    def step(p, d):
-        return attention_prefill(**p), attention_decode(**d, num_splits=2)
+    def step(p, d, workspace):
+        return (attention_prefill(**p), attention_decode(**d, num_splits=2),
+                attention_decode(**d, workspace=workspace))
 
-    pre, dec = torch.compile(step, fullgraph=True, backend="aot_eager")(p, d)
+    pre, dec, dec_ws = torch.compile(step, fullgraph=True, backend="aot_eager")(p, d, workspace)
+    assert_counters_at_rest(workspace)
     torch.testing.assert_close(pre, attention_prefill(**p))
     torch.testing.assert_close(dec, attention_decode(**d, num_splits=2))
+    torch.testing.assert_close(dec_ws, attention_decode(**d, num_splits=3))
 
 
 # ---- GPU only: bf16, Llama shapes, CUDA graphs --------------------------------------------------
@@ -471,8 +616,9 @@ def test_gpu_decode_cuda_graph():
     k, v = make_cache(B, Hkv, t_max, D, dtype, [t_max] * B)
     ctx = i32([5, 100, 1024, 600])
     out = torch.empty_like(q)
-    workspace = attention_decode_workspace(B, Hq, D, attention_decode_splits(B, Hkv, t_max,
-                                                                            DEVICE), DEVICE)
+    num_splits = attention_decode_splits(B, Hkv, t_max, DEVICE)
+    assert num_splits > 1  # the in-kernel merge is captured too
+    workspace = attention_decode_workspace(B, Hq, D, num_splits, DEVICE)
     attention_decode(q, k, v, ctx, out=out, workspace=workspace)  # compile + autotune first
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
@@ -482,4 +628,31 @@ def test_gpu_decode_cuda_graph():
         ctx.copy_(i32(lens))
         graph.replay()
         torch.cuda.synchronize()
+        assert_counters_at_rest(workspace)
         assert_close(out, ref_decode(q, k, v, ctx), dtype)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_merge_sees_every_split(dtype):
+    """Batch 1, Llama-3-8B heads, the default (many) splits: calls back to back with the partials
+    re-poisoned with NaN before each, so a merge that read a partial before its split's store was
+    visible would give NaN or a different value. The merge order is fixed: every call must give
+    the same bits."""
+    _seed("gpu-merge", dtype)
+    D, Hq, Hkv, t_max = 128, 32, 8, 4096
+    q = randn(1, Hq, D, dtype=dtype)
+    k, v = make_cache(1, Hkv, t_max, D, dtype, [t_max])
+    ctx = i32([t_max - 5])
+    num_splits = attention_decode_splits(1, Hkv, t_max, DEVICE)
+    assert num_splits >= 8
+    workspace = attention_decode_workspace(1, Hq, D, num_splits, DEVICE)
+    first = attention_decode(q, k, v, ctx, workspace=workspace)
+    assert_close(first, ref_decode(q, k, v, ctx), dtype)
+    out = torch.empty_like(q)
+    for _ in range(50):
+        workspace.partial_out.fill_(float("nan"))
+        workspace.partial_lse.fill_(float("nan"))
+        attention_decode(q, k, v, ctx, out=out, workspace=workspace)
+        assert torch.equal(out, first)
+    assert_counters_at_rest(workspace)

@@ -6,15 +6,18 @@ compiles, Triton autotunes), then one CUDA-event-timed call to size a round at `
 running the op ``calls`` times and synchronizing once, so launch and sync overheads are spread
 over the round. The median round over ``calls`` is the time per call. ``measure`` records the
 rounds through pytest-benchmark's ``benchmark.pedantic`` (the table's times are per round) and
-fills ``benchmark.extra_info`` with the per-call figures and ``kernel_launches``, the GPU kernels
-one call launches, counted by ``count_launches`` (the one place launches are counted).
-perf/ops/summary.py makes one table of the JSON, with each shape's speedups.
+fills ``benchmark.extra_info`` with the per-call figures and ``kernel_launches``, the launches of
+one call as ``d3kernels.ops._launches.count_launches`` counts them (Triton kernels and aten ops;
+the launch-budget tests count the same way). perf/ops/summary.py makes one table of the JSON,
+with each shape's speedups.
 """
 from __future__ import annotations
 
 from typing import Callable, Optional
 
 import torch
+
+from d3kernels.ops._launches import count_launches
 
 ROUNDS, WARMUP_ROUNDS = 20, 3
 ROUND_SECONDS, MAX_CALLS = 2e-3, 200
@@ -42,21 +45,6 @@ def _prepare(fn: Callable[[], object]) -> tuple[Callable[[], None], int, float]:
     return run, calls, one_ms / 1e3
 
 
-def count_launches(fn: Callable[[], object]) -> int:
-    """GPU kernels one call of fn launches: torch.profiler's CUDA kernel events, whoever launched
-    them (Triton, cuBLAS, inductor); memory copies and sets are not kernels. Call fn once before,
-    so compilation and autotuning launch nothing here."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return sum(e.device_type == DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset"))
-               for e in prof.events())
-
-
 def record_rates(benchmark, per_call: float, *, nbytes: Optional[int] = None,
                  flops: Optional[int] = None, copy_gbps: Optional[float] = None) -> None:
     """extra_info: ``us`` per call; with nbytes, ``GBps`` and (with copy_gbps) ``bw_fraction`` of
@@ -75,18 +63,20 @@ def record_rates(benchmark, per_call: float, *, nbytes: Optional[int] = None,
 def measure(benchmark, fn: Callable[[], object], *, nbytes: Optional[int] = None,
             flops: Optional[int] = None, copy_gbps: Optional[float] = None) -> float:
     """Time fn through ``benchmark.pedantic``, record ``calls``, ``kernel_launches`` and
-    ``record_rates`` in extra_info, return the median seconds per call. Under
-    --benchmark-disable (a warm-up pass: no stats, launches not counted) the one timed sizing
-    call stands in."""
+    ``record_rates`` in extra_info, return the median seconds per call. Launches are not counted
+    for ``extra_info["impl"] == "compile"``: the counter sees Triton's JITFunction launches and
+    eager aten ops, not the kernels of a torch.compile'd graph. Under --benchmark-disable (a
+    warm-up pass: no stats, no count) the one timed sizing call stands in."""
     run, calls, one_call = _prepare(fn)
     benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS)
     if benchmark.stats is None:
         return one_call
     per_call = benchmark.stats.stats.median / calls
     benchmark.extra_info["calls"] = calls
-    try:
-        benchmark.extra_info["kernel_launches"] = count_launches(fn)
-    except RuntimeError as exc:  # a profiler that fails must not cost the timing
-        benchmark.extra_info["kernel_launches_error"] = repr(exc)
+    if benchmark.extra_info.get("impl") != "compile":
+        with count_launches() as launches:
+            fn()
+        torch.cuda.synchronize()
+        benchmark.extra_info["kernel_launches"] = sum(launches.values())
     record_rates(benchmark, per_call, nbytes=nbytes, flops=flops, copy_gbps=copy_gbps)
     return per_call

@@ -26,10 +26,11 @@ from perf.ops.timing import OURS, measure  # noqa: E402
 
 CFG = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32,
                   num_heads=32, num_kv_heads=32, head_dim=128)
-# A 512-slot cache: the cost does not depend on its length, and 2 GiB of it leaves room for the
-# GPU check's parallel warm-up pass (several of these fixtures at once).
+# A 512-slot cache: the cost does not depend on its length.
 DTYPE, EPS, BATCH, T_MAX = torch.bfloat16, 1e-5, 8, 512
 FIRST, LAST = 8, 24  # the skipped run [8, 24)
+# One xdist worker for the module in the GPU check's parallel warm-up: one copy of the fixtures.
+pytestmark = pytest.mark.xdist_group("kv_backfill")
 
 
 @pytest.fixture(scope="module")

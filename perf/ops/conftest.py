@@ -15,6 +15,8 @@ torch._dynamo.config.cache_size_limit = 64
 def pytest_configure(config):
     config.addinivalue_line("markers", "extra: shapes beyond the GPU check's Llama-2-7B decode "
                             "set (Llama-3-8B, prefill)")
+    # pytest-xdist's own marker (--dist loadgroup), declared for runs without the plugin
+    config.addinivalue_line("markers", "xdist_group(name): run the group on one xdist worker")
 
 
 @pytest.fixture(scope="session")

@@ -14,8 +14,10 @@ import triton
 import triton.language as tl
 
 from d3kernels.ops._checks import FLOAT_DTYPES, check_launchable, check_tensor
-from d3kernels.ops._tuning import HALF_HEAD_CONFIGS, autotune, m_bucket, prune_half_head
+from d3kernels.ops._tuning import (HALF_HEAD_CONFIGS, autotune, dot_precision, m_bucket,
+                                   prune_half_head)
 from d3kernels.ops.qkv_rope import rope_rotate_half
+from d3kernels.ops.rms_norm import check_eps, load_rows, rms_rstd
 
 # As in qkv_rope, a program owns BLOCK_HALF matching columns of both halves of one K or V head,
 # so RoPE happens in its epilogue. Few tokens (one step's backfill) is the common case: only
@@ -32,7 +34,7 @@ def _kv_backfill_kernel(
     M_BUCKET,  # read only by the autotuner's key
     stride_x, stride_nl, stride_wl, stride_wn, stride_cos, stride_sin,
     stride_cl, stride_cb, stride_ch, stride_ct,
-    NUM_KV: tl.constexpr,
+    NUM_KV: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     m_tiles = tl.cdiv(M, BLOCK_M)
@@ -48,13 +50,7 @@ def _kv_backfill_kernel(
     col_mask = cols < HALF
 
     x_row = x_ptr + m.to(tl.int64) * stride_x
-    sumsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        xk = tl.load(x_row[:, None] + k[None, :], mask=m_mask[:, None] & (k < H)[None, :],
-                     other=0.0).to(tl.float32)
-        sumsq += tl.sum(xk * xk, axis=1)
-    rstd = tl.rsqrt(sumsq / H + eps)
+    rstd = rms_rstd(x_row, m_mask, H, eps, BLOCK_M, BLOCK_K)
 
     nw_row = nw_ptr + layer * stride_nl
     w_lo = w_ptr + layer * stride_wl + (Q_SIZE + head * 2 * HALF + cols).to(tl.int64) * stride_wn
@@ -64,14 +60,13 @@ def _kv_backfill_kernel(
     for k0 in range(0, H, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_mask = k < H
-        xk = tl.load(x_row[:, None] + k[None, :], mask=m_mask[:, None] & k_mask[None, :],
-                     other=0.0).to(tl.float32)
-        g = tl.load(nw_row + k, mask=k_mask, other=0.0).to(tl.float32)
         # the normed input in the model's dtype, as the per-layer path feeds its projection
-        h = (xk * rstd[:, None] * g[None, :]).to(x_ptr.dtype.element_ty)
+        h = load_rows(x_row, k, m_mask, k_mask, rstd, nw_row, True)
         w_mask = k_mask[:, None] & col_mask[None, :]
-        acc_lo = tl.dot(h, tl.load(w_lo[None, :] + k[:, None], mask=w_mask, other=0.0), acc_lo)
-        acc_hi = tl.dot(h, tl.load(w_hi[None, :] + k[:, None], mask=w_mask, other=0.0), acc_hi)
+        acc_lo = tl.dot(h, tl.load(w_lo[None, :] + k[:, None], mask=w_mask, other=0.0), acc_lo,
+                        input_precision=DOT_PRECISION)
+        acc_hi = tl.dot(h, tl.load(w_hi[None, :] + k[:, None], mask=w_mask, other=0.0), acc_hi,
+                        input_precision=DOT_PRECISION)
 
     # A position past the cache or the tables is the caller's bug; masking keeps memory safe.
     pos = tl.load(pos_ptr + m, mask=m_mask, other=0)
@@ -108,7 +103,7 @@ def _launch(x, layers, norm_weight, w_qkv, cos, sin, positions, cache_rows, k_ca
         x.stride(0), norm_weight.stride(0), w_qkv.stride(0), w_qkv.stride(1),
         cos.stride(0), sin.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
-        NUM_KV=num_kv,
+        NUM_KV=num_kv, DOT_PRECISION=dot_precision(x.dtype),
     )
 
 
@@ -152,6 +147,7 @@ def kv_backfill(x: torch.Tensor, layers: torch.Tensor, norm_weight: torch.Tensor
         eps: the RMSNorm epsilon.
 
     Two tokens may share a row at different positions; (row, position) pairs should be distinct.
+    fp32 accumulation; fp32 inputs multiply in IEEE fp32 on a GPU too (no tf32).
     """
     check_tensor("x", x, ndim=2, dtype=FLOAT_DTYPES)
     M, H = x.shape
@@ -166,8 +162,7 @@ def kv_backfill(x: torch.Tensor, layers: torch.Tensor, norm_weight: torch.Tensor
                          f"{list(v_cache.stride())}")
     if isinstance(q_size, bool) or not isinstance(q_size, int) or q_size < 0:
         raise ValueError(f"q_size must be an int >= 0, got {q_size!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:
-        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+    check_eps(eps)
     check_tensor("layers", layers, ndim=1, dtype=torch.int32, device=dev)
     if layers.shape[0] > L:
         raise ValueError(f"layers has {layers.shape[0]} entries but the cache has only {L} layers")

@@ -31,7 +31,8 @@ import triton
 import triton.language as tl
 
 from d3kernels.ops._checks import FLOAT_DTYPES, check_launchable, check_rows, check_tensor
-from d3kernels.ops._tuning import autotune
+from d3kernels.ops._tuning import autotune, dot_precision
+from d3kernels.ops.rms_norm import check_eps, load_rows, rms_rstd
 
 BLOCK_V = 128  # vocab columns per tile; fixed so the candidates' layout is known before launch
 MAX_TOP_K = 64
@@ -89,6 +90,7 @@ def _lm_head_tile_kernel(
     M_BUCKET,  # read only by the autotuner's key
     stride_x, stride_w, stride_l, stride_c,
     HAS_ROWS: tl.constexpr, WRITE_LOGITS: tl.constexpr, NOISE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     KP: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Program (vocab tile v, row tile): the KP best keys of each row over the tile at
@@ -101,14 +103,7 @@ def _lm_head_tile_kernel(
     else:
         b = r.to(tl.int64)
     x_row = x_ptr + b * stride_x
-
-    sumsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        xk = tl.load(x_row[:, None] + k[None, :], mask=r_mask[:, None] & (k < H)[None, :],
-                     other=0.0).to(tl.float32)
-        sumsq += tl.sum(xk * xk, axis=1)
-    rstd = tl.rsqrt(sumsq / H + eps)
+    rstd = rms_rstd(x_row, r_mask, H, eps, BLOCK_M, BLOCK_K)
 
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     c_mask = cols < V
@@ -117,13 +112,9 @@ def _lm_head_tile_kernel(
     for k0 in range(0, H, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_mask = k < H
-        xk = tl.load(x_row[:, None] + k[None, :], mask=r_mask[:, None] & k_mask[None, :],
-                     other=0.0).to(tl.float32)
-        g = tl.load(nw_ptr + k, mask=k_mask, other=0.0).to(tl.float32)
-        # the normed input in the model's dtype, as torch's rms_norm then linear
-        h = (xk * rstd[:, None] * g[None, :]).to(x_ptr.dtype.element_ty)
+        h = load_rows(x_row, k, r_mask, k_mask, rstd, nw_ptr, True)
         wk = tl.load(w_tile + k[:, None], mask=k_mask[:, None] & c_mask[None, :], other=0.0)
-        acc = tl.dot(h, wk, acc)
+        acc = tl.dot(h, wk, acc, input_precision=DOT_PRECISION)
     if WRITE_LOGITS:
         tl.store(logits_ptr + b[:, None] * stride_l + cols[None, :], acc,
                  mask=r_mask[:, None] & c_mask[None, :])
@@ -201,7 +192,8 @@ def _launch(x, norm_weight, weight, eps, temperature, top_k, seed, offset, rows,
         x.stride(0), weight.stride(0), 0 if logits_out is None else logits_out.stride(0),
         cand.stride(0),
         HAS_ROWS=rows is not None, WRITE_LOGITS=logits_out is not None,
-        NOISE=sample and not top_k, KP=kp, BLOCK_V=BLOCK_V,
+        NOISE=sample and not top_k, DOT_PRECISION=dot_precision(x.dtype), KP=kp,
+        BLOCK_V=BLOCK_V,
     )
     n_cand = cand.shape[1]
     while n_cand > _CHUNK:
@@ -275,7 +267,8 @@ def lm_head(x: torch.Tensor, norm_weight: torch.Tensor, weight: torch.Tensor, ep
 
     Returns:
         int64 [M] token ids (``tokens_out`` when given; unprocessed rows of a fresh buffer hold
-        uninitialized values). fp32 logits; no [M, V] tensor exists unless ``logits_out`` asks.
+        uninitialized values). fp32 logits (fp32 inputs multiply in IEEE fp32 on a GPU too, no
+        tf32); no [M, V] tensor exists unless ``logits_out`` asks.
     """
     check_tensor("x", x, ndim=2, dtype=FLOAT_DTYPES)
     M, H = x.shape
@@ -286,8 +279,7 @@ def lm_head(x: torch.Tensor, norm_weight: torch.Tensor, weight: torch.Tensor, ep
     V = weight.shape[0]
     if V == 0:
         raise ValueError("weight must have at least one vocab row")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:
-        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+    check_eps(eps)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
             or not temperature >= 0:
         raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")

@@ -1,7 +1,8 @@
 """QKV projection with rotate-half RoPE in the epilogue and K/V written straight into the cache.
 
-One launch computes ``x @ w_qkv.T`` for every token of the active rows, rotates Q and K, returns Q
-and stores K and V at each token's cache position. The rotation pairs column i of a head with
+One launch computes ``x @ w_qkv.T`` for every token of the active rows (optionally RMS-normalizing
+x on load, so the layer's input norm needs no launch of its own), rotates Q and K, returns Q and
+stores K and V at each token's cache position. The rotation pairs column i of a head with
 column i + D/2, so a program owns matching column blocks of both halves of one head (two
 accumulators) and can rotate them without seeing any other program's output.
 """
@@ -14,7 +15,9 @@ import triton
 import triton.language as tl
 
 from d3kernels.ops._checks import FLOAT_DTYPES, check_launchable, check_rows, check_tensor
-from d3kernels.ops._tuning import HALF_HEAD_CONFIGS, autotune, m_bucket, prune_half_head
+from d3kernels.ops._tuning import (HALF_HEAD_CONFIGS, autotune, dot_precision, m_bucket,
+                                   prune_half_head)
+from d3kernels.ops.rms_norm import check_norm, load_rows, rms_rstd
 
 # BLOCK_HALF columns of each half of a head per program: all the shared configs, decode
 # (BLOCK_M 16, 32) and prefill (64, 128) tiles; the first one is also the interpreter's.
@@ -36,17 +39,18 @@ def rope_rotate_half(acc_lo, acc_hi, cos_ptr, sin_ptr, pos, cols, stride_cos, st
     return acc_lo * cos_lo - acc_hi * sin_lo, acc_hi * cos_hi + acc_lo * sin_hi
 
 
-@autotune(_CONFIGS, key=["M_BUCKET", "H", "HALF"],
+@autotune(_CONFIGS, key=["M_BUCKET", "H", "HALF", "HAS_NORM"],
           prune_configs_by={"early_config_prune": prune_half_head})
 @triton.jit
 def _qkv_rope_kernel(
-    x_ptr, w_ptr, cos_ptr, sin_ptr, start_ptr, rows_ptr, q_ptr, k_ptr, v_ptr,
-    M, T, H, HALF, POS_LIMIT,
+    x_ptr, nw_ptr, w_ptr, cos_ptr, sin_ptr, start_ptr, rows_ptr, q_ptr, k_ptr, v_ptr,
+    M, T, H, HALF, POS_LIMIT, eps,
     M_BUCKET,  # read only by the autotuner's key
     stride_xb, stride_xt, stride_wn, stride_cos, stride_sin,
     stride_qb, stride_qt, stride_qh,
     stride_cb, stride_ch, stride_ct,
     NUM_HEADS: tl.constexpr, NUM_KV: tl.constexpr, HAS_ROWS: tl.constexpr,
+    HAS_NORM: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -72,15 +76,20 @@ def _qkv_rope_kernel(
     w_lo = w_ptr + (head * 2 * HALF + cols).to(tl.int64) * stride_wn
     w_hi = w_lo + HALF * stride_wn
     x_row = x_ptr + b * stride_xb + t * stride_xt
+    rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)  # read only with a norm
+    if HAS_NORM:
+        rstd = rms_rstd(x_row, m_mask, H, eps, BLOCK_M, BLOCK_K)
     acc_lo = tl.zeros((BLOCK_M, BLOCK_HALF), dtype=tl.float32)
     acc_hi = tl.zeros((BLOCK_M, BLOCK_HALF), dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_mask = k < H
-        xk = tl.load(x_row[:, None] + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        xk = load_rows(x_row, k, m_mask, k_mask, rstd, nw_ptr, HAS_NORM)
         w_mask = k_mask[:, None] & col_mask[None, :]
-        acc_lo = tl.dot(xk, tl.load(w_lo[None, :] + k[:, None], mask=w_mask, other=0.0), acc_lo)
-        acc_hi = tl.dot(xk, tl.load(w_hi[None, :] + k[:, None], mask=w_mask, other=0.0), acc_hi)
+        acc_lo = tl.dot(xk, tl.load(w_lo[None, :] + k[:, None], mask=w_mask, other=0.0), acc_lo,
+                        input_precision=DOT_PRECISION)
+        acc_hi = tl.dot(xk, tl.load(w_hi[None, :] + k[:, None], mask=w_mask, other=0.0), acc_hi,
+                        input_precision=DOT_PRECISION)
 
     # RoPE on Q and K heads; V heads pass through.
     # A position past the cache or the tables is the caller's bug; masking keeps memory safe.
@@ -105,7 +114,8 @@ def _qkv_rope_kernel(
     tl.store(dst + HALF, out_hi.to(dst.dtype.element_ty), mask=tile_mask)
 
 
-def _launch(x, w_qkv, cos, sin, start, k_cache, v_cache, q_out, rows, num_heads, num_kv_heads):
+def _launch(x, w_qkv, cos, sin, start, k_cache, v_cache, q_out, rows, num_heads, num_kv_heads,
+            norm_weight, eps):
     B, T, H = x.shape
     R = B if rows is None else rows.shape[0]
     M = R * T
@@ -116,12 +126,14 @@ def _launch(x, w_qkv, cos, sin, start, k_cache, v_cache, q_out, rows, num_heads,
                          (num_heads + 2 * num_kv_heads)
                          * triton.cdiv(head_dim // 2, meta["BLOCK_HALF"]))
     _qkv_rope_kernel[grid](
-        x, w_qkv, cos, sin, start, start if rows is None else rows, q_out, k_cache, v_cache,
-        M, T, H, head_dim // 2, min(k_cache.shape[2], cos.shape[0]), m_bucket(M, cap=256),
+        x, norm_weight, w_qkv, cos, sin, start, start if rows is None else rows, q_out, k_cache,
+        v_cache,
+        M, T, H, head_dim // 2, min(k_cache.shape[2], cos.shape[0]), eps, m_bucket(M, cap=256),
         x.stride(0), x.stride(1), w_qkv.stride(0), cos.stride(0), sin.stride(0),
         q_out.stride(0), q_out.stride(1), q_out.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         NUM_HEADS=num_heads, NUM_KV=num_kv_heads, HAS_ROWS=rows is not None,
+        HAS_NORM=norm_weight is not None, DOT_PRECISION=dot_precision(x.dtype),
     )
 
 
@@ -129,23 +141,27 @@ def _launch(x, w_qkv, cos, sin, start, k_cache, v_cache, q_out, rows, num_heads,
 def _qkv_rope_op(x: torch.Tensor, w_qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  start: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  q_out: torch.Tensor, rows: Optional[torch.Tensor], num_heads: int,
-                 num_kv_heads: int) -> None:
-    _launch(x, w_qkv, cos, sin, start, k_cache, v_cache, q_out, rows, num_heads, num_kv_heads)
+                 num_kv_heads: int, norm_weight: Optional[torch.Tensor], eps: float) -> None:
+    _launch(x, w_qkv, cos, sin, start, k_cache, v_cache, q_out, rows, num_heads, num_kv_heads,
+            norm_weight, eps)
 
 
 @_qkv_rope_op.register_fake
-def _(x, w_qkv, cos, sin, start, k_cache, v_cache, q_out, rows, num_heads, num_kv_heads):
+def _(x, w_qkv, cos, sin, start, k_cache, v_cache, q_out, rows, num_heads, num_kv_heads,
+      norm_weight, eps):
     return None
 
 
 def qkv_rope(x: torch.Tensor, w_qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
              start: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
              num_heads: int, num_kv_heads: int, rows: torch.Tensor | None = None,
-             q_out: torch.Tensor | None = None) -> torch.Tensor:
-    """Q/K/V projection + rotate-half RoPE + KV-cache write, one launch.
+             q_out: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
+             eps: float = 1e-5) -> torch.Tensor:
+    """[RMSNorm +] Q/K/V projection + rotate-half RoPE + KV-cache write, one launch.
 
     Args:
-        x: [B, T, H] fp32/fp16/bf16, the attention input (already RMS-normed).
+        x: [B, T, H] fp32/fp16/bf16, the attention input: already RMS-normed, or the residual
+            stream when ``norm_weight`` is given.
         w_qkv: [Q + 2K, H], x's dtype: Q = num_heads*D query rows, then K = num_kv_heads*D key
             rows, then K value rows (the engine's ``w_qkv[j]``).
         cos, sin: [T_max', D] float RoPE tables (``d3kernels.model.rope_tables``; llama3 scaling
@@ -159,10 +175,15 @@ def qkv_rope(x: torch.Tensor, w_qkv: torch.Tensor, cos: torch.Tensor, sin: torch
         rows: None (all rows) or int32 [R] of distinct batch rows to process; other rows of the
             cache and of ``q_out`` are left as they were.
         q_out: optional [B, T, num_heads, D] buffer (x's dtype) for Q; allocated when None.
+        norm_weight: None, or [H] in x's dtype, the layer's input-norm weight: each token is
+            projected as ``rms_norm(x, norm_weight, eps)`` rounded to x's dtype (what
+            ``rms_norm`` then this op without a norm computes), its rstd computed in-kernel.
+        eps: the RMSNorm epsilon (>= 0), read only with ``norm_weight``.
 
     Returns:
         q [B, T, num_heads, D] with RoPE applied (``q_out`` when given; rows not processed hold
-        whatever was there, uninitialized memory for a fresh buffer). fp32 accumulation.
+        whatever was there, uninitialized memory for a fresh buffer). fp32 accumulation; fp32
+        inputs multiply in IEEE fp32 on a GPU too (no tf32).
     """
     check_tensor("x", x, ndim=3, dtype=FLOAT_DTYPES)
     B, T, H = x.shape
@@ -185,11 +206,12 @@ def qkv_rope(x: torch.Tensor, w_qkv: torch.Tensor, cos: torch.Tensor, sin: torch
     check_tensor("sin", sin, shape=tuple(cos.shape), dtype=FLOAT_DTYPES, device=dev)
     check_tensor("start", start, shape=(B,), dtype=torch.int32, device=dev)
     check_rows(rows, B, dev)
+    check_norm(norm_weight, eps, H, dt, dev)
     if q_out is None:
         q_out = torch.empty((B, T, num_heads, D), dtype=dt, device=dev)
     else:
         check_tensor("q_out", q_out, shape=(B, T, num_heads, D), dtype=dt, device=dev)
     check_launchable(x)
     _qkv_rope_op(x, w_qkv, cos, sin, start, k_cache, v_cache, q_out, rows, num_heads,
-                 num_kv_heads)
+                 num_kv_heads, norm_weight, float(eps))
     return q_out

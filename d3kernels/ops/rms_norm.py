@@ -1,8 +1,15 @@
-"""RMSNorm, optionally fused with the residual add that precedes it in every Llama block.
+"""RMSNorm, optionally fused with the residual add that precedes it in every Llama block, and the
+normalize-on-load prologue that the GEMMs after a norm fold in instead of launching it.
 
 One program per row. A row of up to ``MAX_BLOCK`` elements is held in registers and read once;
 a longer one is walked in ``MAX_BLOCK`` chunks twice (sum of squares, then scale), the second
 pass hitting L2.
+
+The prologue (:func:`rms_rstd`, :func:`load_rows`, used by qkv_rope, swiglu_gate_up, lm_head and
+kv_backfill): each GEMM program first walks its rows once for their rstd (x is a few rows at
+decode, read from L2), then scales every x tile by rstd · weight as it loads it and rounds it to
+x's dtype as this op stores its output, so the GEMM multiplies what rms_norm then the GEMM would
+(up to the order of the sum of squares).
 """
 from __future__ import annotations
 
@@ -17,6 +24,32 @@ from d3kernels.ops._tuning import autotune
 
 # Rows up to this length stay in registers (16 warps: 16 fp32 values per thread per live vector).
 MAX_BLOCK = 8192
+
+
+@triton.jit
+def rms_rstd(x_rows, row_mask, H, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """1 / sqrt(mean(x²) + eps) in fp32 of the BLOCK_M rows starting at pointers ``x_rows`` (rows
+    off ``row_mask`` read as zeros), walking H in BLOCK_K chunks."""
+    sumsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        xk = tl.load(x_rows[:, None] + k[None, :], mask=row_mask[:, None] & (k < H)[None, :],
+                     other=0.0).to(tl.float32)
+        sumsq += tl.sum(xk * xk, axis=1)
+    return tl.rsqrt(sumsq / H + eps)
+
+
+@triton.jit
+def load_rows(x_rows, k, row_mask, k_mask, rstd, nw_ptr, NORM: tl.constexpr):
+    """The [BLOCK_M, BLOCK_K] GEMM operand x[rows, k] in x's dtype (masked entries 0). With NORM,
+    RMS-normed on load: x · rstd · nw[k] in fp32, rounded to x's dtype as rms_norm stores it
+    (``rstd`` from :func:`rms_rstd`; without NORM neither it nor ``nw_ptr`` is read)."""
+    xk = tl.load(x_rows[:, None] + k[None, :], mask=row_mask[:, None] & k_mask[None, :],
+                 other=0.0)
+    if NORM:
+        g = tl.load(nw_ptr + k, mask=k_mask, other=0.0).to(tl.float32)
+        xk = (xk.to(tl.float32) * rstd[:, None] * g[None, :]).to(x_rows.dtype.element_ty)
+    return xk
 
 
 @autotune(
@@ -81,6 +114,20 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, rows_ptr,
             tl.store(out_row + offs, (s * rstd * w).to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def check_eps(eps) -> None:
+    """The RMSNorm epsilon: a number >= 0 (NaN refused)."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+
+
+def check_norm(norm_weight, eps, hidden: int, dtype: torch.dtype, device: torch.device) -> None:
+    """The arguments of a GEMM's fused norm prologue: ``norm_weight`` None or [hidden] of the
+    input's dtype, ``eps`` a number >= 0."""
+    if norm_weight is not None:
+        check_tensor("norm_weight", norm_weight, shape=(hidden,), dtype=dtype, device=device)
+    check_eps(eps)
+
+
 def _launch(x, weight, eps, residual, rows, out, residual_out, max_block: int = MAX_BLOCK) -> None:
     """Launch over the active rows; ``max_block`` below MAX_BLOCK lets tests force chunking."""
     M, H = x.shape
@@ -134,8 +181,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     M, H = x.shape
     dev = x.device
     check_tensor("weight", weight, shape=(H,), dtype=FLOAT_DTYPES, device=dev)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"eps must be a float >= 0, got {eps!r}")
+    check_eps(eps)
     if residual is not None:
         check_tensor("residual", residual, shape=(M, H), dtype=x.dtype, device=dev)
     elif residual_out is not None:

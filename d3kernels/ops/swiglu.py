@@ -1,8 +1,9 @@
 """The SwiGLU MLP as two fused GEMMs: gate/up with a silu·mul epilogue, down with a residual add.
 
 ``swiglu_gate_up``: each program computes the gate tile and the matching up tile of the same
-columns, so the [M, 2I] projection never reaches memory. ``down_residual``: the residual tile is
-read, added to in fp32 and written back in the epilogue.
+columns, so the [M, 2I] projection never reaches memory; given the MLP's norm weight it also
+RMS-normalizes x on load, so the norm needs no launch of its own. ``down_residual``: the
+residual tile is read, added to in fp32 and written back in the epilogue.
 
 Decode (a few rows) is bound by reading the weight: one BLOCK_M tile covers the whole batch, so
 each weight element is read once, and thin N tiles give enough programs to keep every SM
@@ -18,7 +19,8 @@ import triton
 import triton.language as tl
 
 from d3kernels.ops._checks import FLOAT_DTYPES, check_launchable, check_rows, check_tensor
-from d3kernels.ops._tuning import autotune, m_bucket
+from d3kernels.ops._tuning import autotune, dot_precision, m_bucket
+from d3kernels.ops.rms_norm import check_norm, load_rows, rms_rstd
 
 
 def _configs(decode, prefill):
@@ -56,14 +58,15 @@ def _prune_by_rows(configs, named_args, **kwargs):
     return keep or configs
 
 
-@autotune(_GATE_UP_CONFIGS, key=["M_BUCKET", "N", "K"],
+@autotune(_GATE_UP_CONFIGS, key=["M_BUCKET", "N", "K", "HAS_NORM"],
           prune_configs_by={"early_config_prune": _prune_by_rows})
 @triton.jit
-def _gate_up_kernel(x_ptr, w_ptr, out_ptr, rows_ptr, R, N, K, M_BUCKET,
+def _gate_up_kernel(x_ptr, nw_ptr, w_ptr, out_ptr, rows_ptr, R, N, K, M_BUCKET, eps,
                     stride_x, stride_w, stride_out,
-                    HAS_ROWS: tl.constexpr,
+                    HAS_ROWS: tl.constexpr, HAS_NORM: tl.constexpr, DOT_PRECISION: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # out[row, n] = silu(x[row] · w[n]) * (x[row] · w[N + n]) for the R active rows.
+    # out[row, n] = silu(h · w[n]) * (h · w[N + n]) for the R active rows, h = x[row] or its
+    # RMSNorm (HAS_NORM).
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -74,23 +77,25 @@ def _gate_up_kernel(x_ptr, w_ptr, out_ptr, rows_ptr, R, N, K, M_BUCKET,
         row = offs_m.to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    offs_k = tl.arange(0, BLOCK_K)
 
-    x_ptrs = x_ptr + row[:, None] * stride_x + offs_k[None, :]
+    x_rows = x_ptr + row * stride_x
+    rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)  # read only with a norm
+    if HAS_NORM:
+        rstd = rms_rstd(x_rows, m_mask, K, eps, BLOCK_M, BLOCK_K)
     # Weight tiles are read as [BLOCK_K, BLOCK_N] views of the row-major [2N, K] weight.
-    wg_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_w + offs_k[:, None]
-    wu_ptrs = wg_ptrs + N * stride_w
+    wg_cols = w_ptr + offs_n[None, :].to(tl.int64) * stride_w
+    wu_cols = wg_cols + N * stride_w
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_mask = offs_k < K - k * BLOCK_K
-        xt = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        xt = load_rows(x_rows, offs_k, m_mask, k_mask, rstd, nw_ptr, HAS_NORM)
         w_mask = k_mask[:, None] & n_mask[None, :]
-        acc_g = tl.dot(xt, tl.load(wg_ptrs, mask=w_mask, other=0.0), acc_g)
-        acc_u = tl.dot(xt, tl.load(wu_ptrs, mask=w_mask, other=0.0), acc_u)
-        x_ptrs += BLOCK_K
-        wg_ptrs += BLOCK_K
-        wu_ptrs += BLOCK_K
+        acc_g = tl.dot(xt, tl.load(wg_cols + offs_k[:, None], mask=w_mask, other=0.0), acc_g,
+                       input_precision=DOT_PRECISION)
+        acc_u = tl.dot(xt, tl.load(wu_cols + offs_k[:, None], mask=w_mask, other=0.0), acc_u,
+                       input_precision=DOT_PRECISION)
 
     h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
     out_ptrs = out_ptr + row[:, None] * stride_out + offs_n[None, :]
@@ -104,7 +109,7 @@ def _gate_up_kernel(x_ptr, w_ptr, out_ptr, rows_ptr, R, N, K, M_BUCKET,
 @triton.jit
 def _down_residual_kernel(h_ptr, w_ptr, res_ptr, rows_ptr, R, N, K, M_BUCKET,
                           stride_h, stride_w, stride_res,
-                          HAS_ROWS: tl.constexpr,
+                          HAS_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # res[row, n] += h[row] · w[n] for the R active rows.
     pid_m = tl.program_id(0)
@@ -126,7 +131,7 @@ def _down_residual_kernel(h_ptr, w_ptr, res_ptr, rows_ptr, R, N, K, M_BUCKET,
         k_mask = offs_k < K - k * BLOCK_K
         ht = tl.load(h_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         wt = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = tl.dot(ht, wt, acc)
+        acc = tl.dot(ht, wt, acc, input_precision=DOT_PRECISION)
         h_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
 
@@ -148,18 +153,19 @@ def _grid(n_rows: int, n: int):
 
 @torch.library.custom_op("d3kernels::swiglu_gate_up", mutates_args=("out",))
 def _gate_up_op(x: torch.Tensor, w_gate_up: torch.Tensor, rows: Optional[torch.Tensor],
-                out: torch.Tensor) -> None:
+                out: torch.Tensor, norm_weight: Optional[torch.Tensor], eps: float) -> None:
     n_rows = x.shape[0] if rows is None else rows.numel()
     inter, hidden = out.shape[1], x.shape[1]
     if n_rows == 0 or inter == 0:
         return
     _gate_up_kernel[_grid(n_rows, inter)](
-        x, w_gate_up, out, rows, n_rows, inter, hidden, _m_bucket(n_rows),
-        x.stride(0), w_gate_up.stride(0), out.stride(0), HAS_ROWS=rows is not None)
+        x, norm_weight, w_gate_up, out, rows, n_rows, inter, hidden, _m_bucket(n_rows), eps,
+        x.stride(0), w_gate_up.stride(0), out.stride(0), HAS_ROWS=rows is not None,
+        HAS_NORM=norm_weight is not None, DOT_PRECISION=dot_precision(x.dtype))
 
 
 @_gate_up_op.register_fake
-def _(x, w_gate_up, rows, out) -> None:
+def _(x, w_gate_up, rows, out, norm_weight, eps) -> None:
     return None
 
 
@@ -172,7 +178,8 @@ def _down_residual_op(h: torch.Tensor, w_down: torch.Tensor, residual: torch.Ten
         return
     _down_residual_kernel[_grid(n_rows, hidden)](
         h, w_down, residual, rows, n_rows, hidden, inter, _m_bucket(n_rows),
-        h.stride(0), w_down.stride(0), residual.stride(0), HAS_ROWS=rows is not None)
+        h.stride(0), w_down.stride(0), residual.stride(0), HAS_ROWS=rows is not None,
+        DOT_PRECISION=dot_precision(h.dtype))
 
 
 @_down_residual_op.register_fake
@@ -181,15 +188,20 @@ def _(h, w_down, residual, rows) -> None:
 
 
 def swiglu_gate_up(x: torch.Tensor, w_gate_up: torch.Tensor, *, rows: torch.Tensor | None = None,
-                   out: torch.Tensor | None = None) -> torch.Tensor:
-    """``out = silu(x @ gate.T) * (x @ up.T)`` with gate, up = w_gate_up[:I], w_gate_up[I:].
+                   out: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
+                   eps: float = 1e-5) -> torch.Tensor:
+    """``out = silu(h @ gate.T) * (h @ up.T)`` with gate, up = w_gate_up[:I], w_gate_up[I:] and
+    h = x, or ``rms_norm(x, norm_weight, eps)`` when ``norm_weight`` is given.
 
     x: [M, H] fp32/fp16/bf16 (rows may be strided, the last dim must be dense);
     w_gate_up: [2I, H], x's dtype, gate rows first then up rows (the engine's stacking).
     rows: None or int32 [R] of distinct row indices: only those rows of x are read and of out
     written; the other rows of out keep what they held (uninitialized if allocated here).
     out: optional [M, I] buffer of x's dtype (allocation-free, CUDA-graph capturable).
-    Returns out. fp32 accumulation; on a GPU fp32 inputs multiply in tf32.
+    norm_weight: None, or [H] in x's dtype, the MLP's norm weight: h is normed in-kernel (rstd per
+    row in fp32) and rounded to x's dtype, as ``rms_norm`` then this op without a norm computes.
+    eps: the RMSNorm epsilon (>= 0), read only with ``norm_weight``.
+    Returns out. fp32 accumulation; fp32 inputs multiply in IEEE fp32 on a GPU too (no tf32).
     """
     check_tensor("x", x, ndim=2, dtype=FLOAT_DTYPES)
     M, H = x.shape
@@ -201,10 +213,11 @@ def swiglu_gate_up(x: torch.Tensor, w_gate_up: torch.Tensor, *, rows: torch.Tens
     if out is not None:
         check_tensor("out", out, shape=(M, inter), dtype=x.dtype, device=x.device)
     check_rows(rows, M, x.device)
+    check_norm(norm_weight, eps, H, x.dtype, x.device)
     check_launchable(x)
     if out is None:
         out = torch.empty((M, inter), dtype=x.dtype, device=x.device)
-    torch.ops.d3kernels.swiglu_gate_up(x, w_gate_up, rows, out)
+    torch.ops.d3kernels.swiglu_gate_up(x, w_gate_up, rows, out, norm_weight, float(eps))
     return out
 
 
@@ -215,7 +228,7 @@ def down_residual(h: torch.Tensor, w_down: torch.Tensor, residual: torch.Tensor,
     h: [M, I] fp32/fp16/bf16; w_down: [H, I] and residual: [M, H], h's dtype (rows of h and
     residual may be strided, last dims dense). rows: None or int32 [R] of distinct row indices:
     only those rows of h are read and of residual updated; the others are left untouched.
-    Allocates nothing (CUDA-graph capturable). On a GPU fp32 inputs multiply in tf32.
+    Allocates nothing (CUDA-graph capturable). fp32 inputs multiply in IEEE fp32 (no tf32).
     """
     check_tensor("h", h, ndim=2, dtype=FLOAT_DTYPES)
     M, inter = h.shape

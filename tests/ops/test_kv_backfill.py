@@ -6,9 +6,11 @@ import torch.nn.functional as F
 import reference
 from d3kernels.config import LlamaConfig
 from d3kernels.model import rope_tables
-from d3kernels.ops.kv_backfill import kv_backfill
+from d3kernels.ops._tuning import only_config
+from d3kernels.ops.kv_backfill import _kv_backfill_kernel, kv_backfill
 from d3kernels.ops.qkv_rope import qkv_rope
-from tests.ops.conftest import DEVICE, DTYPES, TOL, assert_close, gpu, randn, rel_err
+from tests.ops.conftest import (CUDA, DEVICE, DTYPES, TOL, assert_close, gpu, randn,
+                                rel_err)
 
 EPS = 1e-5
 
@@ -51,17 +53,9 @@ CASES = [  # (H, num_kv, ratio, D, L, B, t_max)
 ]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("layers, M", [
-    ([1, 2, 3], 13),   # a contiguous run
-    ([4, 0, 2], 1),    # scattered, out of order
-    ([4, 0, 2], 13),
-    ([3], 1),          # one layer, one token
-])
-@pytest.mark.parametrize("case", CASES)
-def test_kv_backfill_matches_reference(case, layers, M, dtype):
-    H, num_kv, ratio, D, L, B, t_max = case
-    seed = 100 * CASES.index(case) + 10 * len(layers) + M + DTYPES.index(dtype) + layers[0]
+def _check(seed, H, num_kv, ratio, D, L, B, t_max, layers, M, dtype):
+    """One launch over ``layers`` × M random (row, position) pairs against the reference: the
+    listed slots (NaN before) hold the reference K/V, every other slot keeps its sentinel."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     cfg = _config(H, num_kv * ratio, num_kv, D, L)
@@ -88,6 +82,28 @@ def test_kv_backfill_matches_reference(case, layers, M, dtype):
         assert_close(v_cache[layer, rows_, :, pos_], ref[layer][1], dtype)
     assert torch.equal(k_cache[~written], k_before[~written])
     assert torch.equal(v_cache[~written], v_before[~written])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layers, M", [
+    ([1, 2, 3], 13),   # a contiguous run
+    ([4, 0, 2], 1),    # scattered, out of order
+    ([4, 0, 2], 13),
+    ([3], 1),          # one layer, one token
+])
+@pytest.mark.parametrize("case", CASES)
+def test_kv_backfill_matches_reference(case, layers, M, dtype):
+    seed = 100 * CASES.index(case) + 10 * len(layers) + M + DTYPES.index(dtype) + layers[0]
+    _check(seed, *case, layers, M, dtype)
+
+
+@pytest.mark.parametrize("index", range(len(_kv_backfill_kernel.all_configs)))
+@pytest.mark.skipif(CUDA, reason="an interpreter sweep: on a GPU each config costs a compile")
+def test_kv_backfill_every_config(index):
+    """Each config the GPU autotuner may pick, fp32: head_dim 128 so every BLOCK_HALF fits a
+    half head, H = 136 so every BLOCK_K has a ragged last block."""
+    with only_config(_kv_backfill_kernel, _kv_backfill_kernel.all_configs[index]):
+        _check(900 + index, 136, 1, 2, 128, 3, 2, 8, [2, 0], 3, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -167,7 +183,8 @@ def test_kv_backfill_opcheck():
     args = (kw["x"], kw["layers"], kw["norm_weight"], kw["w_qkv"], kw["cos"], kw["sin"],
             kw["positions"], kw["cache_rows"], kw["k_cache"], kw["v_cache"], kw["q_size"], EPS)
     torch.library.opcheck(torch.ops.d3kernels.kv_backfill.default, args,
-                          test_utils=("test_schema", "test_faketensor"))
+                          test_utils=("test_schema", "test_faketensor",
+                                      "test_aot_dispatch_dynamic"))
 
 
 @gpu

@@ -4,8 +4,9 @@ import torch
 
 import reference
 from d3kernels.ops import lm_head as lm_head_module
-from d3kernels.ops.lm_head import lm_head
-from tests.ops.conftest import DEVICE, DTYPES, assert_close, gpu, poisoned, randn
+from d3kernels.ops._tuning import only_config
+from d3kernels.ops.lm_head import _lm_head_tile_kernel, lm_head
+from tests.ops.conftest import CUDA, DEVICE, DTYPES, assert_close, gpu, poisoned, randn
 
 EPS = 1e-5
 
@@ -62,6 +63,25 @@ def test_lm_head_greedy_and_logits(M, H, V, rows, dtype):
     # without logits_out: the same tokens, fresh buffer
     assert torch.equal(lm_head(x, norm, w, EPS, rows=rows_t)[active.to(DEVICE)],
                        tokens[active.to(DEVICE)])
+
+
+@pytest.mark.parametrize("index", range(len(_lm_head_tile_kernel.all_configs)))
+@pytest.mark.skipif(CUDA, reason="an interpreter sweep: on a GPU each config costs a compile")
+def test_lm_head_every_config(index):
+    """Each config the GPU autotuner may pick: fp32 logits and greedy tokens of two active rows;
+    H = 136 gives every BLOCK_K a ragged last block, V = 200 a ragged second vocab tile."""
+    M, H, V = 3, 136, 200
+    torch.manual_seed(800 + index)
+    x, norm, w = _inputs(M, H, V, torch.float32)
+    rows = torch.tensor([2, 0], dtype=torch.int32, device=DEVICE)
+    logits = poisoned((M, V), torch.float32)
+    with only_config(_lm_head_tile_kernel, _lm_head_tile_kernel.all_configs[index]):
+        tokens = lm_head(x, norm, w, EPS, rows=rows, logits_out=logits)
+    active = rows.long()
+    ref = _ref_logits(x, norm, w)[active.cpu()]
+    assert_close(logits[active], ref, torch.float32)
+    _assert_greedy(tokens[active], logits[active], ref)
+    assert logits[1].isnan().all()
 
 
 def test_lm_head_greedy_ties_pick_the_smallest_index():
@@ -180,7 +200,8 @@ def test_lm_head_opcheck(temperature, top_k, with_logits):
             torch.empty(2, 300, device=DEVICE) if with_logits else None,
             torch.empty(2, dtype=torch.int64, device=DEVICE))
     torch.library.opcheck(torch.ops.d3kernels.lm_head.default, args,
-                          test_utils=("test_schema", "test_faketensor"))
+                          test_utils=("test_schema", "test_faketensor",
+                                      "test_aot_dispatch_dynamic"))
 
 
 @gpu

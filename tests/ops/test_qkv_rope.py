@@ -5,8 +5,11 @@ import torch
 import reference
 from d3kernels.config import LlamaConfig
 from d3kernels.model import rope_tables
-from d3kernels.ops.qkv_rope import qkv_rope
-from tests.ops.conftest import DEVICE, DTYPES, assert_close, gpu, poisoned, randn
+from d3kernels.ops._tuning import only_config
+from d3kernels.ops.qkv_rope import _qkv_rope_kernel, qkv_rope
+from tests.ops.conftest import CUDA, DEVICE, DTYPES, assert_close, gpu, poisoned, randn
+
+EPS = 1e-5
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                   "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
@@ -18,11 +21,15 @@ def _config(H, num_heads, num_kv, D, scaling=None, theta=10000.0):
                        rope_scaling=scaling)
 
 
-def _reference(x, w, start, cfg):
-    """float64 q [B, T, heads, D], k and v [B, T, kv_heads, D], positions [B, T]."""
+def _reference(x, w, start, cfg, norm=None):
+    """float64 q [B, T, heads, D], k and v [B, T, kv_heads, D], positions [B, T]; x is RMS-normed
+    with weight ``norm`` first when given."""
     B, T, _ = x.shape
     D = cfg.head_dim
-    qkv = x.double().cpu() @ w.double().cpu().T
+    h = x.double().cpu()
+    if norm is not None:
+        h = reference.rms_norm(h, norm.double().cpu(), EPS)
+    qkv = h @ w.double().cpu().T
     q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
     pos = start.long().cpu()[:, None] + torch.arange(T)
     inv_freq = reference.rope_inv_freq(D, cfg.rope_theta, cfg.rope_scaling)
@@ -31,14 +38,22 @@ def _reference(x, w, start, cfg):
     return q, k, v.reshape(B, T, cfg.num_kv_heads, D), pos
 
 
-def _run_case(seed, B, T, H, num_kv, ratio, D, dtype, rows, t_max, scaling=None):
+def _norm_weight(H, dtype):
+    """An RMSNorm weight away from 1."""
+    return (torch.rand(H, dtype=torch.float64) + 0.5).to(dtype=dtype, device=DEVICE)
+
+
+def _run_case(seed, B, T, H, num_kv, ratio, D, dtype, rows, t_max, scaling=None, norm=False):
+    """One call against the reference; with ``norm`` x is an un-normed residual (scale 3) and
+    the op normalizes it in its prologue."""
     torch.manual_seed(seed)
     cfg = _config(H, num_kv * ratio, num_kv, D, scaling)
     cos, sin = rope_tables(cfg, t_max, dtype, DEVICE)
-    x = randn(B, T, H, dtype=dtype)
+    x = randn(B, T, H, dtype=dtype, scale=3.0 if norm else 1.0)
     w = randn(cfg.q_size + 2 * cfg.kv_size, H, dtype=dtype, scale=H ** -0.5)
+    norm_weight = _norm_weight(H, dtype) if norm else None
     start = torch.randint(0, t_max - T + 1, (B,), dtype=torch.int32).to(DEVICE)
-    q_ref, k_ref, v_ref, pos = _reference(x, w, start, cfg)
+    q_ref, k_ref, v_ref, pos = _reference(x, w, start, cfg, norm_weight)
     active = list(range(B)) if rows is None else rows
 
     # cache: random sentinels everywhere, NaN where this call must write
@@ -54,7 +69,7 @@ def _run_case(seed, B, T, H, num_kv, ratio, D, dtype, rows, t_max, scaling=None)
 
     rows_t = None if rows is None else torch.tensor(rows, dtype=torch.int32, device=DEVICE)
     q = qkv_rope(x, w, cos, sin, start, k_cache, v_cache, num_heads=cfg.num_heads,
-                 num_kv_heads=num_kv, rows=rows_t, q_out=q_out)
+                 num_kv_heads=num_kv, rows=rows_t, q_out=q_out, norm_weight=norm_weight, eps=EPS)
     assert q is q_out
     idx = torch.tensor(active)
     assert_close(q[idx.to(DEVICE)], q_ref[idx], dtype)
@@ -70,20 +85,35 @@ def _run_case(seed, B, T, H, num_kv, ratio, D, dtype, rows, t_max, scaling=None)
         assert q[torch.tensor(inactive, device=DEVICE)].isnan().all()
 
 
-CASES = [  # (B, T, H, num_kv, ratio, D, rows, t_max)
-    (2, 1, 96, 2, 1, 64, None, 40),          # decode, MHA
-    (3, 17, 200, 1, 8, 128, [2, 0], 48),     # prefill chunk past a 16-token block, GQA 8, subset
-    (4, 17, 96, 2, 3, 128, [1, 3], 40),      # GQA 3, head_dim 128, subset
-    (5, 1, 200, 1, 3, 64, [4, 0, 2], 24),    # decode subset, rows out of order
+CASES = [  # (B, T, H, num_kv, ratio, D, rows, t_max, fused norm)
+    (2, 1, 96, 2, 1, 64, None, 40, False),          # decode, MHA
+    (3, 17, 200, 1, 8, 128, [2, 0], 48, False),     # prefill past a 16-token block, GQA 8, subset
+    (4, 17, 96, 2, 3, 128, [1, 3], 40, False),      # GQA 3, head_dim 128, subset
+    (5, 1, 200, 1, 3, 64, [4, 0, 2], 24, False),    # decode subset, rows out of order
+    (1, 1, 200, 2, 1, 128, None, 24, False),        # batch 1
+    (2, 1, 96, 2, 1, 64, None, 40, True),           # norm prologue: decode, MHA
+    (3, 17, 200, 1, 8, 128, [2, 0], 48, True),      # norm prologue: prefill, GQA 8, subset
+    (5, 1, 200, 1, 3, 64, [4, 0, 2], 24, True),     # norm prologue: GQA 3, rows out of order
+    (1, 1, 96, 1, 3, 128, None, 24, True),          # norm prologue: batch 1, GQA 3
+    (1, 1, 200, 2, 8, 64, [0], 24, True),           # norm prologue: batch 1 through rows, GQA 8
 ]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES)
 def test_qkv_rope_matches_reference(case, dtype):
-    B, T, H, num_kv, ratio, D, rows, t_max = case
+    B, T, H, num_kv, ratio, D, rows, t_max, norm = case
     _run_case(10 * CASES.index(case) + DTYPES.index(dtype), B, T, H, num_kv, ratio, D, dtype,
-              rows, t_max)
+              rows, t_max, norm=norm)
+
+
+@pytest.mark.parametrize("index", range(len(_qkv_rope_kernel.all_configs)))
+@pytest.mark.skipif(CUDA, reason="an interpreter sweep: on a GPU each config costs a compile")
+def test_qkv_rope_every_config(index):
+    """Each config the GPU autotuner may pick, with the norm prologue and active rows: head_dim
+    128 so every BLOCK_HALF fits a half head, H = 136 so every BLOCK_K has a ragged last block."""
+    with only_config(_qkv_rope_kernel, _qkv_rope_kernel.all_configs[index]):
+        _run_case(500 + index, 3, 2, 136, 1, 2, 128, torch.float32, [2, 0], 8, norm=True)
 
 
 def test_qkv_rope_llama3_scaling():
@@ -130,6 +160,9 @@ def _small_inputs(dtype=torch.float32):
     (dict(v_cache=torch.zeros(2, 1, 8, 64)[..., :32]), "v_cache"),  # other strides
     (dict(cos=torch.zeros(8, 16)), "cos"),
     (dict(q_out=torch.zeros(2, 1, 2, 16)), "q_out"),
+    (dict(norm_weight=torch.ones(31)), "norm_weight"),
+    (dict(norm_weight=torch.ones(32, dtype=torch.float16)), "norm_weight"),
+    (dict(norm_weight=torch.ones(32), eps=-1.0), "eps"),
 ])
 def test_qkv_rope_bad_input(change, name):
     kwargs = _small_inputs()
@@ -139,13 +172,16 @@ def test_qkv_rope_bad_input(change, name):
         qkv_rope(**kwargs)
 
 
-def test_qkv_rope_opcheck():
+@pytest.mark.parametrize("norm", [False, True])
+def test_qkv_rope_opcheck(norm):
     kw = _small_inputs()
     q_out = torch.empty(2, 1, 2, 32, device=DEVICE)
     args = (kw["x"], kw["w_qkv"], kw["cos"], kw["sin"], kw["start"], kw["k_cache"],
-            kw["v_cache"], q_out, torch.tensor([1], dtype=torch.int32, device=DEVICE), 2, 1)
+            kw["v_cache"], q_out, torch.tensor([1], dtype=torch.int32, device=DEVICE), 2, 1,
+            _norm_weight(32, torch.float32) if norm else None, EPS)
     torch.library.opcheck(torch.ops.d3kernels.qkv_rope.default, args,
-                          test_utils=("test_schema", "test_faketensor"))
+                          test_utils=("test_schema", "test_faketensor",
+                                      "test_aot_dispatch_dynamic"))
 
 
 @gpu

@@ -6,8 +6,9 @@ import torch
 
 import reference
 from d3kernels.ops import rms_norm as rms_norm_mod
-from d3kernels.ops.rms_norm import rms_norm
-from tests.ops.conftest import DEVICE, DTYPES, assert_close, gpu, poisoned, randn
+from d3kernels.ops._tuning import only_config
+from d3kernels.ops.rms_norm import _rms_norm_kernel, rms_norm
+from tests.ops.conftest import CUDA, DEVICE, DTYPES, assert_close, gpu, poisoned, randn
 
 EPS = 1e-5
 
@@ -82,6 +83,23 @@ def test_rms_norm_chunked(dtype, with_residual, inplace):
         assert_close(res_out, ref_s, dtype)
 
 
+@pytest.mark.parametrize("index", range(len(_rms_norm_kernel.all_configs)))
+@pytest.mark.skipif(CUDA, reason="an interpreter sweep: on a GPU each config costs a compile")
+def test_rms_norm_every_config(index):
+    """Each warp count the GPU autotuner may pick, fused residual and active rows, fp32."""
+    M, H = 4, 200
+    x, weight, residual = _inputs(M, H, torch.float32, seed=1000 + index)
+    rows = torch.tensor([3, 0], dtype=torch.int32, device=DEVICE)
+    ref_out, ref_s = _ref(x, weight, residual)
+    out = poisoned((M, H), torch.float32)
+    with only_config(_rms_norm_kernel, _rms_norm_kernel.all_configs[index]):
+        rms_norm(x, weight, EPS, residual, rows=rows, out=out, residual_out=residual)
+    active = rows.long().cpu()
+    assert_close(out[active], ref_out[active], torch.float32)
+    assert_close(residual[active], ref_s[active], torch.float32)
+    assert out[torch.tensor([1, 2])].isnan().all()
+
+
 def test_rms_norm_large_hidden():
     """H = 16384 runs as two chunks of MAX_BLOCK."""
     x, weight, residual = _inputs(2, 16384, torch.float32, seed=5)
@@ -153,7 +171,8 @@ def test_rms_norm_opcheck():
     for args in [(x, weight, EPS, None, None, torch.empty_like(x), None),
                  (x, weight, EPS, residual, rows, torch.empty_like(x), residual)]:
         torch.library.opcheck(torch.ops.d3kernels.rms_norm.default, args,
-                              test_utils=("test_schema", "test_faketensor"))
+                              test_utils=("test_schema", "test_faketensor",
+                                          "test_aot_dispatch_dynamic"))
 
 
 @gpu

@@ -5,9 +5,12 @@ import pytest
 import torch
 
 import reference
-from d3kernels.ops import swiglu as mod
-from d3kernels.ops.swiglu import down_residual, swiglu_gate_up
-from tests.ops.conftest import DEVICE, DTYPES, assert_close, gpu, poisoned, randn
+from d3kernels.ops._tuning import only_config
+from d3kernels.ops.swiglu import (_down_residual_kernel, _gate_up_kernel, down_residual,
+                                  swiglu_gate_up)
+from tests.ops.conftest import CUDA, DEVICE, DTYPES, assert_close, gpu, poisoned, randn
+
+EPS = 1e-5
 
 SHAPES = [(M, H, inter) for M in (1, 3, 17, 40) for H in (96, 200) for inter in (160, 352)]
 # Active-row subsets need at least two rows.
@@ -31,8 +34,16 @@ def _rows(M, seed):
     return perm.to(torch.int32).to(DEVICE)
 
 
-def _gate_up_ref(x, w_gate_up):
+def _norm_weight(H, dtype):
+    """An RMSNorm weight away from 1."""
+    return (torch.rand(H, dtype=torch.float64) + 0.5).to(dtype=dtype, device=DEVICE)
+
+
+def _gate_up_ref(x, w_gate_up, norm=None):
+    """float64 silu(h @ gate.T) * (h @ up.T), h = x or rms_norm(x, norm)."""
     x, w = x.double().cpu(), w_gate_up.double().cpu()
+    if norm is not None:
+        x = reference.rms_norm(x, norm.double().cpu(), EPS)
     gate, up = x @ w[: w.shape[0] // 2].T, x @ w[w.shape[0] // 2:].T
     return gate / (1 + torch.exp(-gate)) * up
 
@@ -70,15 +81,36 @@ def test_swiglu_mlp(dtype, M, H, inter, use_rows):
     assert h.cpu()[idle].isnan().all(), "rows not listed must not be written"
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("M,H,inter", [(1, 200, 352), (17, 96, 160), (40, 200, 160)])
-def test_swiglu_gate_up(dtype, M, H, inter):
-    torch.manual_seed(M * 1000 + H + inter)
-    x = randn(M, H + 24, dtype=dtype)[:, :H]  # strided rows
+def _check_gate_up(M, H, inter, dtype, rows, norm, seed):
+    """swiglu_gate_up on strided rows of x (an un-normed residual, scale 3, with ``norm``) against
+    the reference; rows not listed stay poisoned."""
+    torch.manual_seed(seed)
+    x = randn(M, H + 24, dtype=dtype, scale=3.0 if norm else 1.0)[:, :H]
     w_gate_up, _ = _weights(H, inter, dtype)
+    norm_weight = _norm_weight(H, dtype) if norm else None
+    rows_t = None if rows is None else torch.tensor(rows, dtype=torch.int32, device=DEVICE)
     out = poisoned((M, inter), dtype)
-    assert swiglu_gate_up(x, w_gate_up, out=out) is out
-    assert_close(out, _gate_up_ref(x, w_gate_up), dtype)
+    assert swiglu_gate_up(x, w_gate_up, rows=rows_t, out=out, norm_weight=norm_weight,
+                          eps=EPS) is out
+    ref = _gate_up_ref(x, w_gate_up, norm_weight)
+    active = torch.arange(M) if rows is None else torch.tensor(rows)
+    assert_close(out.cpu()[active], ref[active], dtype)
+    if rows is not None:
+        assert out.cpu()[_idle(M, rows_t)].isnan().all(), "rows not listed must not be written"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,H,inter,rows,norm", [
+    (1, 200, 352, None, False),
+    (17, 96, 160, None, False),
+    (40, 200, 160, None, False),
+    (1, 200, 352, None, True),           # norm prologue, batch 1
+    (1, 96, 160, [0], True),             # batch 1 through rows
+    (17, 96, 160, [16, 3, 0, 9], True),  # rows out of order, one past a 16-row tile
+    (40, 200, 160, None, True),
+])
+def test_swiglu_gate_up(dtype, M, H, inter, rows, norm):
+    _check_gate_up(M, H, inter, dtype, rows, norm, seed=M * 1000 + H + inter + 7 * norm)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -144,6 +176,9 @@ def test_swiglu_bad_input():
         (dict(w_gate_up=w_gate_up.half()), "w_gate_up"),
         (dict(out=torch.empty(3, 320)), "out"),
         (dict(rows=torch.tensor([0], device=DEVICE)), "rows"),
+        (dict(norm_weight=randn(95)), "norm_weight"),
+        (dict(norm_weight=randn(96, dtype=torch.float16)), "norm_weight"),
+        (dict(norm_weight=randn(96), eps=-1.0), "eps"),
     ]
     for override, name in gate_up_cases:
         args = dict(x=x, w_gate_up=w_gate_up, rows=None, out=None) | override
@@ -167,10 +202,10 @@ def test_swiglu_opcheck():
     x = randn(3, 96)
     w_gate_up, w_down = _weights(96, 160, torch.float32)
     rows = torch.tensor([2, 0], dtype=torch.int32, device=DEVICE)
-    utils = ("test_schema", "test_faketensor")
-    for r in (None, rows):
+    utils = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+    for r, norm in ((None, None), (rows, _norm_weight(96, torch.float32))):
         torch.library.opcheck(torch.ops.d3kernels.swiglu_gate_up.default,
-                              (x, w_gate_up, r, torch.empty(3, 160)), test_utils=utils)
+                              (x, w_gate_up, r, torch.empty(3, 160), norm, EPS), test_utils=utils)
         torch.library.opcheck(torch.ops.d3kernels.down_residual.default,
                               (randn(3, 160), w_down, randn(3, 96), r), test_utils=utils)
 
@@ -227,35 +262,31 @@ def test_swiglu_cuda_graph():
     assert torch.equal(residual[idle], start[idle])
 
 
-def _launch(cfg):
-    """A config's tile sizes, warps and stages, as launch arguments of the bare jit function."""
-    return dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+# Every tile config the GPU autotuner may pick, on ragged tiles with active rows (fp32: the
+# configs are tiles, not dtypes). 3 of 5 rows, H and I past several K and N blocks.
+EVERY_CONFIG_ROWS = [4, 0, 2]
 
 
-def test_every_config():
-    """Each tile config the GPU autotuner may pick is correct (ragged tiles, active rows)."""
-    M, H, inter, dtype = 40, 200, 160, torch.float16
-    torch.manual_seed(8)
-    x = randn(M, H, dtype=dtype)
-    w_gate_up, w_down = _weights(H, inter, dtype)
-    rows = torch.arange(M - 2, -1, -2, dtype=torch.int32, device=DEVICE)  # 20 even rows, reversed
+@pytest.mark.parametrize("index", range(len(_gate_up_kernel.all_configs)))
+@pytest.mark.skipif(CUDA, reason="an interpreter sweep: on a GPU each config costs a compile")
+def test_swiglu_gate_up_every_config(index):
+    with only_config(_gate_up_kernel, _gate_up_kernel.all_configs[index]):
+        _check_gate_up(5, 72, 40, torch.float32, EVERY_CONFIG_ROWS, True, seed=600 + index)
+
+
+@pytest.mark.parametrize("index", range(len(_down_residual_kernel.all_configs)))
+@pytest.mark.skipif(CUDA, reason="an interpreter sweep: on a GPU each config costs a compile")
+def test_down_residual_every_config(index):
+    M, H, inter = 5, 40, 72
+    torch.manual_seed(700 + index)
+    h = randn(M, inter)
+    _, w_down = _weights(H, inter, torch.float32)
+    residual = randn(M, H)
+    start = residual.clone().cpu()
+    rows = torch.tensor(EVERY_CONFIG_ROWS, dtype=torch.int32, device=DEVICE)
+    with only_config(_down_residual_kernel, _down_residual_kernel.all_configs[index]):
+        down_residual(h, w_down, residual, rows=rows)
+    ref = start.double() + h.double().cpu() @ w_down.double().cpu().T
     active, idle = rows.long().cpu(), _idle(M, rows)
-    h_ref = _gate_up_ref(x, w_gate_up)
-    h_in = h_ref.to(dtype).to(DEVICE)
-    n_rows, bucket = rows.numel(), mod._m_bucket(rows.numel())
-    for cfg in mod._GATE_UP_CONFIGS:
-        out = poisoned((M, inter), dtype)
-        mod._gate_up_kernel.fn[mod._grid(n_rows, inter)(cfg.kwargs)](
-            x, w_gate_up, out, rows, n_rows, inter, H, bucket, x.stride(0),
-            w_gate_up.stride(0), out.stride(0), HAS_ROWS=True, **_launch(cfg))
-        assert_close(out.cpu()[active], h_ref[active], dtype)
-        assert out.cpu()[idle].isnan().all(), cfg
-    for cfg in mod._DOWN_CONFIGS:
-        residual = randn(M, H, dtype=dtype)
-        start = residual.clone().cpu()
-        mod._down_residual_kernel.fn[mod._grid(n_rows, H)(cfg.kwargs)](
-            h_in, w_down, residual, rows, n_rows, H, inter, bucket, h_in.stride(0),
-            w_down.stride(0), residual.stride(0), HAS_ROWS=True, **_launch(cfg))
-        ref = start.double() + h_in.double().cpu() @ w_down.double().cpu().T
-        assert_close(residual.cpu()[active], ref[active], dtype)
-        assert torch.equal(residual.cpu()[idle], start[idle]), cfg
+    assert_close(residual.cpu()[active], ref[active], torch.float32)
+    assert torch.equal(residual.cpu()[idle], start[idle])

@@ -3,8 +3,11 @@
 Every op validates its inputs (a ValueError naming the argument, before any launch), takes
 ``rows`` (the active batch rows, so rows that skip a layer cost nothing), accepts caller-owned
 output buffers (allocation-free, CUDA-graph capturable) and is registered as a
-``torch.ops.d3kernels.*`` custom op with a fake implementation for torch.compile. The kernels
-themselves live one per module in ``d3kernels/ops/``.
+``torch.ops.d3kernels.*`` custom op with a fake implementation for torch.compile. Every GEMM
+that follows an RMSNorm can normalize its input on load (``lm_head`` and ``kv_backfill`` always;
+``qkv_rope`` and ``swiglu_gate_up`` given ``norm_weight=``), so a decode layer needs no
+``rms_norm`` launch; fp32 inputs multiply in IEEE fp32 everywhere. The kernels themselves live
+one per module in ``d3kernels/ops/``.
 """
 from d3kernels.ops.attention import attention_decode, attention_prefill
 from d3kernels.ops.kv_backfill import kv_backfill

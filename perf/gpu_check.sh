@@ -202,4 +202,5 @@ echo "compile cache: $(du -sm .d3cache | cut -f1) MiB unpacked; in \$OUT/cache: 
 echo "finished after $SECONDS s" >> "$WORK/env.txt"
 pack
 cat "$OUT/summary.md"
+echo; cat "$WORK/stages.md"  # again last: the device tool returns the output's tail
 exit $failed

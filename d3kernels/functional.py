@@ -9,12 +9,14 @@ that follows an RMSNorm can normalize its input on load (``lm_head`` and ``kv_ba
 ``rms_norm`` launch; fp32 inputs multiply in IEEE fp32 everywhere. The kernels themselves live
 one per module in ``d3kernels/ops/``.
 """
-from d3kernels.ops.attention import attention_decode, attention_prefill
+from d3kernels.ops.attention import (attention_decode, attention_decode_splits,
+                                     attention_decode_workspace, attention_prefill)
 from d3kernels.ops.kv_backfill import kv_backfill
 from d3kernels.ops.lm_head import lm_head
 from d3kernels.ops.qkv_rope import qkv_rope
 from d3kernels.ops.rms_norm import rms_norm
 from d3kernels.ops.swiglu import down_residual, swiglu_gate_up
 
-__all__ = ["attention_decode", "attention_prefill", "down_residual", "kv_backfill", "lm_head",
-           "qkv_rope", "rms_norm", "swiglu_gate_up"]
+__all__ = ["attention_decode", "attention_decode_splits", "attention_decode_workspace",
+           "attention_prefill", "down_residual", "kv_backfill", "lm_head", "qkv_rope", "rms_norm",
+           "swiglu_gate_up"]

@@ -50,6 +50,7 @@ from d3kernels.generation import StreamedToken, _plan, right_padded
 from d3kernels.kv_cache import KVCache
 from d3kernels.sampling import RowSampling, Sampling
 from d3kernels.schedule import DepthSchedule
+from d3kernels.stats import step_bytes
 
 
 @dataclass(eq=False)
@@ -86,7 +87,9 @@ class Request:
 class EngineStats:
     """Counters over an engine's life. row_steps: (request, decode step) pairs; layers_run:
     Σ n_i over them; layer_passes: Σ over decode steps of the layers any row ran (what a
-    bandwidth-bound step reads); decode_steps / prefills: passes run."""
+    bandwidth-bound step reads); decode_steps / prefills: passes run. full_bytes / run_bytes:
+    Σ over decode steps of ``step_bytes`` at full depth and at what the step ran (the weights of
+    the layers any row kept, each row's KV over its own layers and context)."""
 
     num_layers: int
     prefills: int = 0
@@ -97,6 +100,8 @@ class EngineStats:
     layer_passes: int = 0
     generated_tokens: int = 0
     seconds: float = 0.0
+    full_bytes: int = 0
+    run_bytes: int = 0
 
     @property
     def layer_ratio(self) -> float:
@@ -108,6 +113,12 @@ class EngineStats:
         """Per decode step: L · steps / Σ layers any running row kept."""
         return (self.num_layers * self.decode_steps / self.layer_passes
                 if self.layer_passes else 1.0)
+
+    @property
+    def work_ratio(self) -> float:
+        """Decode bytes at full depth over the bytes the steps read: design.md §8's work ratio
+        for a mixed batch (what a bandwidth-bound step can gain from it)."""
+        return self.full_bytes / self.run_bytes if self.run_bytes else 1.0
 
     @property
     def tokens_per_s(self) -> float:
@@ -289,14 +300,19 @@ class Engine:
             depths = [r.schedule.depth(len(r.tokens), L) for r in decoding]
             kept = [r.schedule.kept_layers(d, L) for r, d in zip(decoding, depths)]
             tokens = torch.tensor([r.tokens[-1] for r in decoding], device=m.device)
-            nxt = m.decode_rows(tokens, [r.slot for r in decoding],
-                                [len(r.prompt) + len(r.tokens) - 1 for r in decoding], kept,
+            positions = [len(r.prompt) + len(r.tokens) - 1 for r in decoding]
+            nxt = m.decode_rows(tokens, [r.slot for r in decoding], positions, kept,
                                 self.cache, RowSampling([r.sampling for r in decoding]),
                                 backfill=self.backfill).tolist()
+            union = len(set().union(*kept))
+            contexts = [p + 1 for p in positions]
+            elem = m.embed.element_size()
             self.stats.decode_steps += 1
             self.stats.row_steps += len(decoding)
             self.stats.layers_run += sum(depths)
-            self.stats.layer_passes += len(set().union(*kept))
+            self.stats.layer_passes += union
+            self.stats.full_bytes += step_bytes(m.config, L, contexts, elem)
+            self.stats.run_bytes += step_bytes(m.config, union, contexts, elem, depths)
             now = time.perf_counter()
             events += [self._take(r, t, d, now) for r, t, d in zip(decoding, nxt, depths)]
         self.stats.seconds += time.perf_counter() - t0

@@ -142,9 +142,62 @@ def _plan(model, prompts, max_new_tokens, schedule, temperature, top_k, top_p, s
                  past_lengths, backfill, backfill_timing, flush_backfill)
 
 
+class _HostTokens:
+    """A step's tokens [B] (long) on their way to the host. On a GPU the copy starts now, into
+    pinned memory, and ``tolist`` waits for it alone (an event), not for the steps enqueued
+    after it; elsewhere every op has run by the time it returns, and ``tolist`` reads the
+    tensor."""
+
+    def __init__(self, tokens: torch.Tensor):
+        self._done = None
+        self._tokens = tokens
+        if tokens.device.type == "cuda":
+            self._tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self._tokens.copy_(tokens, non_blocking=True)
+            self._done = torch.cuda.Event()
+            self._done.record()
+
+    def tolist(self) -> list[int]:
+        if self._done is not None:
+            self._done.synchronize()
+        return self._tokens.tolist()
+
+
+@dataclass
+class _Step:
+    """A decode step enqueued on the device whose tokens the host has not read yet."""
+
+    index: int               # it predicts T_index
+    depth: int
+    tokens: torch.Tensor     # on the device: the next step's input
+    host: _HostTokens
+    sampling_state: tuple    # the sampler's state before it, to undo a discarded step
+    backfill_bytes: int      # what its eager backfill read
+    enqueue_seconds: float   # host time to enqueue it (on the CPU: to run it)
+
+
+def _sampling_state(s: Sampling) -> tuple:
+    return s.draws, None if s.generator is None else s.generator.get_state()
+
+
+def _restore_sampling(s: Sampling, state: tuple) -> None:
+    s.draws = state[0]
+    if state[1] is not None:
+        s.generator.set_state(state[1])
+
+
 @torch.inference_mode()
-def _run(model, plan: _Plan) -> Iterator[StreamedToken]:
-    """Yields tokens as they are made; returns the GenerationOutput (StopIteration.value)."""
+def _run(model, plan: _Plan, lookahead: bool | None = None) -> Iterator[StreamedToken]:
+    """Yields tokens as they are made; returns the GenerationOutput (StopIteration.value).
+
+    lookahead: enqueue step i + 1 on the device tokens of step i before the host reads them
+    (``generate_stream`` says what that buys and costs); None: on a CUDA device, where kernels
+    run asynchronously (elsewhere every op has run when it returns, so there is no wait to
+    hide and a discarded step would cost its full time). False: read each step's tokens before
+    enqueuing the next; for benchmarks of the difference.
+    """
+    if lookahead is None:
+        lookahead = model.device.type == "cuda"
     cfg, L = model.config, model.config.num_layers
     elem = model.embed.element_size()
     prompts = plan.prompts
@@ -158,6 +211,8 @@ def _run(model, plan: _Plan) -> Iterator[StreamedToken]:
     tokens = [[] for _ in range(B)]
     depths = [[] for _ in range(B)]
     finished = [False] * B
+    # step i reads T_{i-1}, at slot base[r] + i - 1 of row r
+    base = list(lengths) if past is None else [n + p for n, p in zip(lengths, past)]
 
     def take(step_tokens: list[int], i: int, depth: int) -> Iterator[StreamedToken]:
         for r, t in enumerate(step_tokens):
@@ -167,41 +222,68 @@ def _run(model, plan: _Plan) -> Iterator[StreamedToken]:
                 finished[r] = t in plan.stop_tokens
                 yield StreamedToken(r, t, i, depth)
 
+    def enqueue(i: int, prev: torch.Tensor) -> _Step | None:
+        """Decode step i on the device tokens prev of step i - 1, if it is still needed as far
+        as the host knows (a step never runs past max_new_tokens, so never past the cache)."""
+        if i >= plan.max_new_tokens or all(finished):
+            return None
+        start = time.perf_counter()
+        depth = plan.schedule.depth(i, L)
+        state = _sampling_state(plan.sampling)
+        before = cache.backfill_bytes
+        nxt = model.decode_step(prev, [b + i - 1 for b in base],
+                                plan.schedule.kept_layers(depth, L), cache, plan.sampling,
+                                backfill=plan.backfill, backfill_timing=plan.backfill_timing)
+        return _Step(i, depth, nxt, _HostTokens(nxt), state, cache.backfill_bytes - before,
+                     time.perf_counter() - start)
+
     backfill_bytes0 = cache.backfill_bytes
+    decode_tokens = layers_run = full_bytes = d3_bytes = steps = 0
+    decode_seconds = prefill_seconds = 0.0
+    discarded_bytes = 0
+    ahead: _Step | None = None
     t0 = time.perf_counter()
     nxt = model.prefill(ids.to(model.device), lengths, cache, plan.sampling, past,
                         backfill=plan.backfill)
-    step_tokens = nxt.tolist()  # the host needs the token for stops and streaming
-    prefill_seconds = time.perf_counter() - t0
-    yield from take(step_tokens, 0, L)
-
-    positions = list(lengths) if past is None else [n + p for n, p in zip(lengths, past)]
-    decode_tokens = layers_run = full_bytes = d3_bytes = steps = 0
-    decode_seconds = 0.0
-    for i in range(1, plan.max_new_tokens):
-        if all(finished):
-            break
-        depth = plan.schedule.depth(i, L)
-        kept = plan.schedule.kept_layers(depth, L)
-        t0 = time.perf_counter()
-        nxt = model.decode_step(nxt, positions, kept, cache, plan.sampling,
-                                backfill=plan.backfill, backfill_timing=plan.backfill_timing)
-        step_tokens = nxt.tolist()
-        decode_seconds += time.perf_counter() - t0
-        steps += 1
-        layers_run += depth
-        kv_tokens = sum(positions) + B
-        full_bytes += step_bytes(cfg, L, kv_tokens, B, elem)
-        d3_bytes += step_bytes(cfg, depth, kv_tokens, B, elem)
-        decode_tokens += sum(not f for f in finished)
-        positions = [p + 1 for p in positions]
-        yield from take(step_tokens, i, depth)
+    current = _Step(0, L, nxt, _HostTokens(nxt), (), 0, 0.0)
+    try:
+        while current is not None:
+            if lookahead:  # the device works on step i + 1 while the host reads step i
+                ahead = enqueue(current.index + 1, current.tokens)
+            step_tokens = current.host.tolist()  # the host needs them for stops and streaming
+            i, depth = current.index, current.depth
+            # each step's time: its enqueue and its read (a lookahead enqueue is the next one's)
+            elapsed = time.perf_counter() - t0
+            if lookahead:
+                elapsed += current.enqueue_seconds - (ahead.enqueue_seconds if ahead else 0.0)
+            if i == 0:
+                prefill_seconds = elapsed
+            else:
+                steps += 1
+                layers_run += depth
+                contexts = [b + i for b in base]
+                full_bytes += step_bytes(cfg, L, contexts, elem)
+                d3_bytes += step_bytes(cfg, depth, contexts, elem)
+                decode_tokens += sum(not f for f in finished)
+                decode_seconds += elapsed
+            yield from take(step_tokens, i, depth)
+            t0 = time.perf_counter()  # the consumer's time between tokens is not counted
+            if not lookahead:
+                ahead = enqueue(i + 1, current.tokens)
+            elif ahead is not None and all(finished):  # every row stopped on step i's token
+                _restore_sampling(plan.sampling, ahead.sampling_state)
+                discarded_bytes = ahead.backfill_bytes
+                ahead = None
+            current, ahead = ahead, None
+    finally:
+        if ahead is not None:  # closed mid-stream: the sampler as if the step never ran
+            _restore_sampling(plan.sampling, ahead.sampling_state)
 
     if plan.flush_backfill:
         model.flush_backfill(cache)
     stats = GenerationStats(L, sum(lengths), prefill_seconds, decode_tokens, steps,
                             decode_seconds, layers_run, full_bytes, d3_bytes,
-                            cache.backfill_bytes - backfill_bytes0)
+                            cache.backfill_bytes - backfill_bytes0 - discarded_bytes)
     texts = None
     if model.tokenizer is not None:
         texts = [model.tokenizer.decode(t) for t in tokens]
@@ -228,7 +310,8 @@ class TokenStream:
     def close(self) -> None:
         """Cancel the generation now (``output`` stays None). The model and its cache stay
         usable: the next call starts afresh (a deferred backfill still owed is settled by the
-        next prefill, as always)."""
+        next prefill, as always). A step already enqueued ahead (CUDA, see
+        :func:`generate_stream`) still runs; its sampler draw is undone."""
         self._run.close()
 
 
@@ -237,8 +320,8 @@ def generate_stream(model, prompts, max_new_tokens: int = 64,
                     top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                     stop_tokens=None, cache: KVCache | None = None,
                     past_lengths: list[int] | None = None, backfill: str | None = None,
-                    backfill_timing: str | None = None,
-                    flush_backfill: bool = False) -> TokenStream:
+                    backfill_timing: str | None = None, flush_backfill: bool = False,
+                    _lookahead: bool | None = None) -> TokenStream:
     """Generate up to ``max_new_tokens`` per prompt with the D³ depth schedule, as an iterator.
 
     prompts: a string, a list of token ids, or a batch of either (rows may differ in length).
@@ -254,10 +337,28 @@ def generate_stream(model, prompts, max_new_tokens: int = 64,
     the model's. A deferred backfill is flushed by the next prefill on the cache; with
     flush_backfill=True it is flushed when this call ends, so the cache is complete.
     Every argument is checked here, before any work.
+
+    On a CUDA device the loop runs one step ahead: step i + 1 is enqueued on the device tokens
+    of step i before the host reads them (a copy to pinned memory that waits for step i
+    alone), so the host's read, stop checks and streaming overlap the device's work instead of
+    leaving it idle; stops and streaming run one step behind, and a token made for a row that
+    has already stopped is dropped. When every row stops on a stop token, the step enqueued
+    past it is discarded: it costs one decode pass of device time (which the next device work
+    waits behind) and writes the K/V of the reply's last token at that token's slot, at that
+    pass's depth; the next prefill over the slot overwrites it (the last token enters the
+    cache with the next turn's prefill, design.md §2), and with deferred backfill the layers
+    it skipped there stay owed until that prefill drops them (``flush_backfill=True`` fills
+    them). Its sampler draw is undone and the stats count only the steps taken. No step runs
+    past max_new_tokens, so none past the cache. Elsewhere (CPU), where every op has run when
+    it returns, there is no wait to hide and each step's tokens are read before the next is
+    enqueued. ``_lookahead`` (True / False) forces either way on any device: for benchmarks.
     """
+    if _lookahead is not None and not isinstance(_lookahead, bool):
+        raise ValueError(f"_lookahead must be a bool or None, got {_lookahead!r}")
     return TokenStream(_run(model, _plan(model, prompts, max_new_tokens, schedule, temperature,
                                          top_k, top_p, seed, stop_tokens, cache, past_lengths,
-                                         backfill, backfill_timing, flush_backfill)))
+                                         backfill, backfill_timing, flush_backfill),
+                            _lookahead))
 
 
 def generate(model, prompts, max_new_tokens: int = 64, schedule: DepthSchedule | None = None, *,

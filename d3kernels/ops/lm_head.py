@@ -19,8 +19,9 @@ however the vocab is tiled. ``seed`` and ``offset`` are read from int64 device t
 kernels, so a captured CUDA graph replays with whatever values they hold: advance the offset
 in place between steps (e.g. ``offset += M * V``) to draw fresh noise at every replay.
 
-Scratch: the candidates (R x ceil(V / BLOCK_V) x max(top_k, 1) int64) come from torch's caching
-allocator on every call, which a CUDA graph capture records like any other allocation.
+Scratch: the candidates (R x ceil(V / BLOCK_V) x max(top_k, 1) int64, plus the cut-down levels)
+live in a caller's ``scratch`` buffer (``lm_head_scratch``), or come from torch's caching allocator
+when none is given. ``positions`` lets the selection also advance a decode step's positions.
 """
 from __future__ import annotations
 
@@ -139,13 +140,14 @@ def _top_candidates_kernel(cand_ptr, out_ptr, n_cand, stride_c, stride_o,
 
 @triton.jit
 def _select_kernel(
-    cand_ptr, rows_ptr, seed_ptr, offset_ptr, tokens_ptr,
+    cand_ptr, rows_ptr, seed_ptr, offset_ptr, tokens_ptr, pos_ptr,
     R, V, n_cand, top_k, inv_temp, stride_c,
-    HAS_ROWS: tl.constexpr, TOP_K_SAMPLE: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK: tl.constexpr,
+    HAS_ROWS: tl.constexpr, TOP_K_SAMPLE: tl.constexpr, ADVANCE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """BLOCK_R active rows per program: the token of each row's best key (greedy, or Gumbel-max
-    already in the keys), or Gumbel-max over its top_k best logit keys (TOP_K_SAMPLE)."""
+    already in the keys), or Gumbel-max over its top_k best logit keys (TOP_K_SAMPLE).
+    ADVANCE: also pos[b] += 1, the decode step's position update without a launch of its own."""
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_mask = r < R
     if HAS_ROWS:
@@ -166,10 +168,32 @@ def _select_kernel(
         chosen = (keys >= kth[:, None]) & (idx < V)
         best = tl.max(tl.where(chosen, _pack(logit * inv_temp + noise, idx), _KEY_MIN), axis=1)
     tl.store(tokens_ptr + b, _unpack(best)[1].to(tl.int64), mask=r_mask)
+    if ADVANCE:
+        tl.store(pos_ptr + b, tl.load(pos_ptr + b, mask=r_mask) + 1, mask=r_mask)
+
+
+def _scratch_sizes(rows: int, V: int, top_k: int) -> list[int]:
+    """int64 elements of each candidate level for ``rows`` rows: the tile kernel's, then those of
+    each cut-down pass (top-k lists longer than _CHUNK)."""
+    kp = max(top_k, 1)
+    n = triton.cdiv(V, BLOCK_V) * kp
+    sizes = [rows * n]
+    while n > _CHUNK:
+        n = triton.cdiv(n, _CHUNK) * kp
+        sizes.append(rows * n)
+    return sizes
+
+
+def lm_head_scratch(rows: int, vocab_size: int, top_k: int | None = None,
+                    device: torch.device | str = "cpu") -> torch.Tensor:
+    """The int64 scratch ``lm_head`` needs for ``rows`` active rows (top_k as passed; None for
+    greedy or plain sampling): pass it as ``scratch=`` so a call allocates nothing."""
+    return torch.empty(sum(_scratch_sizes(rows, vocab_size, top_k or 0)), dtype=torch.int64,
+                       device=device)
 
 
 def _launch(x, norm_weight, weight, eps, temperature, top_k, seed, offset, rows, logits_out,
-            tokens_out):
+            tokens_out, scratch, positions):
     M, H = x.shape
     V = weight.shape[0]
     R = M if rows is None else rows.shape[0]
@@ -179,7 +203,11 @@ def _launch(x, norm_weight, weight, eps, temperature, top_k, seed, offset, rows,
     top_k = top_k if sample and 0 < top_k < V else 0
     kp = max(top_k, 1)  # candidates kept per tile and row
     tiles = triton.cdiv(V, BLOCK_V)
-    cand = torch.empty((R, tiles * kp), dtype=torch.int64, device=x.device)
+    sizes = _scratch_sizes(R, V, top_k)
+    if scratch is None:
+        scratch = torch.empty(sum(sizes), dtype=torch.int64, device=x.device)
+    levels = scratch[:sum(sizes)].split(sizes)
+    cand = levels[0].view(R, tiles * kp)
     inv_temp = 1.0 / temperature if sample else 1.0
     # unread pointer arguments get a placeholder tensor
     rows_arg = cand if rows is None else rows
@@ -196,34 +224,37 @@ def _launch(x, norm_weight, weight, eps, temperature, top_k, seed, offset, rows,
         BLOCK_V=BLOCK_V,
     )
     n_cand = cand.shape[1]
-    while n_cand > _CHUNK:
+    for level in levels[1:]:
         chunks = triton.cdiv(n_cand, _CHUNK)
-        out = torch.empty((R, chunks * kp), dtype=torch.int64, device=x.device)
+        out = level.view(R, chunks * kp)
         _top_candidates_kernel[(R, chunks)](cand, out, n_cand, cand.stride(0), out.stride(0),
                                            KP=kp, BLOCK=_CHUNK)
         cand, n_cand = out, out.shape[1]
     block = triton.next_power_of_2(n_cand)
     block_r = max(1, min(16, _CHUNK // block))  # rows per program: a block of <= _CHUNK keys
     _select_kernel[(triton.cdiv(R, block_r),)](
-        cand, rows_arg, seed, offset, tokens_out,
+        cand, rows_arg, seed, offset, tokens_out, cand if positions is None else positions,
         R, V, n_cand, top_k, inv_temp, cand.stride(0),
-        HAS_ROWS=rows is not None, TOP_K_SAMPLE=top_k > 0, BLOCK_R=block_r, BLOCK=block,
+        HAS_ROWS=rows is not None, TOP_K_SAMPLE=top_k > 0, ADVANCE=positions is not None,
+        BLOCK_R=block_r, BLOCK=block,
     )
 
 
-@torch.library.custom_op("d3kernels::lm_head", mutates_args=("logits_out", "tokens_out"))
+@torch.library.custom_op("d3kernels::lm_head",
+                         mutates_args=("logits_out", "tokens_out", "scratch", "positions"))
 def _lm_head_op(x: torch.Tensor, norm_weight: torch.Tensor, weight: torch.Tensor, eps: float,
                 temperature: float, top_k: int, seed: Optional[torch.Tensor],
                 offset: Optional[torch.Tensor],
                 rows: Optional[torch.Tensor], logits_out: Optional[torch.Tensor],
-                tokens_out: torch.Tensor) -> None:
+                tokens_out: torch.Tensor, scratch: Optional[torch.Tensor],
+                positions: Optional[torch.Tensor]) -> None:
     _launch(x, norm_weight, weight, eps, temperature, top_k, seed, offset, rows, logits_out,
-            tokens_out)
+            tokens_out, scratch, positions)
 
 
 @_lm_head_op.register_fake
 def _(x, norm_weight, weight, eps, temperature, top_k, seed, offset, rows, logits_out,
-      tokens_out):
+      tokens_out, scratch, positions):
     return None
 
 
@@ -242,7 +273,8 @@ def _scalar_tensor(name: str, value, device: torch.device) -> torch.Tensor:
 def lm_head(x: torch.Tensor, norm_weight: torch.Tensor, weight: torch.Tensor, eps: float, *,
             temperature: float = 0.0, top_k: int | None = None, seed=None, offset=0,
             rows: torch.Tensor | None = None, logits_out: torch.Tensor | None = None,
-            tokens_out: torch.Tensor | None = None) -> torch.Tensor:
+            tokens_out: torch.Tensor | None = None, scratch: torch.Tensor | None = None,
+            positions: torch.Tensor | None = None) -> torch.Tensor:
     """Final RMSNorm + vocab projection + greedy or sampled token, one pass over the vocab.
 
     Args:
@@ -264,6 +296,11 @@ def lm_head(x: torch.Tensor, norm_weight: torch.Tensor, weight: torch.Tensor, ep
             the outputs are left as they were.
         logits_out: optional fp32 [M, V] buffer that receives the logits (processed rows only).
         tokens_out: optional int64 [M] buffer for the token ids; allocated when None.
+        scratch: optional int64 buffer of at least ``lm_head_scratch(R, V, top_k)``'s size for
+            the candidates (R = active rows); allocated per call when None. With tokens_out
+            and scratch given a call allocates nothing.
+        positions: optional int32 [M]: each processed row's entry is incremented by one once
+            its token is chosen (a decode step's position update, folded into the last launch).
 
     Returns:
         int64 [M] token ids (``tokens_out`` when given; unprocessed rows of a fresh buffer hold
@@ -293,6 +330,15 @@ def lm_head(x: torch.Tensor, norm_weight: torch.Tensor, weight: torch.Tensor, ep
         tokens_out = torch.empty((M,), dtype=torch.int64, device=dev)
     else:
         check_tensor("tokens_out", tokens_out, shape=(M,), dtype=torch.int64, device=dev)
+    if positions is not None:
+        check_tensor("positions", positions, shape=(M,), dtype=torch.int32, device=dev)
+    if scratch is not None:
+        check_tensor("scratch", scratch, ndim=1, dtype=torch.int64, device=dev)
+        need = sum(_scratch_sizes(M if rows is None else rows.numel(), V,
+                                  top_k if temperature > 0 and top_k is not None else 0))
+        if scratch.numel() < need:
+            raise ValueError(f"scratch holds {scratch.numel()} elements, this call needs {need} "
+                             "(see lm_head_scratch)")
     if temperature > 0:
         if seed is None:
             seed = int(torch.randint(0, 2 ** 62, ()))
@@ -302,5 +348,5 @@ def lm_head(x: torch.Tensor, norm_weight: torch.Tensor, weight: torch.Tensor, ep
         seed = offset = None
     check_launchable(x)
     _lm_head_op(x, norm_weight, weight, float(eps), float(temperature), top_k or 0, seed, offset,
-                rows, logits_out, tokens_out)
+                rows, logits_out, tokens_out, scratch, positions)
     return tokens_out

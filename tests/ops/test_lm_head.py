@@ -5,7 +5,7 @@ import torch
 import reference
 from d3kernels.ops import lm_head as lm_head_module
 from d3kernels.ops._tuning import only_config
-from d3kernels.ops.lm_head import _lm_head_tile_kernel, lm_head
+from d3kernels.ops.lm_head import _lm_head_tile_kernel, lm_head, lm_head_scratch
 from tests.ops.conftest import CUDA, DEVICE, DTYPES, assert_close, gpu, poisoned, randn
 
 EPS = 1e-5
@@ -170,6 +170,24 @@ def test_lm_head_cut_down_stage(monkeypatch):
     assert torch.equal(lm_head(x, norm, w, EPS), greedy)
 
 
+@pytest.mark.parametrize("temperature, top_k", [(0.0, None), (0.8, None), (0.8, 5)])
+def test_lm_head_scratch_and_positions(monkeypatch, temperature, top_k):
+    """A caller's scratch (cut-down levels included) gives the same tokens as the allocating
+    call, and ``positions`` is advanced by one at the processed rows only."""
+    torch.manual_seed(9)
+    monkeypatch.setattr(lm_head_module, "_CHUNK", 16)  # top_k 5: 8 tiles x 5 -> 15 candidates
+    x, norm, w = _inputs(5, 64, 1000, torch.float32, scale=0.3)
+    rows = torch.tensor([4, 0, 2], dtype=torch.int32, device=DEVICE)
+    kw = dict(temperature=temperature, top_k=top_k, seed=3, offset=0, rows=rows)
+    want = lm_head(x, norm, w, EPS, **kw)[rows.long()]
+    positions = torch.arange(5, dtype=torch.int32, device=DEVICE) * 10
+    scratch = torch.full((lm_head_scratch(3, 1000, top_k).numel(),), -5, dtype=torch.int64,
+                         device=DEVICE)
+    got = lm_head(x, norm, w, EPS, scratch=scratch, positions=positions, **kw)
+    assert torch.equal(got[rows.long()], want)
+    assert positions.tolist() == [1, 10, 21, 30, 41]
+
+
 @pytest.mark.parametrize("change, name", [
     (dict(weight=torch.zeros(50, 31)), "weight"),
     (dict(norm_weight=torch.ones(32, dtype=torch.float16)), "norm_weight"),
@@ -181,6 +199,8 @@ def test_lm_head_cut_down_stage(monkeypatch):
     (dict(logits_out=torch.zeros(2, 50, dtype=torch.float16)), "logits_out"),
     (dict(tokens_out=torch.zeros(2, dtype=torch.int32)), "tokens_out"),
     (dict(rows=torch.tensor([0], dtype=torch.int64)), "rows"),
+    (dict(scratch=torch.zeros(1, dtype=torch.int64)), "scratch"),  # 2 rows need 2
+    (dict(positions=torch.zeros(2, dtype=torch.int64)), "positions"),
 ])
 def test_lm_head_bad_input(change, name):
     kwargs = dict(x=randn(2, 32), norm_weight=torch.ones(32, device=DEVICE),
@@ -198,7 +218,9 @@ def test_lm_head_opcheck(temperature, top_k, with_logits):
     args = (x, norm, w, EPS, temperature, top_k, one, one,
             torch.tensor([1], dtype=torch.int32, device=DEVICE),
             torch.empty(2, 300, device=DEVICE) if with_logits else None,
-            torch.empty(2, dtype=torch.int64, device=DEVICE))
+            torch.empty(2, dtype=torch.int64, device=DEVICE),
+            lm_head_scratch(1, 300, top_k, DEVICE),
+            torch.zeros(2, dtype=torch.int32, device=DEVICE))
     torch.library.opcheck(torch.ops.d3kernels.lm_head.default, args,
                           test_utils=("test_schema", "test_faketensor",
                                       "test_aot_dispatch_dynamic"))

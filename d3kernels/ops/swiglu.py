@@ -107,11 +107,13 @@ def _gate_up_kernel(x_ptr, nw_ptr, w_ptr, out_ptr, rows_ptr, R, N, K, M_BUCKET, 
           # The residual is updated in place: each timing run must start from the original.
           restore_value=["res_ptr"])
 @triton.jit
-def _down_residual_kernel(h_ptr, w_ptr, res_ptr, rows_ptr, R, N, K, M_BUCKET,
-                          stride_h, stride_w, stride_res,
-                          HAS_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+def _down_residual_kernel(h_ptr, w_ptr, res_ptr, rows_ptr, stash_ptr, pos_ptr, R, N, K,
+                          M_BUCKET, stride_h, stride_w, stride_res, stride_sb, stride_st,
+                          HAS_ROWS: tl.constexpr, HAS_STASH: tl.constexpr,
+                          DOT_PRECISION: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # res[row, n] += h[row] · w[n] for the R active rows.
+    # res[row, n] += h[row] · w[n] for the R active rows (HAS_STASH: the sum also goes to
+    # stash[row, pos[row], n]).
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -138,7 +140,12 @@ def _down_residual_kernel(h_ptr, w_ptr, res_ptr, rows_ptr, R, N, K, M_BUCKET,
     mask = m_mask[:, None] & n_mask[None, :]
     res_ptrs = res_ptr + row[:, None] * stride_res + offs_n[None, :]
     res = tl.load(res_ptrs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(res_ptrs, (res + acc).to(res_ptr.dtype.element_ty), mask=mask)
+    new = (res + acc).to(res_ptr.dtype.element_ty)
+    tl.store(res_ptrs, new, mask=mask)
+    if HAS_STASH:
+        slot = tl.load(pos_ptr + row, mask=m_mask, other=0).to(tl.int64)
+        tl.store(stash_ptr + row[:, None] * stride_sb + slot[:, None] * stride_st
+                 + offs_n[None, :], new, mask=mask)
 
 
 def _m_bucket(n_rows: int) -> int:
@@ -169,21 +176,24 @@ def _(x, w_gate_up, rows, out, norm_weight, eps) -> None:
     return None
 
 
-@torch.library.custom_op("d3kernels::down_residual", mutates_args=("residual",))
+@torch.library.custom_op("d3kernels::down_residual", mutates_args=("residual", "stash"))
 def _down_residual_op(h: torch.Tensor, w_down: torch.Tensor, residual: torch.Tensor,
-                      rows: Optional[torch.Tensor]) -> None:
+                      rows: Optional[torch.Tensor], stash: Optional[torch.Tensor],
+                      positions: Optional[torch.Tensor]) -> None:
     n_rows = h.shape[0] if rows is None else rows.numel()
     hidden, inter = w_down.shape
     if n_rows == 0 or hidden == 0:
         return
+    has_stash = stash is not None
     _down_residual_kernel[_grid(n_rows, hidden)](
-        h, w_down, residual, rows, n_rows, hidden, inter, _m_bucket(n_rows),
-        h.stride(0), w_down.stride(0), residual.stride(0), HAS_ROWS=rows is not None,
-        DOT_PRECISION=dot_precision(h.dtype))
+        h, w_down, residual, rows, stash, positions, n_rows, hidden, inter, _m_bucket(n_rows),
+        h.stride(0), w_down.stride(0), residual.stride(0),
+        stash.stride(0) if has_stash else 0, stash.stride(1) if has_stash else 0,
+        HAS_ROWS=rows is not None, HAS_STASH=has_stash, DOT_PRECISION=dot_precision(h.dtype))
 
 
 @_down_residual_op.register_fake
-def _(h, w_down, residual, rows) -> None:
+def _(h, w_down, residual, rows, stash, positions) -> None:
     return None
 
 
@@ -222,12 +232,16 @@ def swiglu_gate_up(x: torch.Tensor, w_gate_up: torch.Tensor, *, rows: torch.Tens
 
 
 def down_residual(h: torch.Tensor, w_down: torch.Tensor, residual: torch.Tensor, *,
-                  rows: torch.Tensor | None = None) -> None:
+                  rows: torch.Tensor | None = None, stash: torch.Tensor | None = None,
+                  positions: torch.Tensor | None = None) -> None:
     """In place: ``residual += h @ w_down.T``, added in fp32 and stored in residual's dtype.
 
     h: [M, I] fp32/fp16/bf16; w_down: [H, I] and residual: [M, H], h's dtype (rows of h and
     residual may be strided, last dims dense). rows: None or int32 [R] of distinct row indices:
     only those rows of h are read and of residual updated; the others are left untouched.
+    stash: optional [M, T, H] in h's dtype (rows and slots may be strided), with positions:
+    int32 [M]: the updated residual row b is also stored at ``stash[b, positions[b]]`` (the
+    deferred backfill's copy of the residual entering a skipped run, without a launch of its own).
     Allocates nothing (CUDA-graph capturable). fp32 inputs multiply in IEEE fp32 (no tf32).
     """
     check_tensor("h", h, ndim=2, dtype=FLOAT_DTYPES)
@@ -236,5 +250,11 @@ def down_residual(h: torch.Tensor, w_down: torch.Tensor, residual: torch.Tensor,
     check_tensor("residual", residual, shape=(M, w_down.shape[0]), dtype=h.dtype,
                  device=h.device)
     check_rows(rows, M, h.device)
+    if (stash is None) != (positions is None):
+        raise ValueError("stash and positions go together: pass both or neither")
+    if stash is not None:
+        check_tensor("stash", stash, shape=(M, None, w_down.shape[0]), dtype=h.dtype,
+                     device=h.device)
+        check_tensor("positions", positions, shape=(M,), dtype=torch.int32, device=h.device)
     check_launchable(h)
-    torch.ops.d3kernels.down_residual(h, w_down, residual, rows)
+    torch.ops.d3kernels.down_residual(h, w_down, residual, rows, stash, positions)

@@ -152,6 +152,30 @@ def test_down_residual_rows(dtype):
     assert torch.equal(residual[idle], start[idle])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_down_residual_stash(dtype):
+    """The updated residual also lands at stash[b, positions[b]] for the processed rows only."""
+    M, H, inter, T = 5, 96, 160, 7
+    torch.manual_seed(43)
+    h = randn(M, inter, dtype=dtype)
+    _, w_down = _weights(H, inter, dtype)
+    residual = randn(M, H, dtype=dtype)
+    start = residual.clone()
+    big = poisoned((M, T + 2, H + 8), dtype)  # strided rows and slots, as KVCache.stash[s]
+    stash = big[:, 1:T + 1, :H]
+    positions = torch.tensor([3, 0, 6, 1, 2], dtype=torch.int32, device=DEVICE)
+    rows = torch.tensor([4, 0, 2], dtype=torch.int32, device=DEVICE)
+    down_residual(h, w_down, residual, rows=rows, stash=stash, positions=positions)
+    ref = start.double().cpu() + h.double().cpu() @ w_down.double().cpu().T
+    for b in rows.tolist():
+        assert torch.equal(stash[b, positions[b]], residual[b])  # the stored sum, bit for bit
+        assert_close(residual[b], ref[b], dtype)
+    written = torch.zeros(M, T, dtype=torch.bool)
+    written[rows.long().cpu(), positions[rows.long()].long().cpu()] = True
+    assert stash.isnan().all(dim=-1).cpu().eq(~written).all()  # nothing else stored
+    assert big[:, 0].isnan().all() and big[:, T + 1].isnan().all() and big[..., H:].isnan().all()
+
+
 def test_swiglu_empty_rows():
     x = randn(3, 96)
     w_gate_up, w_down = _weights(96, 160, torch.float32)
@@ -191,6 +215,10 @@ def test_swiglu_bad_input():
         (dict(residual=residual[:2]), "residual"),
         (dict(residual=residual.half()), "residual"),
         (dict(rows=torch.zeros(4, dtype=torch.int32, device=DEVICE)), "rows"),
+        (dict(stash=randn(3, 5, 96)), "stash and positions"),
+        (dict(stash=randn(3, 5, 95), positions=torch.zeros(3, dtype=torch.int32,
+                                                           device=DEVICE)), "stash"),
+        (dict(stash=randn(3, 5, 96), positions=torch.zeros(3, device=DEVICE)), "positions"),
     ]
     for override, name in down_cases:
         args = dict(h=h, w_down=w_down, residual=residual, rows=None) | override
@@ -207,7 +235,9 @@ def test_swiglu_opcheck():
         torch.library.opcheck(torch.ops.d3kernels.swiglu_gate_up.default,
                               (x, w_gate_up, r, torch.empty(3, 160), norm, EPS), test_utils=utils)
         torch.library.opcheck(torch.ops.d3kernels.down_residual.default,
-                              (randn(3, 160), w_down, randn(3, 96), r), test_utils=utils)
+                              (randn(3, 160), w_down, randn(3, 96), r, randn(3, 4, 96),
+                               torch.tensor([1, 3, 0], dtype=torch.int32, device=DEVICE)),
+                              test_utils=utils)
 
 
 @gpu

@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
 
 import torch.nn.functional as F  # noqa: E402
 
-from d3kernels.ops.lm_head import lm_head  # noqa: E402
+from d3kernels.ops.lm_head import lm_head, lm_head_scratch  # noqa: E402
 from d3kernels.sampling import sample  # noqa: E402
 from perf.ops.timing import OURS, measure  # noqa: E402
 
@@ -62,8 +62,10 @@ def test_lm_head(benchmark, copy_gbps, weights, model, batch, mode, impl):
     seed = torch.tensor([1234], dtype=torch.int64, device="cuda")
     offset = torch.zeros(1, dtype=torch.int64, device="cuda")
     kw = {} if greedy else dict(temperature=TEMPERATURE, top_k=TOP_K, seed=seed, offset=offset)
+    # caller-owned output and scratch, as in a captured decode step: the call allocates nothing
+    scratch = lm_head_scratch(batch, weight.shape[0], kw.get("top_k"), "cuda")
     fn = {
-        OURS: lambda: lm_head(x, norm, weight, EPS, tokens_out=tokens, **kw),
+        OURS: lambda: lm_head(x, norm, weight, EPS, tokens_out=tokens, scratch=scratch, **kw),
         "eager": lambda: torch_lm_head(x, norm, weight, greedy),
         "compile": lambda: _compiled(x, norm, weight, greedy),
     }[impl]

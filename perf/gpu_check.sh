@@ -55,17 +55,21 @@ if [ -L "$CACHE" ] || [ ! -e "$CACHE" ]; then ln -sfn "$PWD/.d3cache" "$CACHE"; 
 export TRITON_CACHE_DIR=$CACHE/triton TORCHINDUCTOR_CACHE_DIR=$CACHE/inductor
 CACHE_BEFORE=$(du -sm .d3cache | cut -f1)
 
+# One python start for the probes: versions, the GPU's tuned-file stem, pytest-xdist or not.
+PROBE=$(timeout 60 python3 -c "import importlib.util, sys, torch, triton
+from d3kernels.ops._tuning import gpu_slug
+print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)
+print('slug:', gpu_slug(torch.cuda.get_device_name()) if torch.cuda.is_available() else '')
+print('xdist:', importlib.util.find_spec('xdist') is not None)" 2>&1)
+SLUG=$(sed -n 's/^slug: //p' <<< "$PROBE")
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
-  timeout 60 python3 -c "import sys, torch, triton; print('python', sys.version.split()[0], \
-'torch', torch.__version__, 'triton', triton.__version__)"
+  if [ -n "$SLUG" ]; then head -1 <<< "$PROBE"; else echo "$PROBE"; fi
   echo "commit $(git log -1 --format='%h %cs' 2>/dev/null), $(git status --short 2>/dev/null | wc -l) paths changed"
   echo "started $(date -u +%FT%TZ); compile cache carried in: ${CACHE_BEFORE} MiB"; } \
   > "$WORK/env.txt" 2>&1
-SLUG=$(timeout 60 python3 -c "import torch; from d3kernels.ops._tuning import gpu_slug; \
-print(gpu_slug(torch.cuda.get_device_name()))" 2>> "$WORK/env.txt")
 TUNED_OUT=$OUT/tuned
 XDIST=()
-python3 -c "import xdist" 2> /dev/null && XDIST=(-n 12)
+grep -qx "xdist: True" <<< "$PROBE" && XDIST=(-n 12)
 PAR_ENV=(OMP_NUM_THREADS=2 TORCHINDUCTOR_COMPILE_THREADS=1)  # 12 workers on 16 cores
 
 failed=0 deadline=$SETUP

@@ -51,9 +51,10 @@ class Conversation:
         max_seq_len: the conversation's capacity in tokens (its own cache, allocated on the
             first turn); None: ``model.max_seq_len``.
         backfill, backfill_timing: ``"propagate"`` | ``"mask"`` and ``"eager"`` | ``"deferred"``
-            (None: the model's; see :class:`d3kernels.LlamaD3`). Deferred: each reply's
-            skipped-layer K/V is filled in one batched launch per group of layers when the next
-            turn's prefill is about to read it (or on :meth:`flush_backfill`).
+            (None: the model's, by default propagate/deferred; see :class:`d3kernels.LlamaD3`).
+            Deferred: each reply's skipped-layer K/V is filled in one batched launch per group
+            of layers when the next turn's prefill is about to read it (or on
+            :meth:`flush_backfill`); a reply no turn follows never pays for it.
 
     Attributes:
         messages: the chat so far ([{"role", "content"}], text turns only).

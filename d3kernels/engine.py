@@ -131,14 +131,19 @@ class Engine:
     head_dim elements, allocated here: ~3 GB for SmolLM2 in float32 with the defaults, so set
     max_seq_len to what requests need). ``schedule`` (None: full depth), ``stop_tokens``
     (None: the tokenizer's) and ``backfill`` (None: the model's mode) are the defaults of
-    :meth:`submit`. min_free: admit waiting requests only when at least this many rows are
+    :meth:`submit`. backfill_timing (None: the model's, ``"deferred"`` by default): deferred,
+    a ``propagate`` step stashes what its skipped layers' K/V need and a request's row drops
+    that debt when it is released, unpaid (no pass reads a finished request's cache);
+    ``model.flush_backfill(engine.cache)`` fills what the running rows owe. ``"eager"`` fills
+    skipped layers every step. min_free: admit waiting requests only when at least this many rows are
     free (or none is running); 1 (default) is plain continuous batching, ``max_batch`` admits
     in waves. Either backend (see the module docstring for what each guarantees).
     """
 
     def __init__(self, model, max_batch: int = 8, max_seq_len: int | None = None,
                  schedule: DepthSchedule | None = None, *, stop_tokens=None,
-                 backfill: str | None = None, min_free: int = 1):
+                 backfill: str | None = None, backfill_timing: str | None = None,
+                 min_free: int = 1):
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
         if max_seq_len is None:
@@ -156,7 +161,7 @@ class Engine:
                 raise ValueError(f"schedule must be a DepthSchedule or None, got {schedule!r}")
             schedule.validate(model.config.num_layers)
         self.model = model
-        self.backfill, _ = model.resolve_backfill(backfill)
+        self.backfill, self.backfill_timing = model.resolve_backfill(backfill, backfill_timing)
         self.schedule = schedule
         self.stop_tokens = stop_tokens
         self.min_free = min_free
@@ -234,7 +239,9 @@ class Engine:
         return True
 
     def _release(self, req: Request) -> None:
-        """Give req's cache row back (the lowest free row is admitted next)."""
+        """Give req's cache row back (the lowest free row is admitted next) and drop the
+        backfill it still owes: nothing will read it."""
+        self.cache.drop_backfill([req.slot])
         del self._running[req.slot]
         self._free.append(req.slot)
         self._free.sort(reverse=True)
@@ -303,7 +310,8 @@ class Engine:
             positions = [len(r.prompt) + len(r.tokens) - 1 for r in decoding]
             nxt = m.decode_rows(tokens, [r.slot for r in decoding], positions, kept,
                                 self.cache, RowSampling([r.sampling for r in decoding]),
-                                backfill=self.backfill).tolist()
+                                backfill=self.backfill,
+                                backfill_timing=self.backfill_timing).tolist()
             union = len(set().union(*kept))
             contexts = [p + 1 for p in positions]
             elem = m.embed.element_size()

@@ -44,7 +44,7 @@ class _Plan:
     cache: KVCache | None = None       # a cache that already holds each row's history
     past_lengths: list[int] | None = None  # tokens of history per row in ``cache``
     backfill: str = "propagate"
-    backfill_timing: str = "eager"
+    backfill_timing: str = "deferred"
     flush_backfill: bool = False
 
 

@@ -6,6 +6,7 @@ slice; the KV cache is static and written by index. ``prefill`` and ``decode_ste
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from pathlib import Path
@@ -89,6 +90,12 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+@functools.lru_cache(maxsize=4096)
+def _layer_bits(layers: tuple[int, ...]) -> int:
+    """A layer set as a bitmask (host int: cheap to intersect every step)."""
+    return sum(1 << j for j in layers)
+
+
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
@@ -106,19 +113,22 @@ class LlamaD3:
     (default): its K/V at that position are computed from the residual stream as it reaches
     the layer. ``"mask"``: they are never written and attention at that layer ignores them
     (both backends: the triton attention kernels read ``KVCache.written`` as a validity mask).
-    backfill_timing (propagate only): ``"eager"`` (default) fills skipped layers' K/V in every
-    decode step; ``"deferred"`` keeps the residual at each skip point and fills every missing
-    entry later, one batched launch per group of layers, just before a pass that reads
-    them (the next prefill on that cache) or on :meth:`flush_backfill`. Both give the same
-    cache; deferred reads each skipped layer's K/V weights once per flush instead of per step.
-    Both can be overridden per call (``generate``, ``Conversation``).
+    backfill_timing (propagate only): ``"deferred"`` (default) keeps the residual entering each
+    run of skipped layers (one hidden vector per run and position, ``KVCache.stash``) and
+    fills the missing entries only when something will read them, one batched launch per
+    group of layers: before a pass that reads that history (a prefill on that cache, e.g. a
+    chat's next turn) or on :meth:`flush_backfill`. Within one reply no pass reads them (the
+    kept sets are nested), and a cache thrown away (a new generation on the model's cache, a
+    released engine row) never pays for them. ``"eager"`` fills them in every decode step.
+    Once flushed, both give the same cache. Both can be overridden per call (``generate``,
+    ``Conversation``, ``Engine``).
     """
 
     def __init__(self, config: LlamaConfig, weights: dict[str, torch.Tensor], *, tokenizer=None,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                  backend: str = "auto", max_seq_len: int | None = None,
                  cuda_graphs: bool = True, backfill: str = "propagate",
-                 backfill_timing: str = "eager"):
+                 backfill_timing: str = "deferred"):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
         device = torch.device(device)
@@ -136,7 +146,7 @@ class LlamaD3:
         self.dtype = dtype
         self.device = device
         self.backend = backend
-        self.backfill, self.backfill_timing = "propagate", "eager"
+        self.backfill, self.backfill_timing = "propagate", "deferred"
         self.backfill, self.backfill_timing = self.resolve_backfill(backfill, backfill_timing)
         self.max_seq_len = max_seq_len or min(config.max_position_embeddings, 8192)
 
@@ -432,12 +442,21 @@ class LlamaD3:
         reaches them, one batched matmul per run of consecutive skipped layers; ``propagate``/
         deferred stashes that residual per run for :meth:`flush_backfill`; ``mask`` leaves them
         unwritten and attention ignores them. Returns the next token [B] (long).
+
+        A row that owes deferred entries this pass would read (a kept layer it skipped before:
+        kept sets that are not nested) or overwrite (a slot at or past this one: the sequence
+        is rewritten) first gets them filled below this slot and dropped from it on; a reply
+        driven by a DepthSchedule never needs this.
         """
         mode, timing = self.resolve_backfill(backfill, backfill_timing)
         L = self.config.num_layers
         B = tokens.shape[0]
         deferred = mode == "propagate" and timing == "deferred"
         skipped = L - len(kept)
+        if cache.deferred:
+            settle = cache.must_settle(range(B), positions, [_layer_bits(kept)] * B)
+            if settle:
+                self._settle_backfill(cache, settle, [positions[b] for b in settle])
         # which layers' entries this step writes; the others at these slots stay missing
         filled = kept if mode == "mask" or deferred else tuple(range(L))
         mark = self._marks.get(filled)
@@ -454,11 +473,13 @@ class LlamaD3:
                 rows = torch.arange(B, device=self.device)
                 pos = torch.tensor(positions, device=self.device)
             cache.written[:, rows, pos] = mark[:, None]
-        if skipped and mode == "propagate":
+        runs = skipped_runs(kept, L) if skipped and mode == "propagate" else ()
+        if runs:
             if deferred:
-                for run in skipped_runs(kept, L):
-                    cache.deferred.setdefault(run, []).extend(
-                        (b, p) for b, p in enumerate(positions))
+                cache.get_stash(len(runs))  # before any capture: CUDA graphs hold its address
+                owed = _layer_bits(tuple(range(L))) ^ _layer_bits(kept)
+                for b, p in enumerate(positions):
+                    cache.defer(b, p, runs, owed)
             else:
                 cache.backfill_bytes += skipped * backfill_layer_bytes(
                     self.config, self.embed.element_size())
@@ -475,20 +496,20 @@ class LlamaD3:
             span = max(positions) + 1
             mask = (torch.arange(span, device=self.device) <= pos[:, None])[:, None, None]
         x = self.embed[tokens][:, None]  # [B, 1, H]
-        runs = iter(skipped_runs(kept, cfg.num_layers) if mode == "propagate" else ())
+        runs = iter(enumerate(runs))
         run = next(runs, None)
 
-        def fill(run):
+        def fill(s, run):  # s: the run's ordinal in this step, its row of the stash
             if not deferred:
                 self._backfill(run, x, cos, sin, positions, cache)
             elif uniform:
-                cache.get_stash()[run[0], :B, p] = x[:, 0]
+                cache.stash[s, :B, p] = x[:, 0]
             else:
-                cache.get_stash()[run[0]][rows, pos] = x[:, 0]
+                cache.stash[s][rows, pos] = x[:, 0]
 
         for j in kept:
-            while run is not None and run[0] < j:  # skipped layers below j see the same residual
-                fill(run)
+            while run is not None and run[1][0] < j:  # skipped layers below j see this residual
+                fill(*run)
                 run = next(runs, None)
             q, k, v = self._qkv(j, x, cos, sin)
             if uniform:
@@ -505,13 +526,14 @@ class LlamaD3:
                                                   enable_gqa=True)
             x = self._finish_layer(j, x, attn)
         while run is not None:
-            fill(run)
+            fill(*run)
             run = next(runs, None)
         return sampling(self._head(x[:, 0]))
 
     def decode_rows(self, tokens: torch.Tensor, rows: list[int], positions: list[int],
                     kept: list[tuple[int, ...]], cache: KVCache, sampling, *,
-                    backfill: str | None = None) -> torch.Tensor:
+                    backfill: str | None = None,
+                    backfill_timing: str | None = None) -> torch.Tensor:
         """One decode pass over a batch whose rows run different layer sets (continuous
         batching: each request is at its own step i, so at its own depth).
 
@@ -519,16 +541,20 @@ class LlamaD3:
         rows[r] (distinct); kept[r]: the ascending layers request r runs; sampling: a
         Sampling, or a :class:`d3kernels.sampling.RowSampling` when requests pick their tokens
         differently. Layer j runs (QKV, attention, MLP) only on the rows that keep it; the
-        others' residual passes through and, in ``propagate`` mode, their K/V at j are filled
-        from it (eager: the engine never defers, a released row is never read again); ``mask``
-        writes nothing for them. Returns the next tokens [R] (long). Bad arguments raise
-        ValueError before anything runs.
+        others' residual passes through and, in ``propagate`` mode, their K/V at j come from
+        it: eager fills them now, deferred (backfill_timing None: the model's) stashes the
+        residual entering each of the row's skipped runs for :meth:`flush_backfill` (the
+        engine drops what a row owes when it releases the row: nothing reads it); ``mask``
+        writes nothing for them. Owed entries a row's pass would read or overwrite are
+        settled first, as in :meth:`decode_step`. Returns the next tokens [R] (long). Bad
+        arguments raise ValueError before anything runs.
 
         Both backends: the torch one gathers the rows that run a layer and scatters the result
         back; the triton one passes them to every kernel as ``rows=`` in the cache-row layout
         (``TritonBackend.decode_rows``; no CUDA graphs, the row sets change every step).
         """
-        mode, _ = self.resolve_backfill(backfill)
+        mode, timing = self.resolve_backfill(backfill, backfill_timing)
+        deferred = mode == "propagate" and timing == "deferred"
         cfg, dev, L = self.config, self.device, self.config.num_layers
         rows, positions, kept = list(rows), list(positions), [tuple(k) for k in kept]
         R = len(rows)
@@ -539,9 +565,6 @@ class LlamaD3:
             raise ValueError(f"tokens must be a 1-D long tensor with one token per row of rows "
                              f"({R}), got {got}")
         self._check_ids(tokens, "tokens")
-        if cache.deferred:  # its owed entries would be overwritten or read out of order
-            raise ValueError("cache owes a deferred backfill: call flush_backfill(cache) before "
-                             "decode_rows")
         if len(set(rows)) != R or not all(_is_int(r) and 0 <= r < cache.batch_size
                                           for r in rows):
             raise ValueError(f"rows must hold distinct cache rows in [0, {cache.batch_size}), "
@@ -554,16 +577,34 @@ class LlamaD3:
                 _is_int(j) and 0 <= j < L for j in k) for k in kept):
             raise ValueError(f"kept must hold one ascending tuple of distinct layers in "
                              f"[0, {L}) per row, got {kept}")
+        if cache.deferred:
+            settle = cache.must_settle(rows, positions, [_layer_bits(k) for k in kept])
+            if settle:
+                self._settle_backfill(cache, [rows[i] for i in settle],
+                                      [positions[i] for i in settle])
         keeps = [frozenset(k) for k in kept]
         row_t, pos = torch.tensor(rows, device=dev), torch.tensor(positions, device=dev)
-        mark = torch.tensor([[mode == "propagate" or j in k for k in keeps] for j in range(L)],
-                            device=dev)
+        mark = torch.tensor([[(mode == "propagate" and not deferred) or j in k for k in keeps]
+                             for j in range(L)], device=dev)
         cache.written[:, row_t, pos] = mark
-        if mode == "propagate":  # one backfill per layer that any row skips
+        starts = None
+        if deferred:  # layer a -> {ordinal s: the requests whose s-th skipped run starts at a}
+            starts = {}
+            every = _layer_bits(tuple(range(L)))
+            row_runs = [skipped_runs(k, L) for k in kept]
+            if any(row_runs):
+                cache.get_stash(max(map(len, row_runs)))
+            for r, runs in enumerate(row_runs):
+                if runs:
+                    cache.defer(rows[r], positions[r], runs, every ^ _layer_bits(kept[r]))
+                for s, (a, _) in enumerate(runs):
+                    starts.setdefault(a, {}).setdefault(s, []).append(r)
+        elif mode == "propagate":  # one backfill per layer that any row skips
             cache.backfill_bytes += sum(any(j not in k for k in keeps) for j in range(L)) \
                 * backfill_layer_bytes(cfg, self.embed.element_size())
         if self._triton is not None:
-            return self._triton.decode_rows(tokens, rows, positions, kept, cache, sampling, mode)
+            return self._triton.decode_rows(tokens, rows, positions, kept, cache, sampling, mode,
+                                            starts)
         cos, sin = self.rope_cos[pos][:, None, None], self.rope_sin[pos][:, None, None]
         span = max(positions) + 1
         causal = (torch.arange(span, device=dev) <= pos[:, None])[:, None, None]  # [R,1,1,span]
@@ -574,7 +615,11 @@ class LlamaD3:
 
         for j in range(L):
             run = [r for r in range(R) if j in keeps[r]]
-            if mode == "propagate" and len(run) < R:
+            if deferred:
+                for s, stashed in starts.get(j, {}).items():
+                    t = torch.tensor(stashed, device=dev)
+                    cache.stash[s][row_t[t], pos[t]] = x[t, 0]
+            elif mode == "propagate" and len(run) < R:
                 skip = [r for r in range(R) if j not in keeps[r]]
                 s_idx = torch.tensor(skip, device=dev)
                 self._backfill((j, j + 1), x[s_idx], cos[s_idx], sin[s_idx],
@@ -604,29 +649,35 @@ class LlamaD3:
     def _begin_prefill(self, cache: KVCache, lengths: list[int], start: list[int] | None,
                        rows: list[int] | None = None):
         """Bookkeeping before a prefill writes slots start[b].. of cache rows rows[b] (None:
-        b): flush deferred backfill owed to the history it reads, drop what it overwrites, and
-        mark its slots written at every layer (clearing the row's later slots, which are
-        stale)."""
+        b): settle what those rows owe (see :meth:`_settle_backfill`; other rows' debts stay
+        owed) and mark its slots written at every layer (clearing the row's later slots,
+        which are stale)."""
         B = len(lengths)
         rows = list(range(B)) if rows is None else rows
-        first = dict(zip(rows, [0] * B if start is None else start))
+        first = [0] * B if start is None else list(start)
         if cache.deferred:
-            for run, pairs in list(cache.deferred.items()):
-                keep = [(b, p) for b, p in pairs if b not in first or p < first[b]]
-                if keep:
-                    cache.deferred[run] = keep
-                else:
-                    del cache.deferred[run]
-            self.flush_backfill(cache)
-        for b, n in zip(rows, lengths):
-            cache.written[:, b, first[b]:] = False
-            cache.written[:, b, first[b]:first[b] + n] = True
+            self._settle_backfill(cache, rows, first)
+        for b, f, n in zip(rows, first, lengths):
+            cache.written[:, b, f:] = False
+            cache.written[:, b, f:f + n] = True
 
-    @torch.inference_mode()
-    def flush_backfill(self, cache: KVCache | None = None) -> int:
+    def _settle_backfill(self, cache: KVCache, rows: list[int], first: list[int]) -> None:
+        """Before a pass on cache row rows[i] that reads its slots below first[i] and writes
+        from there on: fill what the row owes below first[i], forget what it owes from there
+        on (overwritten, never read)."""
+        reads = {}
+        for r, f in zip(rows, first):
+            for run, slots in cache.take_backfill([r]).get(r, {}).items():
+                below = [p for p in slots if p < f]
+                if below:
+                    reads.setdefault(r, {})[run] = below
+        self._fill_backfill(cache, reads)
+
+    def flush_backfill(self, cache: KVCache | None = None, rows: list[int] | None = None) -> int:
         """Fill every K/V entry a deferred ``propagate`` backfill still owes in ``cache``
-        (default: the model's last cache). After it the cache equals the one eager backfill
-        would have made. Returns the (layer, slot) entries filled.
+        (default: the model's last cache), or only in its cache rows ``rows``. After it the
+        cache equals the one eager backfill would have made. Returns the (layer, row, slot)
+        entries filled.
 
         Layers owed by the same set of (row, slot) entries form one group, filled in one
         launch (torch: one batched matmul; triton: one ``kv_backfill`` launch over the group's
@@ -637,25 +688,37 @@ class LlamaD3:
         cache = self.cache if cache is None else cache
         if cache is None or not cache.deferred:
             return 0
+        return self._fill_backfill(cache, cache.take_backfill(rows))
+
+    @torch.inference_mode()
+    def _fill_backfill(self, cache: KVCache, owed: dict[int, dict[tuple, list[int]]]) -> int:
+        """flush_backfill of ``owed`` (row -> {(a, b, s): slots}, as ``KVCache.deferred``),
+        already taken out of the cache."""
+        if not owed:
+            return 0
         cfg, dev = self.config, self.device
         per_layer = backfill_layer_bytes(cfg, self.embed.element_size())
-        owed: dict[int, set[tuple[int, int, int]]] = {}  # layer -> {(run start, row, slot)}
-        for (a, b), pairs in cache.deferred.items():
-            for layer in range(a, b):
-                owed.setdefault(layer, set()).update((a, r, p) for r, p in pairs)
-        groups: dict[frozenset, list[int]] = {}
-        for layer, entries in sorted(owed.items()):
-            groups.setdefault(frozenset(entries), []).append(layer)
-        stash = cache.get_stash()
+        entries: dict[tuple, list[tuple[int, int, int]]] = {}  # run -> [(ordinal, row, slot)]
+        for r, runs in owed.items():
+            for run, slots in runs.items():
+                entries.setdefault(run, []).extend((run[2], r, p) for p in slots)
+        runs_of: dict[int, list[tuple]] = {}  # layer -> the runs that owe it
+        for run in sorted(entries):
+            for layer in range(run[0], run[1]):
+                runs_of.setdefault(layer, []).append(run)
+        groups: dict[tuple, list[int]] = {}  # each (row, slot) is in one run per layer at most
+        for layer, runs in sorted(runs_of.items()):
+            groups.setdefault(tuple(runs), []).append(layer)
         filled = 0
-        for entries, layers in groups.items():
-            src, rows, pos = (torch.tensor(c, device=dev) for c in zip(*sorted(entries)))
-            states = stash[src, rows, pos]  # [M, H]
+        for runs, layers in groups.items():
+            src, rows, pos = (torch.tensor(c, device=dev)
+                              for c in zip(*(e for run in runs for e in entries[run])))
+            states = cache.stash[src, rows, pos]  # [M, H]
+            n, M = len(layers), len(src)
             if self._triton is not None:
                 self._triton.backfill_states(states, layers, pos, rows, cache)
             else:
                 lid = torch.tensor(layers, device=dev)
-                n, M = len(layers), len(entries)
                 normed = self._norm(states, None) * self.attn_norm[lid, None, :]  # [n, M, H]
                 kv = torch.matmul(normed, self.w_qkv[lid, cfg.q_size:].transpose(1, 2))
                 k, v = kv.view(n, M, 2, cfg.num_kv_heads, cfg.head_dim).unbind(2)
@@ -664,9 +727,8 @@ class LlamaD3:
                 cache.k[lid[:, None], rows[None], :, pos[None]] = _rope(k, cos, sin)
                 cache.v[lid[:, None], rows[None], :, pos[None]] = v
             cache.written[torch.tensor(layers, device=dev)[:, None], rows[None], pos[None]] = True
-            cache.backfill_bytes += len(layers) * per_layer
-            filled += len(layers) * len(entries)
-        cache.deferred.clear()
+            cache.backfill_bytes += n * per_layer
+            filled += n * M
         return filled
 
     def _backfill(self, run: tuple[int, int], x: torch.Tensor, cos, sin, positions: list[int],
@@ -692,10 +754,14 @@ class LlamaD3:
             cache.v[a:b][:, rows, :, pos] = v.transpose(0, 1)
 
     def new_cache(self, batch_size: int, seq_len: int) -> KVCache:
-        """A cache for batch_size rows of up to seq_len tokens, reusing the last one if it fits."""
+        """A cache for batch_size rows of up to seq_len tokens, reusing the last one if it fits.
+        A reused cache's old contents are thrown away, and with them any deferred backfill
+        they still owe (nothing will read it; flush the cache first to keep it)."""
         c = self.cache
         if c is None or c.batch_size < batch_size or c.seq_len < seq_len:
             self.cache = c = KVCache(self.config, batch_size, seq_len, self.dtype, self.device)
+        else:
+            c.drop_backfill()
         return c
 
     def chat(self, system: str | None = None, schedule: DepthSchedule | None = None, **kwargs):

@@ -4,11 +4,11 @@ A decode layer is five launches: RMSNorm, QKV+RoPE+cache write, split-KV attenti
 with the residual add, RMSNorm, gate/up with silu·mul, down with the residual add (the residual
 is updated in place). Skipped layers cost one ``kv_backfill`` launch per run of consecutive
 skipped layers (``propagate``/eager), or one stash copy per run when the backfill is deferred
-(``LlamaD3.flush_backfill`` later fills a whole run's stashed states in one ``kv_backfill``
-launch); the LM head picks the token without writing logits. In ``mask`` mode skipped layers
-cost nothing and attention at layer j reads ``cache.written[j]`` as its validity mask. On a GPU
-each distinct (batch, layer set, mode) decode step is captured once as a CUDA graph and replayed
-after that.
+(into ``KVCache.stash[s]`` for the step's s-th run; ``LlamaD3.flush_backfill`` later fills
+many runs' stashed states in one ``kv_backfill`` launch per group of layers); the LM head
+picks the token without writing logits. In ``mask`` mode skipped layers cost nothing and
+attention at layer j reads ``cache.written[j]`` as its validity mask. On a GPU each distinct
+(batch, layer set, mode) decode step is captured once as a CUDA graph and replayed after that.
 
 Continuous batching (``decode_rows``, ``prefill(rows=...)``) works in the cache-row layout: the
 residual has one row per cache row, and each layer kernel gets, through ``rows=``, the cache rows
@@ -45,6 +45,7 @@ class TritonBackend:
         self._row_sets: dict[tuple[int, ...], torch.Tensor] = {}
         self._graphs: dict[tuple, tuple] = {}
         self._graph_cache: KVCache | None = None
+        self._graph_stash: torch.Tensor | None = None
         self._pool = None
         self._positions: list[int] | None = None
         self._pos: torch.Tensor | None = None
@@ -193,21 +194,21 @@ class TritonBackend:
         B = tokens.shape[0]
         context = pos + 1
         residual = m.embed[tokens]  # [B, H]
-        runs = iter(() if mask else skipped_runs(kept, cfg.num_layers))
+        runs = iter(enumerate(() if mask else skipped_runs(kept, cfg.num_layers)))
         run = next(runs, None)
         rows = self._rows(B) if run is not None else None
 
-        def backfill(run):
+        def backfill(s, run):  # s: the run's ordinal in this step
             if deferred:  # a copy: the residual is updated in place afterwards
-                cache.get_stash()[run[0], :B].index_put_((rows.long(), pos.long()), residual)
+                cache.stash[s, :B].index_put_((rows.long(), pos.long()), residual)
                 return
             kv_backfill(residual, self._layers(run), m.attn_norm, m.w_qkv, m.rope_cos,
                         m.rope_sin, pos, rows, cache.k[:, :B], cache.v[:, :B],
                         q_size=cfg.q_size, eps=cfg.rms_norm_eps)
 
         for j in kept:
-            while run is not None and run[0] < j:  # skipped layers below j see this residual
-                backfill(run)
+            while run is not None and run[1][0] < j:  # skipped layers below j see this residual
+                backfill(*run)
                 run = next(runs, None)
             k_cache, v_cache = cache.k[j, :B], cache.v[j, :B]
             h, _ = rms_norm(residual, m.attn_norm[j], cfg.rms_norm_eps)
@@ -217,7 +218,7 @@ class TritonBackend:
             attn = attention_decode(q[:, 0], k_cache, v_cache, context, valid=valid)
             self._attention_and_mlp(j, residual, attn.view(B, cfg.q_size))
         while run is not None:
-            backfill(run)
+            backfill(*run)
             run = next(runs, None)
         return self._pick(residual, sampling, seed, offset)
 
@@ -240,12 +241,11 @@ class TritonBackend:
                     cache: KVCache, sampling: Sampling, deferred: bool = False,
                     mode: str = "propagate") -> torch.Tensor:
         """mode ``"mask"``: skipped layers are not backfilled (``deferred`` is ignored) and
-        attention reads ``cache.written`` as its validity mask."""
+        attention reads ``cache.written`` as its validity mask. Deferred: the caller has sized
+        ``cache.stash`` for this step's skipped runs (``KVCache.get_stash``)."""
         mask = mode == "mask"
         deferred = deferred and not mask
         pos = self._positions_on_device(positions)
-        if deferred:
-            cache.get_stash()  # allocated before any capture: graphs hold its address
         if self.cuda_graphs and self._fused(sampling):
             return self._replay(tokens, pos, kept, cache, sampling, deferred, mask)
         return self._decode(tokens, pos, kept, cache, sampling, sampling.seed,
@@ -253,7 +253,8 @@ class TritonBackend:
 
     def decode_rows(self, tokens: torch.Tensor, rows: list[int], positions: list[int],
                     kept: list[tuple[int, ...]], cache: KVCache,
-                    sampling: Sampling | RowSampling, mode: str = "propagate") -> torch.Tensor:
+                    sampling: Sampling | RowSampling, mode: str = "propagate",
+                    starts: dict[int, dict[int, list[int]]] | None = None) -> torch.Tensor:
         """One decode pass where request r (cache row rows[r], newest token tokens[r] at slot
         positions[r]) runs its own ascending layer set kept[r]; returns the next tokens [R]
         (long), in request order. The caller (``LlamaD3.decode_rows``) has checked the
@@ -266,7 +267,11 @@ class TritonBackend:
         keeps launches nothing. ``propagate``: the rows that skip a run of consecutive layers
         (the same rows skipping each) get those layers' K/V from one ``kv_backfill`` launch
         over their residual rows (a small index_select: kv_backfill takes states [M, H]).
-        ``mask``: skipped layers write nothing and attention reads ``cache.written[j]``.
+        Deferred ``propagate`` (``starts`` given: layer a -> {ordinal s: the indices r of the
+        requests whose s-th skipped run starts at a}, made by the caller with the stash sized
+        and the debts recorded): at layer a those rows' residual is copied to
+        ``cache.stash[s]`` at their slots instead. ``mask``: skipped layers write nothing and
+        attention reads ``cache.written[j]``.
 
         Tokens: one fused greedy LM head over the running rows when every request is greedy
         (or one fused draw for a plain sampling Sampling); a RowSampling with sampling
@@ -293,7 +298,12 @@ class TritonBackend:
         splits = attention_decode_splits(n_rows, cfg.num_kv_heads, cache.seq_len, m.device)
         for j in range(L):
             skip = skip_sets[j]
-            if mode == "propagate" and skip and (j == 0 or skip_sets[j - 1] != skip):
+            if starts is not None:
+                for s, stashed in starts.get(j, {}).items():
+                    idx = self._row_set(tuple(rows[r] for r in stashed))
+                    cache.stash[s].index_put_((idx.long(), pos.index_select(0, idx).long()),
+                                              residual.index_select(0, idx))
+            elif mode == "propagate" and skip and (j == 0 or skip_sets[j - 1] != skip):
                 # these rows' residual stays as it is through the run: fill it all now
                 b = j + 1
                 while b < L and skip_sets[b] == skip:
@@ -323,9 +333,10 @@ class TritonBackend:
     def _replay(self, tokens, pos, kept, cache, sampling, deferred=False,
                 mask=False) -> torch.Tensor:
         """Replay (capturing on first use) the graph of this batch size, layer set and mode."""
-        if cache is not self._graph_cache:  # graphs hold the cache's addresses
+        # graphs hold the cache's addresses, the stash's too (it is replaced when it grows)
+        if cache is not self._graph_cache or cache.stash is not self._graph_stash:
             self._graphs.clear()
-            self._graph_cache = cache
+            self._graph_cache, self._graph_stash = cache, cache.stash
         greedy = sampling.temperature == 0
         key = (tokens.shape[0], kept, greedy, sampling.top_k,
                None if greedy else sampling.temperature, deferred, mask)

@@ -1,12 +1,13 @@
 """Backfill modes (issue 4 §1, design.md §2): ``mask`` against the oracle, and deferred
-``propagate`` backfill against eager (same cache, fewer weight bytes read)."""
+``propagate`` backfill (the default) against eager (same cache, fewer weight bytes read, none
+for a reply nothing reads; a stash of one hidden vector per skipped run and position)."""
 import pytest
 import torch
 
 import reference
 from d3kernels import DepthSchedule, KVCache, LlamaD3
 from d3kernels.stats import backfill_layer_bytes
-from tests.ops.conftest import DEVICE, TOL, rel_err
+from tests.ops.conftest import DEVICE, TOL, gpu, rel_err
 from tests.test_chat import chat_oracle, random_turns
 
 SCHEDULES = [  # (alpha, start, min_depth, head, tail)
@@ -210,17 +211,21 @@ def test_deferred_cache_equals_eager_after_flush(tiny64):
     s = schedule_of(SCHEDULES[0], "upper")
     prompts = [prompt_of(n, seed=n) for n in (5, 12, 2)]  # rows at different positions
     n = 10
-    eager = tiny64.generate(prompts, n, s, stop_tokens=(), cache=KVCache(
-        tiny64.config, 3, 32, tiny64.dtype, tiny64.device), past_lengths=[0, 0, 0])
+    eager = tiny64.generate(prompts, n, s, stop_tokens=(), backfill_timing="eager")
     c_eager = KVCache(tiny64.config, 3, 32, tiny64.dtype, tiny64.device)
     c_def = KVCache(tiny64.config, 3, 32, tiny64.dtype, tiny64.device)
-    out_e = tiny64.generate(prompts, n, s, stop_tokens=(), cache=c_eager, past_lengths=[0] * 3)
+    out_e = tiny64.generate(prompts, n, s, stop_tokens=(), cache=c_eager, past_lengths=[0] * 3,
+                            backfill_timing="eager")
     out_d = tiny64.generate(prompts, n, s, stop_tokens=(), cache=c_def, past_lengths=[0] * 3,
                             backfill_timing="deferred")
     assert out_d.tokens == out_e.tokens == eager.tokens
     ends = [len(p) + n - 1 for p in prompts]  # the last token is not in the cache
     assert c_def.pending_backfill > 0 and not c_def.written[:, 0, :ends[0]].all()
     assert out_d.stats.backfill_bytes == 0  # nothing filled yet
+    # one skipped run per step (upper order): one hidden vector per (row, slot)
+    assert c_def.stash.shape == (1, 3, 32, tiny64.config.hidden_size)
+    assert c_def.stash_bytes == 3 * 32 * tiny64.config.hidden_size * 8 < c_def.kv_bytes
+    assert c_eager.stash is None and c_eager.stash_bytes == 0
     filled = tiny64.flush_backfill(c_def)
     assert filled > 0 and c_def.pending_backfill == 0 and tiny64.flush_backfill(c_def) == 0
     _used_slots_equal(c_def, c_eager, ends, 1e-12)
@@ -231,7 +236,7 @@ def test_deferred_reads_fewer_backfill_bytes(tiny64):
     s = schedule_of(SCHEDULES[0], "lower")
     L, n = tiny64.config.num_layers, 16
     per_layer = backfill_layer_bytes(tiny64.config, 8)
-    eager = tiny64.generate([1, 2, 3], n, s, stop_tokens=())
+    eager = tiny64.generate([1, 2, 3], n, s, stop_tokens=(), backfill_timing="eager")
     deferred = tiny64.generate([1, 2, 3], n, s, stop_tokens=(), backfill_timing="deferred",
                                flush_backfill=True)
     assert deferred.tokens == eager.tokens
@@ -255,7 +260,7 @@ def test_deferred_three_turn_chat_matches_oracle(tiny64, order):
     s = DepthSchedule(alpha=0.7, head=1, tail=2, order=order)
     turns = random_turns(512, (9, 5, 7), seed=8)
     conv = tiny64.chat(schedule=s, stop_tokens=(), max_seq_len=96, backfill_timing="deferred")
-    eager = tiny64.chat(schedule=s, stop_tokens=(), max_seq_len=96)
+    eager = tiny64.chat(schedule=s, stop_tokens=(), max_seq_len=96, backfill_timing="eager")
     outs = [conv.send_tokens(t, 10) for t in turns]
     outs_e = [eager.send_tokens(t, 10) for t in turns]
     expected = chat_oracle(tiny64, turns, 10, s)
@@ -283,25 +288,140 @@ def test_rebuild_drops_what_it_overwrites(tiny64):
     assert not cache.written[:, 0, 2 + 7:].any()
 
 
-def test_triton_deferred_equals_eager():
-    """Triton interpreter, fp32: deferred + flush (one kv_backfill launch per run) gives the
-    eager cache; a two-turn deferred chat equals the oracle."""
+def test_a_plain_reply_pays_no_backfill(tiny64):
+    """The defaults defer, and nothing reads a reply's skipped entries: generate fills none,
+    and the next generate on the model's cache drops what the last one owed, unpaid."""
+    L = tiny64.config.num_layers
+    assert tiny64.backfill_timing == "deferred" and tiny64.chat().backfill_timing == "deferred"
+    s = schedule_of(SCHEDULES[0], "lower")
+    first = tiny64.generate([prompt_of(6, 1), prompt_of(3, 2)], 10, s, stop_tokens=())
+    cache, paid = tiny64.cache, tiny64.cache.backfill_bytes
+    assert min(first.depths[0]) < L and first.stats.backfill_bytes == 0
+    assert cache.pending_backfill > 0
+    second = tiny64.generate(prompt_of(5, 3), 10, s, stop_tokens=())
+    assert tiny64.cache is cache and second.stats.backfill_bytes == 0
+    assert cache.backfill_bytes == paid  # nothing flushed
+    owed = sum(L - d for d in second.depths[0][1:])  # only the second reply's entries
+    assert cache.pending_backfill == owed and tiny64.flush_backfill() == owed
+
+
+# depths 8, 7, 6, 5, 5, 4, ...: the step at depth 6 skips layers 1 and 3, two runs
+SEVERAL_RUNS = dict(alpha=0.9, head=1, tail=2, order=(3, 1, 4, 2, 5))
+
+
+def test_several_skipped_runs_grow_the_stash(tiny64):
+    """An order whose steps skip several runs: the stash grows mid-generation from one
+    vector per position to two (what it held is kept), and deferred + flush equals eager."""
+    s = DepthSchedule(**SEVERAL_RUNS)
+    prompts = [prompt_of(n, seed=n) for n in (5, 9)]
+    c_e, c_d = (KVCache(tiny64.config, 2, 24, tiny64.dtype, tiny64.device) for _ in range(2))
+    out_e = tiny64.generate(prompts, 8, s, stop_tokens=(), cache=c_e, past_lengths=[0, 0],
+                            backfill_timing="eager")
+    stream = tiny64.stream(prompts, 8, s, stop_tokens=(), cache=c_d, past_lengths=[0, 0])
+    runs = [0 if c_d.stash is None else c_d.stash.shape[0] for e in stream if e.row == 0]
+    assert runs == [0, 1, 2, 2, 2, 2, 2, 2]  # after the prefill, then after each step
+    assert stream.output.tokens == out_e.tokens and out_e.depths[0][:4] == [8, 7, 6, 5]
+    assert c_d.stash_bytes == 2 * 2 * 24 * tiny64.config.hidden_size * 8
+    assert tiny64.flush_backfill(c_d) > 0
+    _used_slots_equal(c_d, c_e, [len(p) + 7 for p in prompts], 1e-12)
+
+
+def test_steps_out_of_order_settle_what_they_read(tiny64):
+    """decode_step driven by hand with kept sets that are not nested (a layer skipped at one
+    slot is kept at the next) and a rewrite of slots already decoded: the deferred cache
+    settles what a pass would read or overwrite first, so tokens and the flushed cache are
+    eager's."""
+    from d3kernels.sampling import Sampling
+
+    steps = [((0, 1, 2, 4, 5, 6, 7), 3), ((0, 1, 2, 3, 6, 7), 4), ((0, 2, 4, 5, 7), 5),
+             ((0, 1, 3, 7), 4), ((0, 5, 6, 7), 5)]  # (kept, slot): slots 4 and 5 again
+    results = []
+    for timing in ("eager", "deferred"):
+        cache = KVCache(tiny64.config, 1, 16, tiny64.dtype, tiny64.device)
+        with torch.inference_mode():
+            tok = tiny64.prefill(torch.tensor([[5, 6, 7]]), [3], cache, Sampling())
+            tokens = []
+            for kept, slot in steps:
+                tok = tiny64.decode_step(tok, [slot], kept, cache, Sampling(),
+                                         backfill_timing=timing)
+                tokens.append(tok.item())
+            tiny64.flush_backfill(cache)
+        results.append((tokens, cache))
+    (t_e, c_e), (t_d, c_d) = results
+    assert t_d == t_e
+    _used_slots_equal(c_d, c_e, [6], 1e-12)
+
+
+def test_triton_deferred_equals_eager(monkeypatch):
+    """Triton interpreter, fp32, an order with two skipped runs per step: deferred + flush
+    (one kv_backfill launch per group of layers) gives the eager cache; the stash grows
+    mid-generation, and a CUDA graph captured before it grew is captured again, never
+    replayed (it would write to the old stash): stand-in graphs run the step when replayed
+    and check that they see the stash they were captured with. A two-turn deferred chat
+    equals the oracle."""
     model = LlamaD3.random("tiny", dtype=torch.float32, device=DEVICE, seed=11,
                            backend="triton")
-    s = DepthSchedule(alpha=0.7, head=2, tail=1, order="upper")
-    prompts = [prompt_of(n, seed=n) for n in (6, 3)]
-    c_e = KVCache(model.config, 2, 16, model.dtype, model.device)
-    c_d = KVCache(model.config, 2, 16, model.dtype, model.device)
-    out_e = model.generate(prompts, 5, s, stop_tokens=(), cache=c_e, past_lengths=[0, 0])
-    out_d = model.generate(prompts, 5, s, stop_tokens=(), cache=c_d, past_lengths=[0, 0],
-                           backfill_timing="deferred", flush_backfill=True)
-    assert out_d.tokens == out_e.tokens
+    s, L = DepthSchedule(**SEVERAL_RUNS), model.config.num_layers
+    prompts = [prompt_of(n, seed=n) for n in (3, 2)]
+    c_e, c_d = (KVCache(model.config, 2, 8, model.dtype, model.device) for _ in range(2))
+    out_e = model.generate(prompts, 4, s, stop_tokens=(), cache=c_e, past_lengths=[0, 0],
+                           backfill_timing="eager")
+    backend, captured = model._triton, []
+
+    def capture(tokens, pos, kept, cache, sampling, deferred=False, mask=False):
+        stash, zero = cache.stash, torch.zeros(1, dtype=torch.int64, device=tokens.device)
+        tok_in, pos_in, tok_out = tokens.clone(), pos.clone(), tokens.clone()
+        captured.append(len(kept))
+
+        class Graph:
+            @staticmethod
+            def replay():
+                assert cache.stash is stash, "a graph replayed after its stash was replaced"
+                tok_out.copy_(backend._decode(tok_in, pos_in, kept, cache, sampling, zero, zero,
+                                              deferred, mask))
+        return Graph(), tok_in, pos_in, zero, zero, tok_out
+
+    monkeypatch.setattr(backend, "cuda_graphs", True)
+    monkeypatch.setattr(backend, "_capture", capture)
+    out_d = model.generate(prompts, 4, s, stop_tokens=(), cache=c_d, past_lengths=[0, 0],
+                           flush_backfill=True)
+    assert out_d.tokens == out_e.tokens and out_e.depths[0] == [L, 7, 6, 5]
+    assert captured == [7, 6, 5] and c_d.stash.shape[0] == 2
     assert 0 < out_d.stats.backfill_bytes < out_e.stats.backfill_bytes
-    _used_slots_equal(c_d, c_e, [6 + 4, 3 + 4], TOL[torch.float32])
+    _used_slots_equal(c_d, c_e, [len(p) + 3 for p in prompts], TOL[torch.float32])
+    # depth 7's graph was captured before the stash grew: the next reply captures it again
+    again = model.generate(prompts, 2, s, stop_tokens=(), cache=c_d, past_lengths=[0, 0])
+    assert again.tokens == [t[:2] for t in out_e.tokens] and captured == [7, 6, 5, 7]
+    monkeypatch.undo()
+    s = DepthSchedule(alpha=0.7, head=2, tail=1, order="upper")
     turns = random_turns(512, (6, 4), seed=6)
-    conv = model.chat(schedule=s, stop_tokens=(), max_seq_len=32, backfill_timing="deferred")
+    conv = model.chat(schedule=s, stop_tokens=(), max_seq_len=32)  # deferred: the default
     outs = [conv.send_tokens(t, 4) for t in turns]
     assert [(o.tokens[0], o.depths[0]) for o in outs] == chat_oracle(model, turns, 4, s)
+
+
+@gpu
+def test_gpu_graphs_recaptured_when_the_stash_grows():
+    """Real CUDA graphs, bf16: an order whose steps skip one more run each time (1 to 7)
+    grows the stash mid-reply; graphed deferred decoding gives the tokens and, flushed, the
+    cache of ungraphed decoding, also in a second reply at depths whose graphs were captured
+    before the stash last grew."""
+    kwargs = dict(dtype=torch.bfloat16, device="cuda", backend="triton", seed=3)
+    models = [LlamaD3.random("smollm2-135m", cuda_graphs=g, **kwargs) for g in (True, False)]
+    order = (8, 16, 24, 10, 18, 26) + tuple(j for j in range(4, 28)
+                                              if j not in (8, 16, 24, 10, 18, 26))
+    s = DepthSchedule(alpha=0.97, head=4, tail=2, order=order)
+    prompts = [torch.randint(0, 49152, (n,)).tolist() for n in (20, 33)]
+    caches = [KVCache(m.config, 2, 64, m.dtype, m.device) for m in models]
+    for n in (12, 6):
+        a, b = (m.generate(prompts, n, s, stop_tokens=(), cache=c, past_lengths=[0, 0],
+                           flush_backfill=True) for m, c in zip(models, caches))
+        assert a.tokens == b.tokens
+        for x, y in ((caches[0].k, caches[1].k), (caches[0].v, caches[1].v)):
+            # entry by entry: one filled from a stale stash would be far off
+            tol = TOL[torch.bfloat16]
+            torch.testing.assert_close(x.float(), y.float(), rtol=tol, atol=tol)
+    assert caches[0].stash.shape[0] == 7
 
 
 def test_smollm2_deferred_chat_equals_eager(smollm2_f64):

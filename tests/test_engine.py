@@ -44,14 +44,18 @@ def test_every_request_equals_alone(tiny64, backfill):
     engine = Engine(tiny64, max_batch=4, max_seq_len=48, stop_tokens=(), backfill=backfill)
     reqs = [engine.submit(_prompt(rng, tiny64, rng.randint(1, 20)), rng.randint(1, 16),
                           SCHEDULES[k % len(SCHEDULES)]) for k in range(10)]
-    events = []
+    events, owed = [], 0
     for event in engine.run():
         events.append(event)
+        owed = max(owed, engine.cache.pending_backfill)
         if len(reqs) < 16 and len(events) % 7 == 0:  # late arrivals into a running batch
             reqs.append(engine.submit(_prompt(rng, tiny64, rng.randint(1, 12)),
                                       rng.randint(2, 12), SCHEDULES[len(reqs) % 4]))
     assert len(reqs) == 16
     _assert_drained(engine)
+    # deferred by default: requests owed entries, their rows dropped them unpaid
+    assert (owed > 0) == (backfill == "propagate")
+    assert engine.cache.pending_backfill == 0 and engine.cache.backfill_bytes == 0
     for req in reqs:
         alone = _alone(tiny64, req, backfill)
         assert req.tokens == alone.tokens[0], req.id
@@ -62,6 +66,34 @@ def test_every_request_equals_alone(tiny64, backfill):
     # rows at different depths shared steps, and no step ran more layers than its rows needed
     assert engine.stats.layer_ratio > 1 and engine.stats.union_layer_ratio >= 1
     assert engine.stats.generated_tokens == len(events)
+
+
+def test_engine_defers_backfill_and_drops_it_with_the_row(tiny64):
+    """Deferred (the default): running rows owe their skipped entries (several runs per step
+    here) until flush_backfill fills them with eager's values, and a released row drops
+    what it owes; backfill_timing="eager" fills them every step. Tokens are the same."""
+    rng = random.Random(4)
+    prompts = [_prompt(rng, tiny64, n) for n in (5, 9, 3)]
+    engines = [Engine(tiny64, max_batch=2, max_seq_len=24, schedule=EXPLICIT, stop_tokens=(),
+                      backfill_timing=t) for t in ("eager", "deferred")]
+    reqs = [[e.submit(p, 6) for p in prompts] for e in engines]
+    for engine in engines:
+        for _ in range(4):  # the first two requests are four tokens in, the third waits
+            engine.step()
+    eager, deferred = (e.cache for e in engines)
+    assert eager.pending_backfill == 0 and eager.backfill_bytes > 0
+    assert deferred.pending_backfill > 0 and deferred.backfill_bytes == 0
+    assert deferred.stash.shape[0] == 2  # two skipped runs at once (order 3, 1, 4, ...)
+    assert tiny64.flush_backfill(deferred) > 0 and deferred.pending_backfill == 0
+    assert torch.equal(deferred.written, eager.written)
+    for x, y in ((deferred.k, eager.k), (deferred.v, eager.v)):
+        assert rel_err(x, y) <= 1e-12
+    paid = deferred.backfill_bytes
+    for engine in engines:
+        list(engine.run())
+        _assert_drained(engine)
+    assert [r.tokens for r in reqs[0]] == [r.tokens for r in reqs[1]]
+    assert deferred.pending_backfill == 0 and deferred.backfill_bytes == paid
 
 
 def test_sampled_requests_equal_alone(tiny64):
@@ -192,6 +224,7 @@ def test_bad_request_is_refused_before_queueing(tiny64, kwargs, match):
     (dict(max_seq_len=10**9), "max_seq_len"),
     (dict(schedule="lower"), "schedule"),
     (dict(backfill="copy"), "backfill"),
+    (dict(backfill_timing="later"), "backfill_timing"),
 ])
 def test_bad_engine_arguments(tiny64, kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -257,11 +290,13 @@ def _prefilled(model, prompts, rows, n_rows):
     return cache, first
 
 
-@pytest.mark.parametrize("backfill", ["propagate", "mask"])
-def test_triton_decode_rows_matches_torch_backend(tiny_triton, backfill):
+@pytest.mark.parametrize("backfill, timing", [("propagate", "eager"), ("propagate", "deferred"),
+                                              ("mask", None)])
+def test_triton_decode_rows_matches_torch_backend(tiny_triton, backfill, timing):
     """Rows at different positions keeping different layer sets (layers 5 and 6 kept by no row,
     0, 3 and 7 by all), two steps: the next tokens and every cache entry (backfilled ones
-    included) agree with the float64 torch backend on the same weights."""
+    included; deferred: once flushed) agree with the float64 torch backend on the same
+    weights."""
     ref = LlamaD3(tiny_triton.config, tiny_triton.state_dict(), dtype=torch.float64,
                   backend="torch")
     rng = random.Random(8)
@@ -278,7 +313,10 @@ def test_triton_decode_rows_matches_torch_backend(tiny_triton, backfill):
                 sampling = Sampling() if i == 0 else RowSampling([Sampling()] * len(rows))
                 feed = torch.tensor(tokens[0][i] if tokens else out[i], device=model.device)
                 out.append(model.decode_rows(feed, rows, [len(p) + i for p in prompts], kept,
-                                             cache, sampling, backfill=backfill).tolist())
+                                             cache, sampling, backfill=backfill,
+                                             backfill_timing=timing).tolist())
+            assert (cache.pending_backfill > 0) == (timing == "deferred")
+            model.flush_backfill(cache)
             caches.append(cache)
             tokens.append(out)
     assert tokens[0] == tokens[1]

@@ -57,6 +57,7 @@ def _teacher_forced_cache(model, prompts, steps, schedule):
             kept = schedule.kept_layers(schedule.depth(i, L), L)
             model.decode_step(torch.tensor(col, device=model.device),
                               [n + i - 1 for n in lengths], kept, cache, Sampling())
+        model.flush_backfill(cache)  # deferred by default: fill the skipped layers' entries
     span = max(lengths) + len(steps[0])
     return cache.k[:, :B, :, :span].float(), cache.v[:, :B, :, :span].float()
 

@@ -24,7 +24,9 @@ and batch (compilation, autotuning, CUDA graph capture: the first call is never 
 The warm-up runs of eager and deferred (the latter with ``flush_backfill=True``) also check
 that the two fill the cache alike: the cache is zeroed between them, and K and V are compared
 at every (layer, row, slot) either marked written (the masks must be equal too). Their
-``GenerationStats.backfill_bytes`` give the weight bytes each read for backfill.
+``GenerationStats.backfill_bytes`` give the weight bytes each read for backfill, and the
+cache's ``KVCache.kv_bytes`` / ``stash_bytes`` what the K/V tensors and the deferred stash
+(one hidden vector per skipped run and position, for every row and slot of the cache) hold.
 
 Writes backfill_timing.md and backfill_timing.json under --out and prints the table; progress
 goes to stderr. Random-weight presets (``LlamaD3.random``) take random prompts of --prompt-len
@@ -173,6 +175,9 @@ def measure_batch(model: LlamaD3, prompts, n: int, schedule: DepthSchedule, reps
         "eager_backfill_bytes": eager.stats.backfill_bytes,
         "deferred_backfill_bytes": deferred.stats.backfill_bytes,
         "backfill_layer_bytes": backfill_layer_bytes(model.config, model.embed.element_size()),
+        "cache_rows": cache.batch_size, "cache_slots": cache.seq_len,
+        "kv_cache_bytes": cache.kv_bytes, "stash_bytes": cache.stash_bytes,
+        "stash_runs": 0 if cache.stash is None else cache.stash.shape[0],
     })
 
     samples = {mode: [] for mode in modes}
@@ -276,8 +281,9 @@ def markdown(r: dict) -> str:
                      f"{t['D³ eager'] / row['deferred_decode_plus_flush_ms']:.2f}x |")
     lines += ["", "| batch | layers per token | backfill weight bytes: eager | deferred | "
               "deferred / eager | max \\|Δk\\| (max \\|k\\|) | max \\|Δv\\| (max \\|v\\|) | "
-              "written masks equal | tokens equal |",
-              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+              "written masks equal | tokens equal | KV cache (rows × slots) | deferred stash "
+              "(runs) |",
+              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: | ---: |"]
     for row in r["rows"]:
         e, d = row["eager_backfill_bytes"], row["deferred_backfill_bytes"]
         lines.append(f"| {row['batch']} | {row['mean_layers_per_token']:.1f} | {_size(e)} | "
@@ -285,7 +291,10 @@ def markdown(r: dict) -> str:
                      f"{row['max_abs_diff_k']:.2e} ({row['max_abs_k']:.2g}) | "
                      f"{row['max_abs_diff_v']:.2e} ({row['max_abs_v']:.2g}) | "
                      f"{'yes' if row['written_equal'] else 'NO'} | "
-                     f"{'yes' if row['tokens_equal'] else 'NO'} |")
+                     f"{'yes' if row['tokens_equal'] else 'NO'} | "
+                     f"{_size(row['kv_cache_bytes'])} ({row['cache_rows']} × "
+                     f"{row['cache_slots']}) | {_size(row['stash_bytes'])} "
+                     f"({row['stash_runs']}) |")
     return "\n".join(lines) + "\n"
 
 

@@ -14,7 +14,8 @@ from perf import backfill_timing
 ROW_FIELDS = {"batch", "prompt_tokens", "decode_steps", "decode_ms", "flush_ms",
               "deferred_decode_plus_flush_ms", "flushed_entries", "eager_backfill_bytes",
               "deferred_backfill_bytes", "max_abs_diff_k", "max_abs_diff_v", "written_equal",
-              "tokens_equal", "layer_ratio", "work_ratio"}
+              "tokens_equal", "layer_ratio", "work_ratio", "kv_cache_bytes", "stash_bytes",
+              "stash_runs"}
 
 
 def test_backfill_timing_smoke(tmp_path, capsys):
@@ -39,3 +40,7 @@ def test_backfill_timing_smoke(tmp_path, capsys):
         assert row["written_equal"] and row["tokens_equal"]
         assert row["max_abs_diff_k"] < 1e-4 and row["max_abs_diff_v"] < 1e-4
         assert 0 < row["deferred_backfill_bytes"] < row["eager_backfill_bytes"]
+        # the lower order skips one run per step: one hidden vector (96 fp32) per row and slot
+        assert row["stash_runs"] == 1
+        assert row["stash_bytes"] == row["cache_rows"] * row["cache_slots"] * 96 * 4
+        assert 0 < row["stash_bytes"] < row["kv_cache_bytes"]

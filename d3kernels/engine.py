@@ -306,7 +306,7 @@ class Engine:
         if decoding:
             depths = [r.schedule.depth(len(r.tokens), L) for r in decoding]
             kept = [r.schedule.kept_layers(d, L) for r, d in zip(decoding, depths)]
-            tokens = torch.tensor([r.tokens[-1] for r in decoding], device=m.device)
+            tokens = [r.tokens[-1] for r in decoding]  # checked on the host, uploaded once
             positions = [len(r.prompt) + len(r.tokens) - 1 for r in decoding]
             nxt = m.decode_rows(tokens, [r.slot for r in decoding], positions, kept,
                                 self.cache, RowSampling([r.sampling for r in decoding]),

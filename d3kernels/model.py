@@ -441,7 +441,9 @@ class LlamaD3:
         model's mode and timing): ``propagate``/eager fills them from the residual as it
         reaches them, one batched matmul per run of consecutive skipped layers; ``propagate``/
         deferred stashes that residual per run for :meth:`flush_backfill`; ``mask`` leaves them
-        unwritten and attention ignores them. Returns the next token [B] (long).
+        unwritten and attention ignores them. Returns the next token [B] (long); on the
+        triton backend that is its token buffer, which the next step reads (pass it back as
+        ``tokens``: no copy) and overwrites, so copy it first if you keep it.
 
         A row that owes deferred entries this pass would read (a kept layer it skipped before:
         kept sets that are not nested) or overwrite (a slot at or past this one: the sequence
@@ -463,16 +465,6 @@ class LlamaD3:
         if mark is None:  # made once per layer set: no host copy in steady decoding
             mark = torch.tensor([j in filled for j in range(L)], device=self.device)
             self._marks[filled] = mark
-        uniform = min(positions) == max(positions)
-        if uniform:
-            cache.written[:, :B, positions[0]] = mark[:, None]
-        else:  # the triton backend keeps both on the device: no host copy in steady decoding
-            if self._triton is not None:
-                rows, pos = self._triton._rows(B), self._triton._positions_on_device(positions)
-            else:
-                rows = torch.arange(B, device=self.device)
-                pos = torch.tensor(positions, device=self.device)
-            cache.written[:, rows, pos] = mark[:, None]
         runs = skipped_runs(kept, L) if skipped and mode == "propagate" else ()
         if runs:
             if deferred:
@@ -483,10 +475,16 @@ class LlamaD3:
             else:
                 cache.backfill_bytes += skipped * backfill_layer_bytes(
                     self.config, self.embed.element_size())
-        if self._triton is not None:
+        if self._triton is not None:  # its first launch writes the marks
             return self._triton.decode_step(tokens, positions, kept, cache, sampling, deferred,
-                                            mode)
-        cfg = self.config
+                                            mode, mark)
+        uniform = min(positions) == max(positions)
+        if uniform:
+            cache.written[:, :B, positions[0]] = mark[:, None]
+        else:
+            rows = torch.arange(B, device=self.device)
+            pos = torch.tensor(positions, device=self.device)
+            cache.written[:, rows, pos] = mark[:, None]
         if uniform:
             p = positions[0]
             cos, sin = self.rope_cos[p], self.rope_sin[p]
@@ -530,15 +528,16 @@ class LlamaD3:
             run = next(runs, None)
         return sampling(self._head(x[:, 0]))
 
-    def decode_rows(self, tokens: torch.Tensor, rows: list[int], positions: list[int],
+    def decode_rows(self, tokens: list[int] | torch.Tensor, rows: list[int], positions: list[int],
                     kept: list[tuple[int, ...]], cache: KVCache, sampling, *,
                     backfill: str | None = None,
                     backfill_timing: str | None = None) -> torch.Tensor:
         """One decode pass over a batch whose rows run different layer sets (continuous
         batching: each request is at its own step i, so at its own depth).
 
-        tokens [R] long: the newest token of each request, at slot positions[r] of cache row
-        rows[r] (distinct); kept[r]: the ascending layers request r runs; sampling: a
+        tokens: the newest token of each request (R ints, checked on the host, as the engine
+        passes them; or a long tensor [R], whose ids are checked with a device->host read), at
+        slot positions[r] of cache row rows[r] (distinct); kept[r]: the ascending layers request r runs; sampling: a
         Sampling, or a :class:`d3kernels.sampling.RowSampling` when requests pick their tokens
         differently. Layer j runs (QKV, attention, MLP) only on the rows that keep it; the
         others' residual passes through and, in ``propagate`` mode, their K/V at j come from
@@ -558,13 +557,22 @@ class LlamaD3:
         cfg, dev, L = self.config, self.device, self.config.num_layers
         rows, positions, kept = list(rows), list(positions), [tuple(k) for k in kept]
         R = len(rows)
-        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 1 or R == 0 \
+        if isinstance(tokens, (list, tuple)):
+            if len(tokens) != R or R == 0 or not all(_is_int(t) for t in tokens):
+                raise ValueError(f"tokens must hold one int token id per row of rows ({R}), got "
+                                 f"{tokens}")
+            bad = [t for t in tokens if not 0 <= t < cfg.vocab_size]
+            if bad:
+                raise ValueError(f"tokens: token id {bad[0]} is outside the vocabulary "
+                                 f"[0, {cfg.vocab_size})")
+        elif not isinstance(tokens, torch.Tensor) or tokens.dim() != 1 or R == 0 \
                 or tokens.shape[0] != R or tokens.dtype != torch.long:
             got = (f"{tokens.dtype} {list(tokens.shape)}" if isinstance(tokens, torch.Tensor)
                    else type(tokens))
-            raise ValueError(f"tokens must be a 1-D long tensor with one token per row of rows "
-                             f"({R}), got {got}")
-        self._check_ids(tokens, "tokens")
+            raise ValueError(f"tokens must be a list of ints or a 1-D long tensor with one token "
+                             f"per row of rows ({R}), got {got}")
+        else:
+            self._check_ids(tokens, "tokens")
         if len(set(rows)) != R or not all(_is_int(r) and 0 <= r < cache.batch_size
                                           for r in rows):
             raise ValueError(f"rows must hold distinct cache rows in [0, {cache.batch_size}), "
@@ -608,7 +616,7 @@ class LlamaD3:
         cos, sin = self.rope_cos[pos][:, None, None], self.rope_sin[pos][:, None, None]
         span = max(positions) + 1
         causal = (torch.arange(span, device=dev) <= pos[:, None])[:, None, None]  # [R,1,1,span]
-        x = self.embed[tokens][:, None]  # [R, 1, H]
+        x = self.embed[torch.as_tensor(tokens, device=dev)][:, None]  # [R, 1, H]
 
         def pick(t, idx):  # rows idx of t, without a copy when idx is every row
             return t if idx is None else t[idx]

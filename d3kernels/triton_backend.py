@@ -1,14 +1,17 @@
 """LlamaD3's triton backend: prefill and decode steps on the fused kernels of d3kernels.ops.
 
-A decode layer is five launches: RMSNorm, QKV+RoPE+cache write, split-KV attention, O projection
-with the residual add, RMSNorm, gate/up with silu·mul, down with the residual add (the residual
-is updated in place). Skipped layers cost one ``kv_backfill`` launch per run of consecutive
-skipped layers (``propagate``/eager), or one stash copy per run when the backfill is deferred
-(into ``KVCache.stash[s]`` for the step's s-th run; ``LlamaD3.flush_backfill`` later fills
-many runs' stashed states in one ``kv_backfill`` launch per group of layers); the LM head
-picks the token without writing logits. In ``mask`` mode skipped layers cost nothing and
-attention at layer j reads ``cache.written[j]`` as its validity mask. On a GPU each distinct
-(batch, layer set, mode) decode step is captured once as a CUDA graph and replayed after that.
+A decode step is ``decode_embed`` (embedding, context lengths, the step's ``written`` marks),
+five launches per kept layer — QKV+RoPE+cache write with the input RMSNorm in its prologue,
+single-launch split-KV attention, O projection + residual, gate/up with the MLP RMSNorm in its
+prologue, down + residual (the residual is updated in place) — and the LM head (two launches;
+its selection also advances the positions), into buffers made once per batch size. Skipped
+layers cost nothing more by default (deferred ``propagate``: the down projection of the kept
+layer below a skipped run also copies its output to ``KVCache.stash[s]`` for the step's s-th
+run; ``LlamaD3.flush_backfill`` later fills many runs' stashed states in one ``kv_backfill``
+launch per group of layers); eager ``propagate`` costs one ``kv_backfill`` launch per skipped
+run. In ``mask`` mode attention at layer j reads ``cache.written[j]`` as its validity mask. On
+a GPU each distinct (batch, layer set, mode) decode step is captured once as a CUDA graph and
+replayed after that.
 
 Continuous batching (``decode_rows``, ``prefill(rows=...)``) works in the cache-row layout: the
 residual has one row per cache row, and each layer kernel gets, through ``rows=``, the cache rows
@@ -18,12 +21,15 @@ from __future__ import annotations
 
 import torch
 
+from dataclasses import dataclass, field
+
 from d3kernels.kv_cache import KVCache
-from d3kernels.ops.attention import attention_decode, attention_decode_splits, attention_prefill
+from d3kernels.ops.attention import (DecodeWorkspace, attention_decode, attention_decode_splits,
+                                     attention_decode_workspace, attention_prefill)
+from d3kernels.ops.decode_embed import decode_embed
 from d3kernels.ops.kv_backfill import kv_backfill
-from d3kernels.ops.lm_head import lm_head
+from d3kernels.ops.lm_head import lm_head, lm_head_scratch
 from d3kernels.ops.qkv_rope import qkv_rope
-from d3kernels.ops.rms_norm import rms_norm
 from d3kernels.ops.swiglu import down_residual, swiglu_gate_up
 from d3kernels.sampling import RowSampling, Sampling
 from d3kernels.schedule import skipped_runs
@@ -32,6 +38,29 @@ MAX_FUSED_TOP_K = 64  # lm_head samples among at most this many candidates per r
 # decode_rows' row-index tensors are cached by row tuple; in a long-running engine the tuples
 # keep changing, so the cache is dropped when it grows past this (no graph holds them)
 MAX_ROW_SETS = 4096
+
+
+@dataclass
+class _StepBuffers:
+    """Working memory of the decode steps of one batch size on one cache, allocated once: a step
+    allocates nothing, and its CUDA graphs hold these addresses.
+
+    tokens: int64 [B], the step's input and, once the LM head has run, its output (the next
+    step's input); pos: int32 [B], each row's slot, advanced by one by the LM head;
+    host_pos: what the host knows pos holds (None: unknown); the others are scratch.
+    """
+
+    tokens: torch.Tensor
+    pos: torch.Tensor
+    context: torch.Tensor
+    residual: torch.Tensor
+    q: torch.Tensor
+    attn: torch.Tensor
+    mlp: torch.Tensor
+    workspace: DecodeWorkspace
+    picked: torch.Tensor  # int64 [B]: decode_rows' tokens in request order
+    scratch: dict[int, torch.Tensor] = field(default_factory=dict)  # lm_head's, by top_k
+    host_pos: list[int] | None = None
 
 
 class TritonBackend:
@@ -47,8 +76,7 @@ class TritonBackend:
         self._graph_cache: KVCache | None = None
         self._graph_stash: torch.Tensor | None = None
         self._pool = None
-        self._positions: list[int] | None = None
-        self._pos: torch.Tensor | None = None
+        self._buffers: dict[tuple[str, int], _StepBuffers] = {}
 
     # ---- helpers ------------------------------------------------------------------------------
 
@@ -75,15 +103,16 @@ class TritonBackend:
         return t
 
     def _attention_and_mlp(self, j: int, residual: torch.Tensor, attn: torch.Tensor,
-                           rows: torch.Tensor | None = None) -> None:
-        """O projection + residual, then the SwiGLU MLP + residual; residual [M, H] in place.
-        attn [M, Q]; rows: None (all M rows) or int32 [R]: only those rows are read and
-        updated."""
+                           rows: torch.Tensor | None = None,
+                           mlp_out: torch.Tensor | None = None) -> None:
+        """O projection + residual, then the SwiGLU MLP (its norm in the gate/up prologue) +
+        residual; residual [M, H] in place. attn [M, Q]; rows: None (all M rows) or int32 [R]:
+        only those rows are read and updated; mlp_out: optional [M, I] gate/up buffer."""
         m = self.m
         down_residual(attn, m.w_o[j], residual, rows=rows)
-        h, _ = rms_norm(residual, m.mlp_norm[j], m.config.rms_norm_eps, rows=rows)
-        down_residual(swiglu_gate_up(h, m.w_gate_up[j], rows=rows), m.w_down[j], residual,
-                      rows=rows)
+        down_residual(swiglu_gate_up(residual, m.w_gate_up[j], rows=rows, out=mlp_out,
+                                     norm_weight=m.mlp_norm[j], eps=m.config.rms_norm_eps),
+                      m.w_down[j], residual, rows=rows)
 
     @staticmethod
     def _fused(sampling: Sampling) -> bool:
@@ -92,7 +121,8 @@ class TritonBackend:
                                            or sampling.top_k <= MAX_FUSED_TOP_K)
 
     def _pick(self, x: torch.Tensor, sampling: Sampling | RowSampling, seed=None, offset=0,
-              rows: torch.Tensor | None = None) -> torch.Tensor:
+              rows: torch.Tensor | None = None, picked: torch.Tensor | None = None,
+              **buffers) -> torch.Tensor:
         """Next tokens (long) from last hidden states x [M, H]: [M], or [R] for ``rows``
         (int32 [R] rows of x, in the order of the result; the other rows are not read).
 
@@ -102,19 +132,21 @@ class TritonBackend:
         RowSampling, whose requests each have their own rule and generator) the kernel writes
         fp32 logits and ``sampling(logits)`` chooses with torch. seed, offset: the Philox seed
         and noise offset of a fused draw (ints, or device tensors inside a CUDA graph).
+        buffers: ``lm_head``'s tokens_out, scratch and positions (a decode step's); picked:
+        an int64 [R] buffer for the fused choice of ``rows`` in their order.
         """
         m = self.m
         per_row = isinstance(sampling, RowSampling)
         if not (sampling.temperature == 0 if per_row else self._fused(sampling)):
             logits = torch.empty(x.shape[0], m.config.vocab_size, device=x.device)
             lm_head(x, m.final_norm, m.lm_head, m.config.rms_norm_eps, rows=rows,
-                    logits_out=logits)
+                    logits_out=logits, **buffers)
             return sampling(logits if rows is None else logits.index_select(0, rows))
         tokens = lm_head(x, m.final_norm, m.lm_head, m.config.rms_norm_eps,
                          temperature=sampling.temperature,
                          top_k=None if per_row else sampling.top_k, seed=seed, offset=offset,
-                         rows=rows)
-        return tokens if rows is None else tokens.index_select(0, rows)
+                         rows=rows, **buffers)
+        return tokens if rows is None else torch.index_select(tokens, 0, rows, out=picked)
 
     def _next_offset(self, sampling: Sampling, rows: int) -> int:
         """Noise offset for this draw; each draw consumes rows * vocab counters."""
@@ -163,9 +195,10 @@ class TritonBackend:
         residual = m.embed[ids.reshape(-1)]  # [B*T, H], updated in place layer by layer
         for j in range(cfg.num_layers):
             k_cache, v_cache = cache.k[j, rows], cache.v[j, rows]
-            h, _ = rms_norm(residual, m.attn_norm[j], cfg.rms_norm_eps)
-            q = qkv_rope(h.view(B, T, -1), m.w_qkv[j], m.rope_cos, m.rope_sin, start, k_cache,
-                         v_cache, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads)
+            q = qkv_rope(residual.view(B, T, -1), m.w_qkv[j], m.rope_cos, m.rope_sin, start,
+                         k_cache, v_cache, num_heads=cfg.num_heads,
+                         num_kv_heads=cfg.num_kv_heads, norm_weight=m.attn_norm[j],
+                         eps=cfg.rms_norm_eps)
             valid = cache.written[j, rows] if mode == "mask" else None
             attn = attention_prefill(q, k_cache, v_cache, start, lens, valid=valid)
             self._attention_and_mlp(j, residual, attn.view(B * T, cfg.q_size))
@@ -183,75 +216,134 @@ class TritonBackend:
                     m.rope_sin, pos.to(torch.int32), rows.to(torch.int32), cache.k, cache.v,
                     q_size=cfg.q_size, eps=cfg.rms_norm_eps)
 
-    def _decode(self, tokens: torch.Tensor, pos: torch.Tensor, kept: tuple[int, ...],
-                cache: KVCache, sampling: Sampling, seed, offset,
-                deferred: bool = False, mask: bool = False) -> torch.Tensor:
-        """The decode step's launches. tokens [B] long, pos int32 [B] slot of each token.
-        deferred: stash the residual at each skipped run's start instead of backfilling.
-        mask: no backfill; attention at layer j ignores entries ``cache.written[j]`` marks
-        missing (the caller has marked this step's kept layers written)."""
-        m, cfg = self.m, self.m.config
-        B = tokens.shape[0]
-        context = pos + 1
-        residual = m.embed[tokens]  # [B, H]
-        runs = iter(enumerate(() if mask else skipped_runs(kept, cfg.num_layers)))
-        run = next(runs, None)
-        rows = self._rows(B) if run is not None else None
+    def _step_buffers(self, batch: int, cache: KVCache, kind: str = "step") -> _StepBuffers:
+        """The decode buffers of this batch size on ``cache``, made on first use (``kind``:
+        "step" for decode_step, "rows" for decode_rows, which never share them); a new cache
+        (another shape, another address) drops them all, and the graphs that hold them."""
+        if cache is not self._graph_cache or cache.stash is not self._graph_stash:
+            self._graphs.clear()
+            if cache is not self._graph_cache:
+                self._buffers.clear()
+            self._graph_cache, self._graph_stash = cache, cache.stash
+        bufs = self._buffers.get((kind, batch))
+        if bufs is None:
+            m, cfg, dev = self.m, self.m.config, self.m.device
+            # from the cache's shape only: in decode_rows a row's split boundaries (and so its
+            # rounding) must not depend on how many requests run beside it
+            splits = attention_decode_splits(batch, cfg.num_kv_heads, cache.seq_len, dev)
+            bufs = self._buffers[(kind, batch)] = _StepBuffers(
+                tokens=torch.zeros(batch, dtype=torch.int64, device=dev),
+                pos=torch.zeros(batch, dtype=torch.int32, device=dev),
+                context=torch.zeros(batch, dtype=torch.int32, device=dev),
+                residual=torch.empty(batch, cfg.hidden_size, dtype=m.dtype, device=dev),
+                q=torch.empty(batch, 1, cfg.num_heads, cfg.head_dim, dtype=m.dtype, device=dev),
+                attn=torch.empty(batch, cfg.num_heads, cfg.head_dim, dtype=m.dtype, device=dev),
+                mlp=torch.empty(batch, cfg.intermediate_size, dtype=m.dtype, device=dev),
+                workspace=attention_decode_workspace(batch, cfg.num_heads, cfg.head_dim, splits,
+                                                     dev),
+                picked=torch.zeros(batch, dtype=torch.int64, device=dev))
+        return bufs
 
-        def backfill(s, run):  # s: the run's ordinal in this step
-            if deferred:  # a copy: the residual is updated in place afterwards
-                cache.stash[s, :B].index_put_((rows.long(), pos.long()), residual)
-                return
-            kv_backfill(residual, self._layers(run), m.attn_norm, m.w_qkv, m.rope_cos,
-                        m.rope_sin, pos, rows, cache.k[:, :B], cache.v[:, :B],
-                        q_size=cfg.q_size, eps=cfg.rms_norm_eps)
+    def _scratch(self, bufs: _StepBuffers, sampling: Sampling | RowSampling) -> torch.Tensor:
+        """lm_head's candidate scratch for this batch and top-k, made once (before a capture)."""
+        top_k = None if isinstance(sampling, RowSampling) or sampling.temperature == 0 \
+            else sampling.top_k
+        if top_k not in bufs.scratch:
+            bufs.scratch[top_k] = lm_head_scratch(bufs.tokens.shape[0], self.m.config.vocab_size,
+                                                  top_k, self.m.device)
+        return bufs.scratch[top_k]
+
+    def _decode(self, bufs: _StepBuffers, kept: tuple[int, ...], cache: KVCache,
+                sampling: Sampling, seed, offset, deferred: bool, mask: bool,
+                mark: torch.Tensor) -> torch.Tensor:
+        """The decode step's launches, on ``bufs`` (tokens and pos hold the step's input).
+
+        decode_embed (embedding, context lengths, this step's ``written`` marks ``mark``),
+        then per kept layer five launches: QKV+RoPE with the input norm in its prologue and
+        the cache write, single-launch split-KV attention, O projection + residual, gate/up
+        with the MLP norm in its prologue, down + residual; then the LM head, whose selection
+        also advances pos. deferred: the residual entering each skipped run is stashed by the
+        down projection of the kept layer below it (a run that starts at layer 0 costs one
+        copy). Eager: one ``kv_backfill`` launch per skipped run. mask: no backfill; attention
+        at layer j ignores entries ``cache.written[j]`` marks missing."""
+        m, cfg = self.m, self.m.config
+        B = bufs.tokens.shape[0]
+        res, pos = bufs.residual, bufs.pos
+        decode_embed(bufs.tokens, m.embed, pos, res, bufs.context, written=cache.written[:, :B],
+                     mark=mark)
+        runs = () if mask else skipped_runs(kept, cfg.num_layers)
+        stash_after: dict[int, torch.Tensor] = {}  # kept layer -> stash its output goes to
+        if deferred:
+            for s, (a, _) in enumerate(runs):
+                if a == 0:  # no layer below to carry the copy
+                    cache.stash[s, :B].index_put_((self._rows(B).long(), pos.long()), res)
+                else:
+                    stash_after[a - 1] = cache.stash[s, :B]
+            runs = ()
+        runs = iter(runs)
+        run = next(runs, None)
+
+        def backfill(run):
+            kv_backfill(res, self._layers(run), m.attn_norm, m.w_qkv, m.rope_cos, m.rope_sin,
+                        pos, self._rows(B), cache.k[:, :B], cache.v[:, :B], q_size=cfg.q_size,
+                        eps=cfg.rms_norm_eps)
 
         for j in kept:
-            while run is not None and run[1][0] < j:  # skipped layers below j see this residual
-                backfill(*run)
+            while run is not None and run[0] < j:  # skipped layers below j see this residual
+                backfill(run)
                 run = next(runs, None)
             k_cache, v_cache = cache.k[j, :B], cache.v[j, :B]
-            h, _ = rms_norm(residual, m.attn_norm[j], cfg.rms_norm_eps)
-            q = qkv_rope(h[:, None], m.w_qkv[j], m.rope_cos, m.rope_sin, pos, k_cache, v_cache,
-                         num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads)
-            valid = cache.written[j, :B] if mask else None
-            attn = attention_decode(q[:, 0], k_cache, v_cache, context, valid=valid)
-            self._attention_and_mlp(j, residual, attn.view(B, cfg.q_size))
+            qkv_rope(res[:, None], m.w_qkv[j], m.rope_cos, m.rope_sin, pos, k_cache, v_cache,
+                     num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, q_out=bufs.q,
+                     norm_weight=m.attn_norm[j], eps=cfg.rms_norm_eps)
+            attention_decode(bufs.q[:, 0], k_cache, v_cache, bufs.context,
+                             valid=cache.written[j, :B] if mask else None, out=bufs.attn,
+                             workspace=bufs.workspace)
+            down_residual(bufs.attn.view(B, cfg.q_size), m.w_o[j], res)
+            swiglu_gate_up(res, m.w_gate_up[j], out=bufs.mlp, norm_weight=m.mlp_norm[j],
+                           eps=cfg.rms_norm_eps)
+            stash = stash_after.get(j)
+            down_residual(bufs.mlp, m.w_down[j], res, stash=stash,
+                          positions=None if stash is None else pos)
         while run is not None:
-            backfill(*run)
+            backfill(run)
             run = next(runs, None)
-        return self._pick(residual, sampling, seed, offset)
-
-    def _positions_on_device(self, positions: list[int]) -> torch.Tensor:
-        """Device int32 [B] positions; a step that follows the last advances it in place, so
-        steady decoding copies nothing from the host (the same positions again, as when
-        LlamaD3.decode_step marks the cache first, return the same tensor)."""
-        if self._positions == list(positions):
-            return self._pos
-        if self._pos is not None and self._positions is not None \
-                and len(positions) == len(self._positions) \
-                and all(p == q + 1 for p, q in zip(positions, self._positions)):
-            self._pos += 1
-        else:
-            self._pos = torch.tensor(positions, dtype=torch.int32, device=self.m.device)
-        self._positions = list(positions)
-        return self._pos
+        return self._pick(res, sampling, seed, offset, tokens_out=bufs.tokens,
+                          scratch=self._scratch(bufs, sampling), positions=pos)
 
     def decode_step(self, tokens: torch.Tensor, positions: list[int], kept: tuple[int, ...],
-                    cache: KVCache, sampling: Sampling, deferred: bool = False,
-                    mode: str = "propagate") -> torch.Tensor:
-        """mode ``"mask"``: skipped layers are not backfilled (``deferred`` is ignored) and
-        attention reads ``cache.written`` as its validity mask. Deferred: the caller has sized
-        ``cache.stash`` for this step's skipped runs (``KVCache.get_stash``)."""
+                    cache: KVCache, sampling: Sampling, deferred: bool, mode: str,
+                    mark: torch.Tensor) -> torch.Tensor:
+        """One decode step (the caller, ``LlamaD3.decode_step``, has checked the arguments,
+        recorded deferred debts and sized ``cache.stash``). mark: bool [L], the layers whose
+        entries this step writes at each row's slot (a tensor the caller keeps per layer set).
+        mode ``"mask"``: no backfill (``deferred`` is ignored) and attention reads
+        ``cache.written`` as its validity mask.
+
+        Returns the next tokens [B] (long). With the fused LM head (greedy, temperature, top-k
+        <= MAX_FUSED_TOP_K) this is the backend's token buffer for this batch size, which the
+        next step reads as its input (pass it back: no copy) and then overwrites: copy it
+        before the next step if you keep it. Steady decoding copies nothing from the host: the
+        positions live on the device and the LM head advances them.
+        """
         mask = mode == "mask"
         deferred = deferred and not mask
-        pos = self._positions_on_device(positions)
+        B = tokens.shape[0]
+        bufs = self._step_buffers(B, cache)
+        if tokens is not bufs.tokens:
+            bufs.tokens.copy_(tokens)
+        if bufs.host_pos != list(positions):
+            bufs.pos.copy_(torch.tensor(positions, dtype=torch.int32))
+        bufs.host_pos = None  # unknown, should the step fail
         if self.cuda_graphs and self._fused(sampling):
-            return self._replay(tokens, pos, kept, cache, sampling, deferred, mask)
-        return self._decode(tokens, pos, kept, cache, sampling, sampling.seed,
-                            self._next_offset(sampling, tokens.shape[0]), deferred, mask)
+            out = self._replay(bufs, kept, cache, sampling, deferred, mask, mark)
+        else:
+            out = self._decode(bufs, kept, cache, sampling, sampling.seed,
+                               self._next_offset(sampling, B), deferred, mask, mark)
+        bufs.host_pos = [p + 1 for p in positions]  # what the step's LM head left there
+        return out
 
-    def decode_rows(self, tokens: torch.Tensor, rows: list[int], positions: list[int],
+    def decode_rows(self, tokens: list[int] | torch.Tensor, rows: list[int], positions: list[int],
                     kept: list[tuple[int, ...]], cache: KVCache,
                     sampling: Sampling | RowSampling, mode: str = "propagate",
                     starts: dict[int, dict[int, list[int]]] | None = None) -> torch.Tensor:
@@ -261,7 +353,10 @@ class TritonBackend:
         arguments and marked ``cache.written``.
 
         Cache-row layout: the residual is [cache.batch_size, H] with each request's embedding
-        at its cache row (one scatter of R rows), positions int32 [cache.batch_size]. Layer j
+        at its cache row (``decode_embed`` with rows=), positions int32 [cache.batch_size];
+        tokens and positions are uploaded from the host into buffers made once per cache, and
+        every kernel writes into such buffers (the stash copies and eager backfill's row
+        selections are the only per-step device allocations). Layer j
         runs its kernels with ``rows=`` the cache rows that keep j (index tensors cached per
         row tuple), reading and writing ``cache.k[j]``/``cache.v[j]`` in place; a layer no row
         keeps launches nothing. ``propagate``: the rows that skip a run of consecutive layers
@@ -280,22 +375,20 @@ class TritonBackend:
         reproducibility). No CUDA graphs here: the row sets change at every step.
         """
         m, cfg = self.m, self.m.config
-        L, n_rows = cfg.num_layers, cache.batch_size
+        L, n_rows, R = cfg.num_layers, cache.batch_size, len(rows)
         keeps = [frozenset(k) for k in kept]
+        bufs = self._step_buffers(n_rows, cache, "rows")
         pos_host = [0] * n_rows  # rows not running are never read: any position will do
         for r, p in zip(rows, positions):
             pos_host[r] = p
-        pos = torch.tensor(pos_host, dtype=torch.int32, device=m.device)
-        context = pos + 1
+        pos, residual = bufs.pos, bufs.residual
+        pos.copy_(torch.tensor(pos_host, dtype=torch.int32))
+        bufs.tokens[:R].copy_(torch.as_tensor(tokens))
         running = self._row_set(tuple(rows))
-        residual = torch.empty(n_rows, cfg.hidden_size, dtype=m.dtype, device=m.device)
-        residual.index_copy_(0, running.long(), m.embed[tokens])
+        decode_embed(bufs.tokens[:R], m.embed, pos, residual, bufs.context, rows=running)
         # per layer, the cache rows that run it and (propagate) those that skip it
         run_sets = [tuple(r for r, k in zip(rows, keeps) if j in k) for j in range(L)]
         skip_sets = [tuple(r for r, k in zip(rows, keeps) if j not in k) for j in range(L)]
-        # from the cache's shape only: a row's split boundaries (and so its rounding) must not
-        # depend on how many requests run beside it
-        splits = attention_decode_splits(n_rows, cfg.num_kv_heads, cache.seq_len, m.device)
         for j in range(L):
             skip = skip_sets[j]
             if starts is not None:
@@ -315,58 +408,61 @@ class TritonBackend:
             if not run_sets[j]:
                 continue
             idx = self._row_set(run_sets[j])
-            h, _ = rms_norm(residual, m.attn_norm[j], cfg.rms_norm_eps, rows=idx)
-            q = qkv_rope(h[:, None], m.w_qkv[j], m.rope_cos, m.rope_sin, pos, cache.k[j],
-                         cache.v[j], num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
-                         rows=idx)
+            qkv_rope(residual[:, None], m.w_qkv[j], m.rope_cos, m.rope_sin, pos, cache.k[j],
+                     cache.v[j], num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+                     rows=idx, q_out=bufs.q, norm_weight=m.attn_norm[j], eps=cfg.rms_norm_eps)
             valid = cache.written[j] if mode == "mask" else None
-            attn = attention_decode(q[:, 0], cache.k[j], cache.v[j], context, rows=idx,
-                                    valid=valid, num_splits=splits)
-            self._attention_and_mlp(j, residual, attn.view(n_rows, cfg.q_size), idx)
+            attention_decode(bufs.q[:, 0], cache.k[j], cache.v[j], bufs.context, rows=idx,
+                             valid=valid, out=bufs.attn, workspace=bufs.workspace)
+            self._attention_and_mlp(j, residual, bufs.attn.view(n_rows, cfg.q_size), idx,
+                                    bufs.mlp)
+        picked = bufs.picked[:R]
         if isinstance(sampling, RowSampling):
-            return self._pick(residual, sampling, rows=running)
-        return self._pick(residual, sampling, sampling.seed,
-                          self._next_offset(sampling, n_rows), rows=running)
+            out = self._pick(residual, sampling, rows=running, picked=picked,
+                             tokens_out=bufs.tokens, scratch=self._scratch(bufs, sampling))
+        else:
+            out = self._pick(residual, sampling, sampling.seed,
+                             self._next_offset(sampling, n_rows), rows=running, picked=picked,
+                             tokens_out=bufs.tokens, scratch=self._scratch(bufs, sampling))
+        return out
 
     # ---- CUDA graphs --------------------------------------------------------------------------
 
-    def _replay(self, tokens, pos, kept, cache, sampling, deferred=False,
-                mask=False) -> torch.Tensor:
-        """Replay (capturing on first use) the graph of this batch size, layer set and mode."""
-        # graphs hold the cache's addresses, the stash's too (it is replaced when it grows)
-        if cache is not self._graph_cache or cache.stash is not self._graph_stash:
-            self._graphs.clear()
-            self._graph_cache, self._graph_stash = cache, cache.stash
+    def _replay(self, bufs: _StepBuffers, kept, cache, sampling, deferred, mask,
+                mark) -> torch.Tensor:
+        """Replay (capturing on first use) the graph of this batch size, layer set and mode; it
+        reads and writes ``bufs`` in place, so a replay launches nothing else (a sampling draw
+        first sets its seed and offset)."""
         greedy = sampling.temperature == 0
-        key = (tokens.shape[0], kept, greedy, sampling.top_k,
+        key = (bufs.tokens.shape[0], kept, greedy, sampling.top_k,
                None if greedy else sampling.temperature, deferred, mask)
         if key not in self._graphs:
-            self._graphs[key] = self._capture(tokens, pos, kept, cache, sampling, deferred, mask)
-        graph, tok_in, pos_in, seed_in, offset_in, tok_out = self._graphs[key]
-        tok_in.copy_(tokens)
-        pos_in.copy_(pos)
+            self._graphs[key] = self._capture(bufs, kept, cache, sampling, deferred, mask, mark)
+        graph, seed_in, offset_in = self._graphs[key]
         if not greedy:
             seed_in.fill_(sampling.seed if sampling.seed is not None
                           else int(torch.randint(2**31 - 1, (1,))))
-            offset_in.fill_(self._next_offset(sampling, tokens.shape[0]))
+            offset_in.fill_(self._next_offset(sampling, bufs.tokens.shape[0]))
         graph.replay()
-        return tok_out.clone()
+        return bufs.tokens
 
-    def _capture(self, tokens, pos, kept, cache, sampling, deferred=False, mask=False):
-        tok_in, pos_in = tokens.clone(), pos.clone()
+    def _capture(self, bufs, kept, cache, sampling, deferred, mask, mark):
         # The captured step reads seed and offset from device tensors, so replays draw anew.
-        seed_in = torch.zeros(1, dtype=torch.int64, device=tokens.device)
-        offset_in = torch.zeros(1, dtype=torch.int64, device=tokens.device)
+        seed_in = torch.zeros(1, dtype=torch.int64, device=bufs.tokens.device)
+        offset_in = torch.zeros(1, dtype=torch.int64, device=bufs.tokens.device)
+        # compile and autotune outside the capture: that runs a real step, which writes the
+        # same cache entries the replay will and advances tokens and pos, so put those back
+        saved = bufs.tokens.clone(), bufs.pos.clone()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # compile and autotune outside the capture
-            self._decode(tok_in, pos_in, kept, cache, sampling, seed_in, offset_in, deferred,
-                         mask)
+        with torch.cuda.stream(stream):
+            self._decode(bufs, kept, cache, sampling, seed_in, offset_in, deferred, mask, mark)
         torch.cuda.current_stream().wait_stream(stream)
+        bufs.tokens.copy_(saved[0])
+        bufs.pos.copy_(saved[1])
         graph = torch.cuda.CUDAGraph()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         with torch.cuda.graph(graph, pool=self._pool):
-            tok_out = self._decode(tok_in, pos_in, kept, cache, sampling, seed_in, offset_in,
-                                   deferred, mask)
-        return graph, tok_in, pos_in, seed_in, offset_in, tok_out
+            self._decode(bufs, kept, cache, sampling, seed_in, offset_in, deferred, mask, mark)
+        return graph, seed_in, offset_in

@@ -368,18 +368,16 @@ def test_triton_deferred_equals_eager(monkeypatch):
                            backfill_timing="eager")
     backend, captured = model._triton, []
 
-    def capture(tokens, pos, kept, cache, sampling, deferred=False, mask=False):
-        stash, zero = cache.stash, torch.zeros(1, dtype=torch.int64, device=tokens.device)
-        tok_in, pos_in, tok_out = tokens.clone(), pos.clone(), tokens.clone()
+    def capture(bufs, kept, cache, sampling, deferred, mask, mark):
+        stash, zero = cache.stash, torch.zeros(1, dtype=torch.int64, device=DEVICE)
         captured.append(len(kept))
 
         class Graph:
             @staticmethod
             def replay():
                 assert cache.stash is stash, "a graph replayed after its stash was replaced"
-                tok_out.copy_(backend._decode(tok_in, pos_in, kept, cache, sampling, zero, zero,
-                                              deferred, mask))
-        return Graph(), tok_in, pos_in, zero, zero, tok_out
+                backend._decode(bufs, kept, cache, sampling, zero, zero, deferred, mask, mark)
+        return Graph(), zero, zero
 
     monkeypatch.setattr(backend, "cuda_graphs", True)
     monkeypatch.setattr(backend, "_capture", capture)

@@ -134,3 +134,34 @@ def test_gpu_cuda_graph_replay_equals_eager():
         b = eager.generate(prompts, 24, s, stop_tokens=(), **sampling)
         assert a.tokens == b.tokens
     assert len(graphed._triton._graphs) > 1  # one graph per distinct depth was captured
+
+
+@pytest.mark.parametrize("backfill, order", [("propagate", "lower"), ("propagate", (4, 2, 6, 3)),
+                                             ("mask", "upper")], ids=str)
+def test_decode_step_launch_budget(tiny_triton, backfill, order):
+    """A steady D³ decode step (default deferred timing) is at most 5 launches per kept layer
+    plus 3 for the rest (embedding, LM head, position update), and no torch kernels at all:
+    the norms ride in the GEMM prologues, the split-KV merge in attention, the stash copies
+    in the down projections, the written marks in the embedding, the position update in the
+    LM head."""
+    from d3kernels.ops._launches import count_launches
+
+    model, L = tiny_triton, tiny_triton.config.num_layers
+    s = DepthSchedule(alpha=0.6, head=2, tail=1, order=order)
+    kept = s.kept_layers(s.depth(3, L), L)
+    assert 0 < len(kept) < L - 1 and len(set(kept)) == len(kept)
+    prompts = [torch.randint(0, 512, (9,)).tolist()] * 2
+    cache = model.new_cache(2, 32)
+    ids = torch.tensor(prompts, device=DEVICE)
+    with torch.inference_mode():
+        nxt = model.prefill(ids, [9, 9], cache, Sampling(), backfill=backfill)
+        # the first step copies tokens and positions in and sizes the stash, once
+        nxt = model.decode_step(nxt, [9, 9], kept, cache, Sampling(), backfill=backfill)
+        with count_launches() as launches:
+            model.decode_step(nxt, [10, 10], kept, cache, Sampling(), backfill=backfill)
+    n = len(kept)
+    assert dict(launches) == {"_decode_embed_kernel": 1, "_qkv_rope_kernel": n,
+                              "_decode_kernel": n, "_down_residual_kernel": 2 * n,
+                              "_gate_up_kernel": n, "_lm_head_tile_kernel": 1,
+                              "_select_kernel": 1}
+    assert sum(launches.values()) <= 5 * n + 3

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 from collections import Counter
 
-import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction

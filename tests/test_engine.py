@@ -352,6 +352,21 @@ def test_triton_decode_rows_bad_input(tiny_triton, kwargs, match):
     assert not cache.written.any()  # refused before anything ran
 
 
+def test_engine_checks_ids_on_the_host(tiny64, monkeypatch):
+    """The engine hands decode_rows host lists, checked there: no device->host read of ids
+    it just uploaded (the tensor check, _check_ids, is never reached)."""
+    engine = Engine(tiny64, max_batch=2, schedule=DepthSchedule(alpha=0.8, head=2, tail=1))
+    reqs = [engine.submit([3, 5, 7], 4, stop_tokens=()), engine.submit([9], 3, stop_tokens=())]
+    engine.step()  # admissions: prefill checks its ids as before
+
+    def no_sync(*args):
+        raise AssertionError("decode_rows read ids back from the device")
+
+    monkeypatch.setattr(tiny64, "_check_ids", no_sync)
+    list(engine.run())
+    assert [len(r.tokens) for r in reqs] == [4, 3]
+
+
 def test_a_failed_prefill_puts_its_requests_back(tiny64, monkeypatch):
     """An exception inside a step (out of memory, Ctrl-C) leaves no half-admitted request:
     the next step admits them again and they finish as if nothing happened."""
@@ -398,6 +413,9 @@ def test_cancel_refuses_another_engines_request(tiny64):
     (dict(rows=[True, False]), "distinct cache rows"),
     (dict(positions=[3, 40]), "positions"),
     (dict(kept=[(0, 2), (3, 1)]), "ascending"),
+    (dict(tokens=[1, 10**6]), "outside the vocabulary"),
+    (dict(tokens=[1]), "one int token id per row"),
+    (dict(tokens=[1, True]), "one int token id per row"),
 ])
 def test_decode_rows_bad_input_changes_nothing(tiny64, kwargs, match):
     cache = tiny64.new_cache(2, 32)

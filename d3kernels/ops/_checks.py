@@ -37,9 +37,13 @@ def check_tensor(name: str, t, *, ndim: int | None = None, shape: tuple | None =
 
 
 def check_rows(rows, batch: int, device: torch.device) -> None:
-    """``rows``: None (all rows) or an int32 tensor [R] of distinct row indices in [0, batch).
+    """``rows``: None (all rows) or an int32 tensor [R] of distinct row indices in [0, batch);
+    an entry -1 is a padding slot, skipped (so a fixed-size row list, e.g. in a CUDA graph,
+    can hold fewer rows).
 
-    Values are not read here: that would be a host sync inside a captured decode step.
+    Values are not read here: that would be a host sync inside a captured decode step. The
+    contract is the caller's: an index >= batch (or below -1) reads and writes out of bounds.
+    LlamaD3 checks its row lists on the host before they reach the device.
     """
     if rows is None:
         return

@@ -123,6 +123,8 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, start_ptr, len_ptr, rows_ptr, va
     h = pid_bh % NUM_HEADS
     if HAS_ROWS:
         row = tl.load(rows_ptr + r).to(tl.int64)
+        if row < 0:  # a padding slot of a fixed-size row list
+            return
     else:
         row = r.to(tl.int64)
     kvh = h // GROUP
@@ -249,6 +251,8 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ctx_ptr, rows_ptr, valid_ptr, o_ptr, po_
     kvh = pid % KV_HEADS
     if HAS_ROWS:
         row = tl.load(rows_ptr + r).to(tl.int64)
+        if row < 0:  # a padding slot of a fixed-size row list
+            return
     else:
         row = r.to(tl.int64)
     ctx = tl.minimum(tl.load(ctx_ptr + row), t_max)

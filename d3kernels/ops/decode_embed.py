@@ -29,6 +29,8 @@ def _decode_embed_kernel(tok_ptr, emb_ptr, pos_ptr, res_ptr, ctx_ptr, rows_ptr, 
     r = tl.program_id(0)
     if HAS_ROWS:
         b = tl.load(rows_ptr + r).to(tl.int64)
+        if b < 0:  # a padding slot of a fixed-size row list
+            return
     else:
         b = r.to(tl.int64)
     tok = tl.load(tok_ptr + r).to(tl.int64)

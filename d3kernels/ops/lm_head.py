@@ -101,6 +101,7 @@ def _lm_head_tile_kernel(
     r_mask = r < R
     if HAS_ROWS:
         b = tl.load(rows_ptr + r, mask=r_mask, other=0).to(tl.int64)
+        r_mask = r_mask & (b >= 0)  # -1: a padding slot of a fixed-size row list
     else:
         b = r.to(tl.int64)
     x_row = x_ptr + b * stride_x
@@ -152,6 +153,7 @@ def _select_kernel(
     r_mask = r < R
     if HAS_ROWS:
         b = tl.load(rows_ptr + r, mask=r_mask, other=0).to(tl.int64)
+        r_mask = r_mask & (b >= 0)  # -1: a padding slot of a fixed-size row list
     else:
         b = r.to(tl.int64)
     j = tl.arange(0, BLOCK)

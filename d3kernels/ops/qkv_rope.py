@@ -68,6 +68,7 @@ def _qkv_rope_kernel(
     t = m % T
     if HAS_ROWS:
         b = tl.load(rows_ptr + r, mask=m_mask, other=0)
+        m_mask = m_mask & (b >= 0)  # -1: a padding slot of a fixed-size row list
     else:
         b = r
     b = b.to(tl.int64)

@@ -66,6 +66,8 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, rows_ptr,
     pid = tl.program_id(0)
     if HAS_ROWS:
         row = tl.load(rows_ptr + pid).to(tl.int64)
+        if row < 0:  # a padding slot of a fixed-size row list
+            return
     else:
         row = pid.to(tl.int64)
     x_row = x_ptr + row * stride_x

@@ -73,6 +73,7 @@ def _gate_up_kernel(x_ptr, nw_ptr, w_ptr, out_ptr, rows_ptr, R, N, K, M_BUCKET, 
     m_mask = offs_m < R
     if HAS_ROWS:
         row = tl.load(rows_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+        m_mask = m_mask & (row >= 0)  # -1: a padding slot of a fixed-size row list
     else:
         row = offs_m.to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -120,6 +121,7 @@ def _down_residual_kernel(h_ptr, w_ptr, res_ptr, rows_ptr, stash_ptr, pos_ptr, R
     m_mask = offs_m < R
     if HAS_ROWS:
         row = tl.load(rows_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+        m_mask = m_mask & (row >= 0)  # -1: a padding slot of a fixed-size row list
     else:
         row = offs_m.to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -145,21 +145,24 @@ def _plan(model, prompts, max_new_tokens, schedule, temperature, top_k, top_p, s
 class _HostTokens:
     """A step's tokens [B] (long) on their way to the host. On a GPU the copy starts now, into
     pinned memory, and ``tolist`` waits for it alone (an event), not for the steps enqueued
-    after it; elsewhere every op has run by the time it returns, and ``tolist`` reads the
-    tensor."""
+    after it; elsewhere every op has run by the time it returns, and the tokens are read now.
+    Either way the read is taken before the next step runs: the triton backend returns its
+    token buffer, which the next step overwrites in place."""
 
     def __init__(self, tokens: torch.Tensor):
         self._done = None
-        self._tokens = tokens
         if tokens.device.type == "cuda":
             self._tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
             self._tokens.copy_(tokens, non_blocking=True)
             self._done = torch.cuda.Event()
             self._done.record()
+        else:
+            self._tokens = tokens.tolist()
 
     def tolist(self) -> list[int]:
-        if self._done is not None:
-            self._done.synchronize()
+        if self._done is None:
+            return self._tokens
+        self._done.synchronize()
         return self._tokens.tolist()
 
 

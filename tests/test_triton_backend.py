@@ -91,6 +91,17 @@ def test_fused_sampling(tiny_triton):
     assert top1.tokens == greedy.tokens == nucleus.tokens
 
 
+def test_lookahead_reads_each_steps_own_tokens(tiny_triton):
+    """decode_step returns the backend's token buffer, which the next step overwrites in place:
+    the decode loop one step ahead (the default on CUDA, forced here) must read step i's tokens
+    before step i + 1 runs, not after."""
+    s = DepthSchedule(alpha=0.5, head=1, tail=1)  # shallow steps keep the interpreter quick
+    prompts = [[3, 1, 4], [2, 7]]
+    first = tiny_triton.generate(prompts, 4, s, stop_tokens=(), _lookahead=False)
+    ahead = tiny_triton.generate(prompts, 4, s, stop_tokens=(), _lookahead=True)
+    assert ahead.tokens == first.tokens
+
+
 def test_backend_choice_and_errors(monkeypatch):
     assert LlamaD3.random("tiny").backend == ("triton" if CUDA else "torch")
     assert LlamaD3.random("tiny", dtype=torch.float64).backend == "torch"

@@ -23,7 +23,7 @@ _BLOCK_H = 1024  # hidden elements copied per loop iteration
 
 @triton.jit
 def _decode_embed_kernel(tok_ptr, emb_ptr, pos_ptr, res_ptr, ctx_ptr, rows_ptr, written_ptr,
-                         mark_ptr, H, L, stride_emb, stride_res, stride_wl, stride_wb,
+                         mark_ptr, H, L, T, stride_emb, stride_res, stride_wl, stride_wb,
                          HAS_ROWS: tl.constexpr, HAS_WRITTEN: tl.constexpr,
                          BLOCK_H: tl.constexpr, BLOCK_L: tl.constexpr):
     r = tl.program_id(0)
@@ -43,7 +43,10 @@ def _decode_embed_kernel(tok_ptr, emb_ptr, pos_ptr, res_ptr, ctx_ptr, rows_ptr, 
     if HAS_WRITTEN:
         lay = tl.arange(0, BLOCK_L)
         m = tl.load(mark_ptr + lay, mask=lay < L, other=0)
-        tl.store(written_ptr + lay * stride_wl + b * stride_wb + p, m, mask=lay < L)
+        # a slot past the cache is the caller's bug; masking keeps memory safe (as qkv_rope)
+        slot = p + tl.zeros_like(lay)
+        tl.store(written_ptr + lay * stride_wl + b * stride_wb + slot, m,
+                 mask=(lay < L) & (slot >= 0) & (slot < T))
 
 
 @torch.library.custom_op("d3kernels::decode_embed",
@@ -60,7 +63,8 @@ def _decode_embed_op(tokens: torch.Tensor, embed: torch.Tensor, pos: torch.Tenso
     _decode_embed_kernel[(R,)](
         tokens, embed, pos, residual, context, rows if rows is not None else pos, w_arg,
         mark.view(torch.uint8) if has_w else pos,
-        embed.shape[1], written.shape[0] if has_w else 0, embed.stride(0), residual.stride(0),
+        embed.shape[1], written.shape[0] if has_w else 0, written.shape[2] if has_w else 0,
+        embed.stride(0), residual.stride(0),
         written.stride(0) if has_w else 0, written.stride(1) if has_w else 0,
         HAS_ROWS=rows is not None, HAS_WRITTEN=has_w, BLOCK_H=min(
             _BLOCK_H, triton.next_power_of_2(embed.shape[1])),
@@ -91,7 +95,8 @@ def decode_embed(tokens: torch.Tensor, embed: torch.Tensor, pos: torch.Tensor,
             [0, M) (values not range-checked, as for every op's ``rows``); other rows are left
             as they were.
         written: optional bool [L, M, T] (e.g. ``cache.written[:, :M]``; the last dim dense),
-            with mark: bool [L]: ``written[l, b, pos[b]] = mark[l]`` for every active row b.
+            with mark: bool [L]: ``written[l, b, pos[b]] = mark[l]`` for every active row b
+            (a pos[b] outside [0, T) is the caller's bug: nothing is written for it).
 
     Returns ``residual``. Allocates nothing (CUDA-graph capturable).
     """

@@ -55,6 +55,25 @@ def test_decode_embed_rows_leave_others_untouched(dtype):
     assert big.sum() == mark.sum() * len(rows)  # nothing else written
 
 
+def test_decode_embed_marks_nothing_past_the_cache():
+    """A slot outside [0, T) is the caller's bug, but the mark store stays in bounds: row 0 at
+    slot T would otherwise land on row 1's slot 0, row 1 at -1 on row 0's last slot."""
+    L, M, V, H, T = 3, 2, 10, 8, 5
+    embed, _, _, mark = _case(M, V, H, T, L, torch.float32, seed=3)
+    mark = torch.ones(L, dtype=torch.bool, device=DEVICE)
+    big = torch.zeros(L, M + 1, T, dtype=torch.bool, device=DEVICE)
+    for pos in ([T, 2], [1, -1]):
+        big.zero_()
+        pos = torch.tensor(pos, dtype=torch.int32, device=DEVICE)
+        decode_embed(torch.tensor([1, 2], device=DEVICE), embed, pos,
+                     torch.empty(M, H, device=DEVICE),
+                     torch.empty(M, dtype=torch.int32, device=DEVICE), written=big[:, :M],
+                     mark=mark)
+        inside = [b for b in range(M) if 0 <= pos[b] < T]
+        assert len(inside) == 1 and big.sum() == L
+        assert big[:, inside[0], pos[inside[0]]].all()
+
+
 def test_decode_embed_bad_input():
     embed, pos, written, mark = _case(3, 10, 8, 4, 2, torch.float32, seed=1)
     res = torch.empty(3, 8, device=DEVICE)

@@ -59,6 +59,10 @@ class _StepBuffers:
     mlp: torch.Tensor
     workspace: DecodeWorkspace
     picked: torch.Tensor  # int64 [B]: decode_rows' tokens in request order
+    # decode_rows' int32 [2L + 2, B] tables, uploaded in one copy per step: row 0 holds pos,
+    # 1 + j the cache rows running layer j, L + 1 + j the stash ordinal each row's layer-j
+    # output goes to, 2L + 1 the running rows (all padded with -1); None for decode_step
+    table: torch.Tensor | None = None
     scratch: dict[int, torch.Tensor] = field(default_factory=dict)  # lm_head's, by top_k
     host_pos: list[int] | None = None
 
@@ -72,6 +76,7 @@ class TritonBackend:
         self._layer_ids: dict[tuple[int, int], torch.Tensor] = {}
         self._row_ids: dict[int, torch.Tensor] = {}
         self._row_sets: dict[tuple[int, ...], torch.Tensor] = {}
+        self._fills: dict[tuple[int, int], torch.Tensor] = {}
         self._graphs: dict[tuple, tuple] = {}
         self._graph_cache: KVCache | None = None
         self._graph_stash: torch.Tensor | None = None
@@ -91,6 +96,14 @@ class TritonBackend:
         if batch not in self._row_ids:
             self._row_ids[batch] = torch.arange(batch, dtype=torch.int32, device=self.m.device)
         return self._row_ids[batch]
+
+    def _fill(self, batch: int, value: int) -> torch.Tensor:
+        """int32 device tensor [batch] of ``value`` (a stash ordinal), made once per pair."""
+        key = (batch, value)
+        if key not in self._fills:
+            self._fills[key] = torch.full((batch,), value, dtype=torch.int32,
+                                          device=self.m.device)
+        return self._fills[key]
 
     def _row_set(self, rows: tuple[int, ...]) -> torch.Tensor:
         """int32 device tensor of these cache rows (decode_rows' ``rows=``), made once per tuple
@@ -121,10 +134,10 @@ class TritonBackend:
                                            or sampling.top_k <= MAX_FUSED_TOP_K)
 
     def _pick(self, x: torch.Tensor, sampling: Sampling | RowSampling, seed=None, offset=0,
-              rows: torch.Tensor | None = None, picked: torch.Tensor | None = None,
-              **buffers) -> torch.Tensor:
-        """Next tokens (long) from last hidden states x [M, H]: [M], or [R] for ``rows``
-        (int32 [R] rows of x, in the order of the result; the other rows are not read).
+              rows: torch.Tensor | None = None, **buffers) -> torch.Tensor:
+        """Next tokens (long) from last hidden states x [M, H], for ``rows`` (None: all; or
+        int32 [R] rows of x, the other rows not read): the fused choice returns [M] with the
+        rows' entries written (``rows`` may hold -1 padding), the torch one [R] in rows' order.
 
         The LM head kernel makes the choice itself (final norm + vocab projection + argmax or
         Gumbel-max in one pass) when one rule covers every row: greedy, or a Sampling with a
@@ -132,8 +145,7 @@ class TritonBackend:
         RowSampling, whose requests each have their own rule and generator) the kernel writes
         fp32 logits and ``sampling(logits)`` chooses with torch. seed, offset: the Philox seed
         and noise offset of a fused draw (ints, or device tensors inside a CUDA graph).
-        buffers: ``lm_head``'s tokens_out, scratch and positions (a decode step's); picked:
-        an int64 [R] buffer for the fused choice of ``rows`` in their order.
+        buffers: ``lm_head``'s tokens_out, scratch and positions (a decode step's).
         """
         m = self.m
         per_row = isinstance(sampling, RowSampling)
@@ -146,7 +158,7 @@ class TritonBackend:
                          temperature=sampling.temperature,
                          top_k=None if per_row else sampling.top_k, seed=seed, offset=offset,
                          rows=rows, **buffers)
-        return tokens if rows is None else torch.index_select(tokens, 0, rows, out=picked)
+        return tokens
 
     def _next_offset(self, sampling: Sampling, rows: int) -> int:
         """Noise offset for this draw; each draw consumes rows * vocab counters."""
@@ -228,12 +240,15 @@ class TritonBackend:
         bufs = self._buffers.get((kind, batch))
         if bufs is None:
             m, cfg, dev = self.m, self.m.config, self.m.device
+            table = (torch.full((2 * cfg.num_layers + 2, batch), -1, dtype=torch.int32,
+                                device=dev) if kind == "rows" else None)
             # from the cache's shape only: in decode_rows a row's split boundaries (and so its
             # rounding) must not depend on how many requests run beside it
             splits = attention_decode_splits(batch, cfg.num_kv_heads, cache.seq_len, dev)
             bufs = self._buffers[(kind, batch)] = _StepBuffers(
                 tokens=torch.zeros(batch, dtype=torch.int64, device=dev),
-                pos=torch.zeros(batch, dtype=torch.int32, device=dev),
+                pos=(torch.zeros(batch, dtype=torch.int32, device=dev) if table is None
+                     else table[0]),
                 context=torch.zeros(batch, dtype=torch.int32, device=dev),
                 residual=torch.empty(batch, cfg.hidden_size, dtype=m.dtype, device=dev),
                 q=torch.empty(batch, 1, cfg.num_heads, cfg.head_dim, dtype=m.dtype, device=dev),
@@ -241,7 +256,7 @@ class TritonBackend:
                 mlp=torch.empty(batch, cfg.intermediate_size, dtype=m.dtype, device=dev),
                 workspace=attention_decode_workspace(batch, cfg.num_heads, cfg.head_dim, splits,
                                                      dev),
-                picked=torch.zeros(batch, dtype=torch.int64, device=dev))
+                picked=torch.zeros(batch, dtype=torch.int64, device=dev), table=table)
         return bufs
 
     def _scratch(self, bufs: _StepBuffers, sampling: Sampling | RowSampling) -> torch.Tensor:
@@ -272,13 +287,13 @@ class TritonBackend:
         decode_embed(bufs.tokens, m.embed, pos, res, bufs.context, written=cache.written[:, :B],
                      mark=mark)
         runs = () if mask else skipped_runs(kept, cfg.num_layers)
-        stash_after: dict[int, torch.Tensor] = {}  # kept layer -> stash its output goes to
+        stash_after: dict[int, torch.Tensor] = {}  # kept layer -> stash ordinal of its output
         if deferred:
             for s, (a, _) in enumerate(runs):
                 if a == 0:  # no layer below to carry the copy
                     cache.stash[s, :B].index_put_((self._rows(B).long(), pos.long()), res)
                 else:
-                    stash_after[a - 1] = cache.stash[s, :B]
+                    stash_after[a - 1] = self._fill(B, s)
             runs = ()
         runs = iter(runs)
         run = next(runs, None)
@@ -302,8 +317,9 @@ class TritonBackend:
             down_residual(bufs.attn.view(B, cfg.q_size), m.w_o[j], res)
             swiglu_gate_up(res, m.w_gate_up[j], out=bufs.mlp, norm_weight=m.mlp_norm[j],
                            eps=cfg.rms_norm_eps)
-            stash = stash_after.get(j)
-            down_residual(bufs.mlp, m.w_down[j], res, stash=stash,
+            ordinal = stash_after.get(j)
+            stash = None if ordinal is None else cache.stash[:, :B]
+            down_residual(bufs.mlp, m.w_down[j], res, stash=stash, stash_index=ordinal,
                           positions=None if stash is None else pos)
         while run is not None:
             backfill(run)
@@ -352,79 +368,122 @@ class TritonBackend:
         (long), in request order. The caller (``LlamaD3.decode_rows``) has checked the
         arguments and marked ``cache.written``.
 
-        Cache-row layout: the residual is [cache.batch_size, H] with each request's embedding
-        at its cache row (``decode_embed`` with rows=), positions int32 [cache.batch_size];
-        tokens and positions are uploaded from the host into buffers made once per cache, and
-        every kernel writes into such buffers (the stash copies and eager backfill's row
-        selections are the only per-step device allocations). Layer j
-        runs its kernels with ``rows=`` the cache rows that keep j (index tensors cached per
-        row tuple), reading and writing ``cache.k[j]``/``cache.v[j]`` in place; a layer no row
-        keeps launches nothing. ``propagate``: the rows that skip a run of consecutive layers
-        (the same rows skipping each) get those layers' K/V from one ``kv_backfill`` launch
-        over their residual rows (a small index_select: kv_backfill takes states [M, H]).
+        Cache-row layout: residual, tokens and positions have one row per cache row. The host
+        builds the step's tables (positions; per layer, the cache rows that run it; per layer,
+        the stash ordinal of each row's output; the running rows; all padded with -1, which
+        every op skips) and uploads them in one copy into buffers made once per cache. Layer j
+        runs its five kernels with ``rows=`` its padded row list, reading and writing
+        ``cache.k[j]``/``cache.v[j]`` in place; a layer no row keeps launches nothing. So the
+        launches depend only on the set of layers any row keeps, and on a GPU the step is a
+        CUDA graph per such set (and mode and sampling rule), replayed whatever rows run it.
+
         Deferred ``propagate`` (``starts`` given: layer a -> {ordinal s: the indices r of the
         requests whose s-th skipped run starts at a}, made by the caller with the stash sized
-        and the debts recorded): at layer a those rows' residual is copied to
-        ``cache.stash[s]`` at their slots instead. ``mask``: skipped layers write nothing and
-        attention reads ``cache.written[j]``.
+        and the debts recorded): the down projection of layer a - 1 also copies those rows'
+        output to ``cache.stash[s]`` (a run starting at layer 0 is copied from the embedding:
+        one more launch, and no graph). Eager ``propagate``: the rows that skip a run of
+        consecutive layers get its K/V from one ``kv_backfill`` launch (no graph: those
+        launches follow the row sets). ``mask``: skipped layers write nothing and attention
+        reads ``cache.written[j]``.
 
-        Tokens: one fused greedy LM head over the running rows when every request is greedy
-        (or one fused draw for a plain sampling Sampling); a RowSampling with sampling
-        requests gets fp32 logits from one LM head pass and each request draws with torch
-        from its own generator (see README, Continuous batching, for what that means for
-        reproducibility). No CUDA graphs here: the row sets change at every step.
+        Tokens: one fused LM head over the running rows when every request is greedy (or one
+        fused draw for a plain sampling Sampling); a RowSampling with sampling requests gets
+        fp32 logits from one LM head pass and each request draws with torch from its own
+        generator (see README, Continuous batching, for what that means for
+        reproducibility; no graph).
         """
-        m, cfg = self.m, self.m.config
-        L, n_rows, R = cfg.num_layers, cache.batch_size, len(rows)
+        L, n, R = self.m.config.num_layers, cache.batch_size, len(rows)
         keeps = [frozenset(k) for k in kept]
-        bufs = self._step_buffers(n_rows, cache, "rows")
-        pos_host = [0] * n_rows  # rows not running are never read: any position will do
-        for r, p in zip(rows, positions):
-            pos_host[r] = p
-        pos, residual = bufs.pos, bufs.residual
-        pos.copy_(torch.tensor(pos_host, dtype=torch.int32))
-        bufs.tokens[:R].copy_(torch.as_tensor(tokens))
+        bufs = self._step_buffers(n, cache, "rows")
+        table = torch.full((2 * L + 2, n), -1, dtype=torch.int32)
+        tok = torch.zeros(n, dtype=torch.int64)  # rows not running embed token 0, unread
+        table[0] = 0
+        table[0, rows] = torch.tensor(positions, dtype=torch.int32)
+        tok[rows] = torch.as_tensor(tokens).cpu()
+        run_sets = [tuple(row for row, k in zip(rows, keeps) if j in k) for j in range(L)]
+        for j, run in enumerate(run_sets):
+            table[1 + j, :len(run)] = torch.tensor(run, dtype=torch.int32)
+        for a, by_ordinal in (starts or {}).items():
+            for s, requests in by_ordinal.items():
+                if a > 0:  # layer a - 1's down projection makes the copy
+                    table[L + a, [rows[r] for r in requests]] = s
+        table[2 * L + 1, :R] = torch.tensor(rows, dtype=torch.int32)
+        bufs.table.copy_(table)
+        bufs.tokens.copy_(tok)
+        union = tuple(j for j in range(L) if run_sets[j])
+        eager = mode == "propagate" and starts is None
+        fused = (sampling.temperature == 0 if isinstance(sampling, RowSampling)
+                 else self._fused(sampling))
+        head_run = starts is not None and 0 in starts
+        if self.cuda_graphs and fused and not eager and not head_run:
+            self._replay_rows(bufs, union, cache, sampling, mode)
+        else:
+            seed, offset = (None, 0) if isinstance(sampling, RowSampling) else \
+                (sampling.seed, self._next_offset(sampling, n))
+            out = self._rows_kernels(bufs, union, cache, sampling, seed, offset, mode,
+                                     self._row_set(tuple(rows)),
+                                     [tuple(r for r in rows if r not in run)
+                                      for run in run_sets] if eager else None,
+                                     starts[0] if head_run else None)
+            if not fused:
+                return out
         running = self._row_set(tuple(rows))
-        decode_embed(bufs.tokens[:R], m.embed, pos, residual, bufs.context, rows=running)
-        # per layer, the cache rows that run it and (propagate) those that skip it
-        run_sets = [tuple(r for r, k in zip(rows, keeps) if j in k) for j in range(L)]
-        skip_sets = [tuple(r for r, k in zip(rows, keeps) if j not in k) for j in range(L)]
+        return torch.index_select(bufs.tokens, 0, running, out=bufs.picked[:R])
+
+    def _rows_kernels(self, bufs: _StepBuffers, union: tuple[int, ...], cache: KVCache,
+                      sampling: Sampling | RowSampling, seed, offset, mode: str,
+                      live: torch.Tensor | None = None, skip_sets=None,
+                      head_stash=None) -> torch.Tensor | None:
+        """decode_rows' launches on the uploaded tables; the fused LM head leaves each running
+        row's token in bufs.tokens (returns None), otherwise the request-order tokens of the
+        rows ``live`` (int32, unpadded; not read by the fused head). skip_sets
+        (eager propagate): per layer, the cache rows that skip it; head_stash: {ordinal:
+        request indices} of runs that start at layer 0 (their rows are the tables' running rows
+        in request order)."""
+        m, cfg = self.m, self.m.config
+        L, n = cfg.num_layers, bufs.tokens.shape[0]
+        res, pos, table = bufs.residual, bufs.pos, bufs.table
+        running = table[2 * L + 1]
+        decode_embed(bufs.tokens, m.embed, pos, res, bufs.context)
+        for s, requests in (head_stash or {}).items():  # the embedding enters these runs
+            idx = running[requests].long()
+            cache.stash[s].index_put_((idx, pos[idx].long()), res[idx])
+        # deferred: stash copies ride on the down projections (none before any run was skipped)
+        deferred = mode == "propagate" and skip_sets is None and cache.stash is not None
         for j in range(L):
-            skip = skip_sets[j]
-            if starts is not None:
-                for s, stashed in starts.get(j, {}).items():
-                    idx = self._row_set(tuple(rows[r] for r in stashed))
-                    cache.stash[s].index_put_((idx.long(), pos.index_select(0, idx).long()),
-                                              residual.index_select(0, idx))
-            elif mode == "propagate" and skip and (j == 0 or skip_sets[j - 1] != skip):
+            skip = skip_sets[j] if skip_sets else ()
+            if skip and (j == 0 or skip_sets[j - 1] != skip):
                 # these rows' residual stays as it is through the run: fill it all now
                 b = j + 1
                 while b < L and skip_sets[b] == skip:
                     b += 1
                 idx = self._row_set(skip)
-                kv_backfill(residual.index_select(0, idx), self._layers((j, b)), m.attn_norm,
+                kv_backfill(res.index_select(0, idx), self._layers((j, b)), m.attn_norm,
                             m.w_qkv, m.rope_cos, m.rope_sin, pos.index_select(0, idx), idx,
                             cache.k, cache.v, q_size=cfg.q_size, eps=cfg.rms_norm_eps)
-            if not run_sets[j]:
+            if j not in union:
                 continue
-            idx = self._row_set(run_sets[j])
-            qkv_rope(residual[:, None], m.w_qkv[j], m.rope_cos, m.rope_sin, pos, cache.k[j],
+            idx = table[1 + j]
+            qkv_rope(res[:, None], m.w_qkv[j], m.rope_cos, m.rope_sin, pos, cache.k[j],
                      cache.v[j], num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
                      rows=idx, q_out=bufs.q, norm_weight=m.attn_norm[j], eps=cfg.rms_norm_eps)
-            valid = cache.written[j] if mode == "mask" else None
             attention_decode(bufs.q[:, 0], cache.k[j], cache.v[j], bufs.context, rows=idx,
-                             valid=valid, out=bufs.attn, workspace=bufs.workspace)
-            self._attention_and_mlp(j, residual, bufs.attn.view(n_rows, cfg.q_size), idx,
-                                    bufs.mlp)
-        picked = bufs.picked[:R]
-        if isinstance(sampling, RowSampling):
-            out = self._pick(residual, sampling, rows=running, picked=picked,
-                             tokens_out=bufs.tokens, scratch=self._scratch(bufs, sampling))
-        else:
-            out = self._pick(residual, sampling, sampling.seed,
-                             self._next_offset(sampling, n_rows), rows=running, picked=picked,
-                             tokens_out=bufs.tokens, scratch=self._scratch(bufs, sampling))
-        return out
+                             valid=cache.written[j] if mode == "mask" else None, out=bufs.attn,
+                             workspace=bufs.workspace)
+            down_residual(bufs.attn.view(n, cfg.q_size), m.w_o[j], res, rows=idx)
+            swiglu_gate_up(res, m.w_gate_up[j], rows=idx, out=bufs.mlp,
+                           norm_weight=m.mlp_norm[j], eps=cfg.rms_norm_eps)
+            down_residual(bufs.mlp, m.w_down[j], res, rows=idx,
+                          stash=cache.stash if deferred else None,
+                          stash_index=table[L + 1 + j] if deferred else None,
+                          positions=pos if deferred else None)
+        fused = (sampling.temperature == 0 if isinstance(sampling, RowSampling)
+                 else self._fused(sampling))
+        if fused:
+            self._pick(res, sampling, seed, offset, rows=running, tokens_out=bufs.tokens,
+                       scratch=self._scratch(bufs, sampling))
+            return None
+        return self._pick(res, sampling, seed, offset, rows=live)
 
     # ---- CUDA graphs --------------------------------------------------------------------------
 
@@ -433,21 +492,36 @@ class TritonBackend:
         """Replay (capturing on first use) the graph of this batch size, layer set and mode; it
         reads and writes ``bufs`` in place, so a replay launches nothing else (a sampling draw
         first sets its seed and offset)."""
+        key = ("step", bufs.tokens.shape[0], kept, deferred, mask) + self._sampling_key(sampling)
+        self._run_graph(key, bufs, sampling, lambda seed, offset: self._decode(
+            bufs, kept, cache, sampling, seed, offset, deferred, mask, mark))
+        return bufs.tokens
+
+    def _replay_rows(self, bufs: _StepBuffers, union, cache, sampling, mode) -> None:
+        """decode_rows' graph for this set of kept layers (any row sets), mode and sampling."""
+        key = ("rows", bufs.tokens.shape[0], union, mode) + self._sampling_key(sampling)
+        self._run_graph(key, bufs, sampling, lambda seed, offset: self._rows_kernels(
+            bufs, union, cache, sampling, seed, offset, mode))
+
+    @staticmethod
+    def _sampling_key(sampling) -> tuple:
         greedy = sampling.temperature == 0
-        key = (bufs.tokens.shape[0], kept, greedy, sampling.top_k,
-               None if greedy else sampling.temperature, deferred, mask)
+        return (greedy,) if greedy else (sampling.top_k, sampling.temperature)
+
+    def _run_graph(self, key, bufs: _StepBuffers, sampling, step) -> None:
+        """Replay the graph under ``key``, capturing ``step(seed, offset)`` on first use."""
         if key not in self._graphs:
-            self._graphs[key] = self._capture(bufs, kept, cache, sampling, deferred, mask, mark)
+            self._graphs[key] = self._capture(bufs, step)
         graph, seed_in, offset_in = self._graphs[key]
-        if not greedy:
+        if sampling.temperature > 0:
             seed_in.fill_(sampling.seed if sampling.seed is not None
                           else int(torch.randint(2**31 - 1, (1,))))
             offset_in.fill_(self._next_offset(sampling, bufs.tokens.shape[0]))
         graph.replay()
-        return bufs.tokens
 
-    def _capture(self, bufs, kept, cache, sampling, deferred, mask, mark):
-        # The captured step reads seed and offset from device tensors, so replays draw anew.
+    def _capture(self, bufs: _StepBuffers, step):
+        """A CUDA graph of ``step(seed, offset)``, which reads and writes ``bufs``. The captured
+        step reads seed and offset from device tensors, so replays draw anew."""
         seed_in = torch.zeros(1, dtype=torch.int64, device=bufs.tokens.device)
         offset_in = torch.zeros(1, dtype=torch.int64, device=bufs.tokens.device)
         # compile and autotune outside the capture: that runs a real step, which writes the
@@ -456,7 +530,7 @@ class TritonBackend:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            self._decode(bufs, kept, cache, sampling, seed_in, offset_in, deferred, mask, mark)
+            step(seed_in, offset_in)
         torch.cuda.current_stream().wait_stream(stream)
         bufs.tokens.copy_(saved[0])
         bufs.pos.copy_(saved[1])
@@ -464,5 +538,5 @@ class TritonBackend:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         with torch.cuda.graph(graph, pool=self._pool):
-            self._decode(bufs, kept, cache, sampling, seed_in, offset_in, deferred, mask, mark)
+            step(seed_in, offset_in)
         return graph, seed_in, offset_in

@@ -279,6 +279,44 @@ def test_triton_requests_equal_alone(tiny_triton, backfill):
         assert again.tokens == sampled.tokens and again.depths == sampled.depths
 
 
+def test_triton_engine_graphs_serve_every_row_set(tiny_triton, monkeypatch):
+    """decode_rows' launches depend only on the set of layers any row keeps (its row lists are
+    -1-padded tables uploaded each step), so one graph per such set serves every row set.
+    With stand-in graphs (a replay runs the captured step), continuous batching with mixed
+    lengths and depths gives the tokens it gives without graphs, and captures fewer graphs
+    than it runs steps."""
+    sched = DepthSchedule(alpha=0.8, head=2, tail=1)
+    rng = random.Random(3)
+    work = [(_prompt(rng, tiny_triton, n), k) for n, k in ((5, 9), (2, 4), (8, 7), (3, 8),
+                                                           (6, 5))]
+
+    def run():
+        engine = Engine(tiny_triton, max_batch=3, schedule=sched)
+        reqs = [engine.submit(p, k, stop_tokens=()) for p, k in work]
+        list(engine.run())
+        return [r.tokens for r in reqs], engine.stats.decode_steps
+
+    plain, steps = run()
+    backend, captured = tiny_triton._triton, []
+
+    def capture(bufs, step):
+        zero = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+        captured.append(step)
+
+        class Graph:
+            @staticmethod
+            def replay():
+                step(zero, zero)
+        return Graph(), zero, zero
+
+    monkeypatch.setattr(backend, "cuda_graphs", True)
+    monkeypatch.setattr(backend, "_capture", capture)
+    graphed, _ = run()
+    backend._graphs.clear()
+    assert graphed == plain
+    assert 0 < len(captured) < steps
+
+
 def _prefilled(model, prompts, rows, n_rows):
     """A cache of n_rows rows with prompt b prefilled into cache row rows[b]."""
     cache = KVCache(model.config, n_rows, 16, model.dtype, model.device)

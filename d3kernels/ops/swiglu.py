@@ -108,13 +108,14 @@ def _gate_up_kernel(x_ptr, nw_ptr, w_ptr, out_ptr, rows_ptr, R, N, K, M_BUCKET, 
           # The residual is updated in place: each timing run must start from the original.
           restore_value=["res_ptr"])
 @triton.jit
-def _down_residual_kernel(h_ptr, w_ptr, res_ptr, rows_ptr, stash_ptr, pos_ptr, R, N, K,
-                          M_BUCKET, stride_h, stride_w, stride_res, stride_sb, stride_st,
+def _down_residual_kernel(h_ptr, w_ptr, res_ptr, rows_ptr, stash_ptr, sidx_ptr, pos_ptr, R, N,
+                          K, M_BUCKET, stride_h, stride_w, stride_res, stride_ss, stride_sb,
+                          stride_st,
                           HAS_ROWS: tl.constexpr, HAS_STASH: tl.constexpr,
                           DOT_PRECISION: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # res[row, n] += h[row] · w[n] for the R active rows (HAS_STASH: the sum also goes to
-    # stash[row, pos[row], n]).
+    # stash[sidx[row], row, pos[row], n] where sidx[row] >= 0).
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -145,9 +146,11 @@ def _down_residual_kernel(h_ptr, w_ptr, res_ptr, rows_ptr, stash_ptr, pos_ptr, R
     new = (res + acc).to(res_ptr.dtype.element_ty)
     tl.store(res_ptrs, new, mask=mask)
     if HAS_STASH:
-        slot = tl.load(pos_ptr + row, mask=m_mask, other=0).to(tl.int64)
-        tl.store(stash_ptr + row[:, None] * stride_sb + slot[:, None] * stride_st
-                 + offs_n[None, :], new, mask=mask)
+        s = tl.load(sidx_ptr + row, mask=m_mask, other=-1).to(tl.int64)
+        slot = tl.load(pos_ptr + row, mask=m_mask & (s >= 0), other=0).to(tl.int64)
+        tl.store(stash_ptr + s[:, None] * stride_ss + row[:, None] * stride_sb
+                 + slot[:, None] * stride_st + offs_n[None, :], new,
+                 mask=mask & (s >= 0)[:, None])
 
 
 def _m_bucket(n_rows: int) -> int:
@@ -181,6 +184,7 @@ def _(x, w_gate_up, rows, out, norm_weight, eps) -> None:
 @torch.library.custom_op("d3kernels::down_residual", mutates_args=("residual", "stash"))
 def _down_residual_op(h: torch.Tensor, w_down: torch.Tensor, residual: torch.Tensor,
                       rows: Optional[torch.Tensor], stash: Optional[torch.Tensor],
+                      stash_index: Optional[torch.Tensor],
                       positions: Optional[torch.Tensor]) -> None:
     n_rows = h.shape[0] if rows is None else rows.numel()
     hidden, inter = w_down.shape
@@ -188,14 +192,14 @@ def _down_residual_op(h: torch.Tensor, w_down: torch.Tensor, residual: torch.Ten
         return
     has_stash = stash is not None
     _down_residual_kernel[_grid(n_rows, hidden)](
-        h, w_down, residual, rows, stash, positions, n_rows, hidden, inter, _m_bucket(n_rows),
-        h.stride(0), w_down.stride(0), residual.stride(0),
-        stash.stride(0) if has_stash else 0, stash.stride(1) if has_stash else 0,
+        h, w_down, residual, rows, stash, stash_index, positions, n_rows, hidden, inter,
+        _m_bucket(n_rows), h.stride(0), w_down.stride(0), residual.stride(0),
+        *(stash.stride()[:3] if has_stash else (0, 0, 0)),
         HAS_ROWS=rows is not None, HAS_STASH=has_stash, DOT_PRECISION=dot_precision(h.dtype))
 
 
 @_down_residual_op.register_fake
-def _(h, w_down, residual, rows, stash, positions) -> None:
+def _(h, w_down, residual, rows, stash, stash_index, positions) -> None:
     return None
 
 
@@ -235,15 +239,17 @@ def swiglu_gate_up(x: torch.Tensor, w_gate_up: torch.Tensor, *, rows: torch.Tens
 
 def down_residual(h: torch.Tensor, w_down: torch.Tensor, residual: torch.Tensor, *,
                   rows: torch.Tensor | None = None, stash: torch.Tensor | None = None,
+                  stash_index: torch.Tensor | None = None,
                   positions: torch.Tensor | None = None) -> None:
     """In place: ``residual += h @ w_down.T``, added in fp32 and stored in residual's dtype.
 
     h: [M, I] fp32/fp16/bf16; w_down: [H, I] and residual: [M, H], h's dtype (rows of h and
     residual may be strided, last dims dense). rows: None or int32 [R] of distinct row indices:
     only those rows of h are read and of residual updated; the others are left untouched.
-    stash: optional [M, T, H] in h's dtype (rows and slots may be strided), with positions:
-    int32 [M]: the updated residual row b is also stored at ``stash[b, positions[b]]`` (the
-    deferred backfill's copy of the residual entering a skipped run, without a launch of its own).
+    stash: optional [S, M, T, H] in h's dtype (outer dims may be strided, e.g. KVCache.stash),
+    with stash_index and positions, int32 [M]: the updated residual row b is also stored at
+    ``stash[stash_index[b], b, positions[b]]`` where stash_index[b] >= 0 (the deferred
+    backfill's copy of the residual entering a skipped run, without a launch of its own).
     Allocates nothing (CUDA-graph capturable). fp32 inputs multiply in IEEE fp32 (no tf32).
     """
     check_tensor("h", h, ndim=2, dtype=FLOAT_DTYPES)
@@ -252,11 +258,13 @@ def down_residual(h: torch.Tensor, w_down: torch.Tensor, residual: torch.Tensor,
     check_tensor("residual", residual, shape=(M, w_down.shape[0]), dtype=h.dtype,
                  device=h.device)
     check_rows(rows, M, h.device)
-    if (stash is None) != (positions is None):
-        raise ValueError("stash and positions go together: pass both or neither")
+    if not (stash is None) == (stash_index is None) == (positions is None):
+        raise ValueError("stash, stash_index and positions go together: pass all or none")
     if stash is not None:
-        check_tensor("stash", stash, shape=(M, None, w_down.shape[0]), dtype=h.dtype,
+        check_tensor("stash", stash, shape=(None, M, None, w_down.shape[0]), dtype=h.dtype,
+                     device=h.device)
+        check_tensor("stash_index", stash_index, shape=(M,), dtype=torch.int32,
                      device=h.device)
         check_tensor("positions", positions, shape=(M,), dtype=torch.int32, device=h.device)
     check_launchable(h)
-    torch.ops.d3kernels.down_residual(h, w_down, residual, rows, stash, positions)
+    torch.ops.d3kernels.down_residual(h, w_down, residual, rows, stash, stash_index, positions)

@@ -42,8 +42,9 @@ def _cases():
         return q, k, v
 
     def down(rows):
-        res, stash = x.clone(), poisoned((M, T, H), torch.float32)
-        down_residual(h, w_down, res, rows=rows, stash=stash, positions=pos)
+        res, stash = x.clone(), poisoned((2, M, T, H), torch.float32)
+        down_residual(h, w_down, res, rows=rows, stash=stash, stash_index=i32([1, 0, -1, 0, 1]),
+                      positions=pos)
         return res, stash
 
     def head(rows):

@@ -154,26 +154,33 @@ def test_down_residual_rows(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_down_residual_stash(dtype):
-    """The updated residual also lands at stash[b, positions[b]] for the processed rows only."""
-    M, H, inter, T = 5, 96, 160, 7
+    """The updated residual also lands at stash[stash_index[b], b, positions[b]] for the
+    processed rows whose stash_index is >= 0, and nowhere else."""
+    M, H, inter, T, S = 5, 96, 160, 7, 3
     torch.manual_seed(43)
     h = randn(M, inter, dtype=dtype)
     _, w_down = _weights(H, inter, dtype)
     residual = randn(M, H, dtype=dtype)
     start = residual.clone()
-    big = poisoned((M, T + 2, H + 8), dtype)  # strided rows and slots, as KVCache.stash[s]
-    stash = big[:, 1:T + 1, :H]
+    big = poisoned((S, M, T + 2, H + 8), dtype)  # strided slots and rows, as KVCache.stash
+    stash = big[:, :, 1:T + 1, :H]
     positions = torch.tensor([3, 0, 6, 1, 2], dtype=torch.int32, device=DEVICE)
-    rows = torch.tensor([4, 0, 2], dtype=torch.int32, device=DEVICE)
-    down_residual(h, w_down, residual, rows=rows, stash=stash, positions=positions)
+    stash_index = torch.tensor([2, -1, 0, 1, -1], dtype=torch.int32, device=DEVICE)
+    rows = torch.tensor([4, 0, 2, 1], dtype=torch.int32, device=DEVICE)
+    down_residual(h, w_down, residual, rows=rows, stash=stash, stash_index=stash_index,
+                  positions=positions)
     ref = start.double().cpu() + h.double().cpu() @ w_down.double().cpu().T
+    written = torch.zeros(S, M, T, dtype=torch.bool)
     for b in rows.tolist():
-        assert torch.equal(stash[b, positions[b]], residual[b])  # the stored sum, bit for bit
         assert_close(residual[b], ref[b], dtype)
-    written = torch.zeros(M, T, dtype=torch.bool)
-    written[rows.long().cpu(), positions[rows.long()].long().cpu()] = True
+        s = int(stash_index[b])
+        if s >= 0:  # the stored sum, bit for bit
+            assert torch.equal(stash[s, b, positions[b]], residual[b])
+            written[s, b, int(positions[b])] = True
+    assert written.sum() == 2  # rows 0 and 2: row 4's index is -1, row 3 is not processed
     assert stash.isnan().all(dim=-1).cpu().eq(~written).all()  # nothing else stored
-    assert big[:, 0].isnan().all() and big[:, T + 1].isnan().all() and big[..., H:].isnan().all()
+    assert big[:, :, 0].isnan().all() and big[:, :, T + 1].isnan().all()
+    assert big[..., H:].isnan().all()
 
 
 def test_swiglu_empty_rows():
@@ -186,6 +193,10 @@ def test_swiglu_empty_rows():
     start = residual.clone()
     down_residual(out, w_down, residual, rows=none)
     assert torch.equal(residual, start)
+
+
+def i32z(n):
+    return torch.zeros(n, dtype=torch.int32, device=DEVICE)
 
 
 def test_swiglu_bad_input():
@@ -215,10 +226,12 @@ def test_swiglu_bad_input():
         (dict(residual=residual[:2]), "residual"),
         (dict(residual=residual.half()), "residual"),
         (dict(rows=torch.zeros(4, dtype=torch.int32, device=DEVICE)), "rows"),
-        (dict(stash=randn(3, 5, 96)), "stash and positions"),
-        (dict(stash=randn(3, 5, 95), positions=torch.zeros(3, dtype=torch.int32,
-                                                           device=DEVICE)), "stash"),
-        (dict(stash=randn(3, 5, 96), positions=torch.zeros(3, device=DEVICE)), "positions"),
+        (dict(stash=randn(1, 3, 5, 96)), "stash, stash_index and positions"),
+        (dict(stash=randn(1, 3, 5, 95), stash_index=i32z(3), positions=i32z(3)), "stash"),
+        (dict(stash=randn(1, 3, 5, 96), stash_index=i32z(2), positions=i32z(3)),
+         "stash_index"),
+        (dict(stash=randn(1, 3, 5, 96), stash_index=i32z(3),
+              positions=torch.zeros(3, device=DEVICE)), "positions"),
     ]
     for override, name in down_cases:
         args = dict(h=h, w_down=w_down, residual=residual, rows=None) | override
@@ -235,7 +248,8 @@ def test_swiglu_opcheck():
         torch.library.opcheck(torch.ops.d3kernels.swiglu_gate_up.default,
                               (x, w_gate_up, r, torch.empty(3, 160), norm, EPS), test_utils=utils)
         torch.library.opcheck(torch.ops.d3kernels.down_residual.default,
-                              (randn(3, 160), w_down, randn(3, 96), r, randn(3, 4, 96),
+                              (randn(3, 160), w_down, randn(3, 96), r, randn(2, 3, 4, 96),
+                               torch.tensor([1, -1, 0], dtype=torch.int32, device=DEVICE),
                                torch.tensor([1, 3, 0], dtype=torch.int32, device=DEVICE)),
                               test_utils=utils)
 

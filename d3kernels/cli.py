@@ -115,11 +115,11 @@ def _schedule(args) -> DepthSchedule:
 def _load(args) -> LlamaD3:
     if args.dtype == "auto":
         dtype, why = auto_dtype(args.device)
-        shown = f"{str(dtype).removeprefix('torch.')} ({why})"
+        why = f" (--dtype auto: {why})"
     else:
-        dtype, shown = DTYPES[args.dtype], args.dtype
-    print(f"d3kernels: loading {args.model} ({shown}, {args.device}) ...", file=sys.stderr,
-          flush=True)
+        dtype, why = DTYPES[args.dtype], ""
+    print(f"d3kernels: loading {args.model} in {str(dtype).removeprefix('torch.')} on "
+          f"{args.device}{why} ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     model = LlamaD3.from_pretrained(args.model, dtype=dtype, device=args.device)
     c = model.config

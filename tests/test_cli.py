@@ -94,4 +94,4 @@ def test_cli_loads_with_the_auto_or_the_named_dtype(flag, want, monkeypatch, cap
     monkeypatch.setattr(cli.LlamaD3, "from_pretrained", from_pretrained)
     assert cli.main(["generate", "x", *flag]) == 2
     assert seen == [want]
-    assert f"({str(want).removeprefix('torch.')}" in capsys.readouterr().err
+    assert f"in {str(want).removeprefix('torch.')} on cpu" in capsys.readouterr().err

@@ -41,7 +41,7 @@ def auto_dtype(device: str) -> tuple[torch.dtype, str]:
     """
     kind = torch.device(device).type
     if kind == "cuda":
-        if torch.cuda.is_bf16_supported():
+        if torch.cuda.is_bf16_supported(including_emulation=False):  # sm80+: not emulated
             return torch.bfloat16, "a CUDA device with bf16"
         return torch.float16, "a CUDA device without bf16"
     if kind == "cpu" and cpu_has_native_bf16():

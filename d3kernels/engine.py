@@ -24,8 +24,9 @@ fused draw would need one per request seed): repeatable, unaffected by its neigh
 not ``generate``'s tokens.
 
 Both backends run the engine. The triton backend drives its kernels with ``rows=`` in the
-cache-row layout (``TritonBackend.decode_rows``), without CUDA graphs (the row sets change at
-every step), and prefills each admitted prompt as its own batch of one on its cache row.
+cache-row layout (``TritonBackend.decode_rows``: -1-padded row tables uploaded once per step,
+so on a GPU one CUDA graph per set of kept layers serves every row set), and prefills each
+admitted prompt as its own batch of one on its cache row.
 
 Where D³ pays in a mixed batch: a row that skips layer j saves layer j's attention and MLP
 compute for that row, but layer j's weights are read as long as ANY row keeps it. At small

@@ -550,7 +550,7 @@ class LlamaD3:
 
         Both backends: the torch one gathers the rows that run a layer and scatters the result
         back; the triton one passes them to every kernel as ``rows=`` in the cache-row layout
-        (``TritonBackend.decode_rows``; no CUDA graphs, the row sets change every step).
+        (``TritonBackend.decode_rows``; on a GPU a CUDA graph per set of layers any row keeps).
         """
         mode, timing = self.resolve_backfill(backfill, backfill_timing)
         deferred = mode == "propagate" and timing == "deferred"

@@ -260,9 +260,12 @@ class TritonBackend:
         return bufs
 
     def _scratch(self, bufs: _StepBuffers, sampling: Sampling | RowSampling) -> torch.Tensor:
-        """lm_head's candidate scratch for this batch and top-k, made once (before a capture)."""
+        """lm_head's candidate scratch for this batch and the top-k its kernel samples with,
+        made once (before a capture). A choice made with torch (nucleus, top-k past
+        MAX_FUSED_TOP_K) runs the kernel greedy for its logits: it needs the greedy scratch, not
+        one sized for its own top-k."""
         top_k = None if isinstance(sampling, RowSampling) or sampling.temperature == 0 \
-            else sampling.top_k
+            or not self._fused(sampling) else sampling.top_k
         if top_k not in bufs.scratch:
             bufs.scratch[top_k] = lm_head_scratch(bufs.tokens.shape[0], self.m.config.vocab_size,
                                                   top_k, self.m.device)

@@ -91,6 +91,18 @@ def test_fused_sampling(tiny_triton):
     assert top1.tokens == greedy.tokens == nucleus.tokens
 
 
+def test_wide_top_k_sizes_the_greedy_scratch(tiny_triton):
+    """top_k past MAX_FUSED_TOP_K samples with torch from logits the kernel makes greedy: its
+    step buffers hold the greedy candidates' scratch, none sized for that top_k."""
+    from d3kernels.triton_backend import MAX_FUSED_TOP_K
+
+    s = DepthSchedule(alpha=0.5, head=1, tail=1)
+    tiny_triton.generate([3, 1, 4], 2, s, temperature=0.8, top_k=MAX_FUSED_TOP_K + 1, seed=1,
+                         stop_tokens=())
+    held = {k for b in tiny_triton._triton._buffers.values() for k in b.scratch}
+    assert None in held and MAX_FUSED_TOP_K + 1 not in held
+
+
 def test_lookahead_reads_each_steps_own_tokens(tiny_triton):
     """decode_step returns the backend's token buffer, which the next step overwrites in place:
     the decode loop one step ahead (the default on CUDA, forced here) must read step i's tokens

@@ -545,7 +545,8 @@ class LlamaD3:
         residual entering each of the row's skipped runs for :meth:`flush_backfill` (the
         engine drops what a row owes when it releases the row: nothing reads it); ``mask``
         writes nothing for them. Owed entries a row's pass would read or overwrite are
-        settled first, as in :meth:`decode_step`. Returns the next tokens [R] (long). Bad
+        settled first, as in :meth:`decode_step`. Returns the next tokens [R] (long; on the
+        triton backend a view of a buffer the next call overwrites: read or copy it first). Bad
         arguments raise ValueError before anything runs.
 
         Both backends: the torch one gathers the rows that run a layer and scatters the result

@@ -129,7 +129,9 @@ skip() {  # skip NAME REASON: keep the schedule, record why the stage did not ru
 [ -n "$SLUG" ] || { echo "no CUDA GPU seen (see env.txt)"; failed=1; }
 
 stage tests env D3KERNELS_AUTOTUNE=0 "${PAR_ENV[@]}" python3 -m pytest tests/ops \
-  tests/test_triton_backend.py tests/test_tuned_configs.py -q -p no:cacheprovider "${XDIST[@]}" \
+  tests/test_triton_backend.py tests/test_tuned_configs.py \
+  tests/test_backfill_modes.py::test_gpu_graphs_recaptured_when_the_stash_grows \
+  -q -p no:cacheprovider "${XDIST[@]}" \
   -rfE --durations=15 --junitxml="$WORK/gpu_tests.xml"
 
 if [ ${#XDIST[@]} -gt 0 ]; then

@@ -188,3 +188,27 @@ def test_decode_step_launch_budget(tiny_triton, backfill, order):
                               "_gate_up_kernel": n, "_lm_head_tile_kernel": 1,
                               "_select_kernel": 1}
     assert sum(launches.values()) <= 5 * n + 3
+
+
+@gpu
+def test_gpu_engine_graphs_equal_ungraphed():
+    """Real CUDA graphs for the engine's steps (one per set of layers any row keeps, replayed
+    for every mix of rows), bf16, mixed lengths and depths, deferred and mask: the tokens of
+    kernel-by-kernel decoding, and fewer graphs than steps."""
+    from d3kernels import Engine
+
+    kwargs = dict(dtype=torch.bfloat16, device="cuda", backend="triton", seed=3)
+    models = [LlamaD3.random("smollm2-135m", cuda_graphs=g, **kwargs) for g in (True, False)]
+    s = DepthSchedule(alpha=0.95, head=4, tail=2)
+    work = [(torch.randint(0, 49152, (n,)).tolist(), k) for n, k in
+            ((20, 24), (7, 9), (33, 17), (12, 30), (5, 12), (40, 8))]
+    for backfill in ("propagate", "mask"):
+        outs = []
+        for model in models:
+            engine = Engine(model, max_batch=4, schedule=s, backfill=backfill)
+            reqs = [engine.submit(p, k, stop_tokens=()) for p, k in work]
+            list(engine.run())
+            outs.append(([r.tokens for r in reqs], engine.stats.decode_steps))
+        assert outs[0][0] == outs[1][0]
+        rows_graphs = [k for k in models[0]._triton._graphs if k[0] == "rows"]
+        assert 0 < len(rows_graphs) < outs[0][1]

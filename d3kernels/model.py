@@ -592,10 +592,9 @@ class LlamaD3:
                 self._settle_backfill(cache, [rows[i] for i in settle],
                                       [positions[i] for i in settle])
         keeps = [frozenset(k) for k in kept]
-        row_t, pos = torch.tensor(rows, device=dev), torch.tensor(positions, device=dev)
-        mark = torch.tensor([[(mode == "propagate" and not deferred) or j in k for k in keeps]
-                             for j in range(L)], device=dev)
-        cache.written[:, row_t, pos] = mark
+        # which layers' entries this pass writes at each row's slot: [L, R]
+        marks = [[(mode == "propagate" and not deferred) or j in k for k in keeps]
+                 for j in range(L)]
         starts = None
         if deferred:  # layer a -> {ordinal s: the requests whose s-th skipped run starts at a}
             starts = {}
@@ -611,9 +610,11 @@ class LlamaD3:
         elif mode == "propagate":  # one backfill per layer that any row skips
             cache.backfill_bytes += sum(any(j not in k for k in keeps) for j in range(L)) \
                 * backfill_layer_bytes(cfg, self.embed.element_size())
-        if self._triton is not None:
+        if self._triton is not None:  # its uploaded tables carry the marks
             return self._triton.decode_rows(tokens, rows, positions, kept, cache, sampling, mode,
-                                            starts)
+                                            starts, marks)
+        row_t, pos = torch.tensor(rows, device=dev), torch.tensor(positions, device=dev)
+        cache.written[:, row_t, pos] = torch.tensor(marks, device=dev)
         cos, sin = self.rope_cos[pos][:, None, None], self.rope_sin[pos][:, None, None]
         span = max(positions) + 1
         causal = (torch.arange(span, device=dev) <= pos[:, None])[:, None, None]  # [R,1,1,span]

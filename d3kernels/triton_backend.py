@@ -63,6 +63,7 @@ class _StepBuffers:
     # 1 + j the cache rows running layer j, L + 1 + j the stash ordinal each row's layer-j
     # output goes to, 2L + 1 the running rows (all padded with -1); None for decode_step
     table: torch.Tensor | None = None
+    marks: torch.Tensor | None = None  # decode_rows' bool [L, B]: the step's written marks
     scratch: dict[int, torch.Tensor] = field(default_factory=dict)  # lm_head's, by top_k
     host_pos: list[int] | None = None
 
@@ -240,8 +241,9 @@ class TritonBackend:
         bufs = self._buffers.get((kind, batch))
         if bufs is None:
             m, cfg, dev = self.m, self.m.config, self.m.device
+            rows_kind = kind == "rows"
             table = (torch.full((2 * cfg.num_layers + 2, batch), -1, dtype=torch.int32,
-                                device=dev) if kind == "rows" else None)
+                                device=dev) if rows_kind else None)
             # from the cache's shape only: in decode_rows a row's split boundaries (and so its
             # rounding) must not depend on how many requests run beside it
             splits = attention_decode_splits(batch, cfg.num_kv_heads, cache.seq_len, dev)
@@ -256,7 +258,9 @@ class TritonBackend:
                 mlp=torch.empty(batch, cfg.intermediate_size, dtype=m.dtype, device=dev),
                 workspace=attention_decode_workspace(batch, cfg.num_heads, cfg.head_dim, splits,
                                                      dev),
-                picked=torch.zeros(batch, dtype=torch.int64, device=dev), table=table)
+                picked=torch.zeros(batch, dtype=torch.int64, device=dev), table=table,
+                marks=(torch.zeros(cfg.num_layers, batch, dtype=torch.bool, device=dev)
+                       if rows_kind else None))
         return bufs
 
     def _scratch(self, bufs: _StepBuffers, sampling: Sampling | RowSampling) -> torch.Tensor:
@@ -365,11 +369,13 @@ class TritonBackend:
     def decode_rows(self, tokens: list[int] | torch.Tensor, rows: list[int], positions: list[int],
                     kept: list[tuple[int, ...]], cache: KVCache,
                     sampling: Sampling | RowSampling, mode: str = "propagate",
-                    starts: dict[int, dict[int, list[int]]] | None = None) -> torch.Tensor:
+                    starts: dict[int, dict[int, list[int]]] | None = None,
+                    marks: list[list[bool]] | None = None) -> torch.Tensor:
         """One decode pass where request r (cache row rows[r], newest token tokens[r] at slot
         positions[r]) runs its own ascending layer set kept[r]; returns the next tokens [R]
         (long), in request order. The caller (``LlamaD3.decode_rows``) has checked the
-        arguments and marked ``cache.written``.
+        arguments; marks[j][r]: whether this pass writes layer j's entry of request r (the
+        first launch stores them in ``cache.written``).
 
         Cache-row layout: residual, tokens and positions have one row per cache row. The host
         builds the step's tables (positions; per layer, the cache rows that run it; per layer,
@@ -399,10 +405,12 @@ class TritonBackend:
         keeps = [frozenset(k) for k in kept]
         bufs = self._step_buffers(n, cache, "rows")
         table = torch.full((2 * L + 2, n), -1, dtype=torch.int32)
-        tok = torch.zeros(n, dtype=torch.int64)  # rows not running embed token 0, unread
+        tok = torch.zeros(n, dtype=torch.int64)  # in request order, as the running rows
+        mark = torch.zeros(L, n, dtype=torch.bool)
         table[0] = 0
         table[0, rows] = torch.tensor(positions, dtype=torch.int32)
-        tok[rows] = torch.as_tensor(tokens).cpu()
+        tok[:R] = torch.as_tensor(tokens).cpu()
+        mark[:, rows] = torch.tensor(marks, dtype=torch.bool)
         run_sets = [tuple(row for row, k in zip(rows, keeps) if j in k) for j in range(L)]
         for j, run in enumerate(run_sets):
             table[1 + j, :len(run)] = torch.tensor(run, dtype=torch.int32)
@@ -413,6 +421,7 @@ class TritonBackend:
         table[2 * L + 1, :R] = torch.tensor(rows, dtype=torch.int32)
         bufs.table.copy_(table)
         bufs.tokens.copy_(tok)
+        bufs.marks.copy_(mark)
         union = tuple(j for j in range(L) if run_sets[j])
         eager = mode == "propagate" and starts is None
         fused = (sampling.temperature == 0 if isinstance(sampling, RowSampling)
@@ -447,7 +456,8 @@ class TritonBackend:
         L, n = cfg.num_layers, bufs.tokens.shape[0]
         res, pos, table = bufs.residual, bufs.pos, bufs.table
         running = table[2 * L + 1]
-        decode_embed(bufs.tokens, m.embed, pos, res, bufs.context)
+        decode_embed(bufs.tokens, m.embed, pos, res, bufs.context, rows=running,
+                     written=cache.written, mark=bufs.marks)
         for s, requests in (head_stash or {}).items():  # the embedding enters these runs
             idx = running[requests].long()
             cache.stash[s].index_put_((idx, pos[idx].long()), res[idx])

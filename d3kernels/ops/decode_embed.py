@@ -24,7 +24,7 @@ _BLOCK_H = 1024  # hidden elements copied per loop iteration
 @triton.jit
 def _decode_embed_kernel(tok_ptr, emb_ptr, pos_ptr, res_ptr, ctx_ptr, rows_ptr, written_ptr,
                          mark_ptr, H, L, T, stride_emb, stride_res, stride_wl, stride_wb,
-                         HAS_ROWS: tl.constexpr, HAS_WRITTEN: tl.constexpr,
+                         stride_ml, stride_mb, HAS_ROWS: tl.constexpr, HAS_WRITTEN: tl.constexpr,
                          BLOCK_H: tl.constexpr, BLOCK_L: tl.constexpr):
     r = tl.program_id(0)
     if HAS_ROWS:
@@ -42,7 +42,7 @@ def _decode_embed_kernel(tok_ptr, emb_ptr, pos_ptr, res_ptr, ctx_ptr, rows_ptr, 
     tl.store(ctx_ptr + b, p + 1)
     if HAS_WRITTEN:
         lay = tl.arange(0, BLOCK_L)
-        m = tl.load(mark_ptr + lay, mask=lay < L, other=0)
+        m = tl.load(mark_ptr + lay * stride_ml + b * stride_mb, mask=lay < L, other=0)
         # a slot past the cache is the caller's bug; masking keeps memory safe (as qkv_rope)
         slot = p + tl.zeros_like(lay)
         tl.store(written_ptr + lay * stride_wl + b * stride_wb + slot, m,
@@ -66,6 +66,7 @@ def _decode_embed_op(tokens: torch.Tensor, embed: torch.Tensor, pos: torch.Tenso
         embed.shape[1], written.shape[0] if has_w else 0, written.shape[2] if has_w else 0,
         embed.stride(0), residual.stride(0),
         written.stride(0) if has_w else 0, written.stride(1) if has_w else 0,
+        mark.stride(0) if has_w else 0, mark.stride(1) if has_w and mark.dim() == 2 else 0,
         HAS_ROWS=rows is not None, HAS_WRITTEN=has_w, BLOCK_H=min(
             _BLOCK_H, triton.next_power_of_2(embed.shape[1])),
         BLOCK_L=triton.next_power_of_2(max(written.shape[0], 1)) if has_w else 1,
@@ -95,7 +96,8 @@ def decode_embed(tokens: torch.Tensor, embed: torch.Tensor, pos: torch.Tensor,
             [0, M) (values not range-checked, as for every op's ``rows``); other rows are left
             as they were.
         written: optional bool [L, M, T] (e.g. ``cache.written[:, :M]``; the last dim dense),
-            with mark: bool [L]: ``written[l, b, pos[b]] = mark[l]`` for every active row b
+            with mark: bool [L] (every row alike) or [L, M] (any strides; per row):
+            ``written[l, b, pos[b]] = mark[l]`` (or ``mark[l, b]``) for every active row b
             (a pos[b] outside [0, T) is the caller's bug: nothing is written for it).
 
     Returns ``residual``. Allocates nothing (CUDA-graph capturable).
@@ -119,7 +121,11 @@ def decode_embed(tokens: torch.Tensor, embed: torch.Tensor, pos: torch.Tensor,
     if written is not None:
         check_tensor("written", written, ndim=3, dtype=torch.bool, device=dev)
         check_tensor("written", written, shape=(None, M, None))
-        check_tensor("mark", mark, shape=(written.shape[0],), dtype=torch.bool, device=dev)
+        if isinstance(mark, torch.Tensor) and mark.dim() == 2:
+            check_tensor("mark", mark, shape=(written.shape[0], M), dtype=torch.bool,
+                         device=dev, contiguous=False)
+        else:
+            check_tensor("mark", mark, shape=(written.shape[0],), dtype=torch.bool, device=dev)
     check_launchable(tokens)
     _decode_embed_op(tokens, embed, pos, residual, context, rows, written, mark)
     return residual

@@ -100,3 +100,18 @@ def test_decode_embed_opcheck():
     torch.library.opcheck(torch.ops.d3kernels.decode_embed.default, args,
                           test_utils=("test_schema", "test_faketensor",
                                       "test_aot_dispatch_dynamic"))
+
+
+def test_decode_embed_per_row_marks():
+    """mark [L, M] (here a strided view): each active row stores its own column."""
+    M, V, H, T, L = 4, 30, 40, 6, 5
+    embed, pos, written, _ = _case(M, V, H, T, L, torch.float32, seed=8)
+    mark = (torch.rand(M, L, device=DEVICE) < 0.5).t()  # [L, M], not contiguous
+    rows = torch.tensor([2, 0, 3], dtype=torch.int32, device=DEVICE)
+    want = written.clone()
+    for b in rows.tolist():
+        want[:, b, pos[b]] = mark[:, b]
+    decode_embed(torch.tensor([1, 2, 3], device=DEVICE), embed, pos, poisoned((M, H),
+                 torch.float32), torch.zeros(M, dtype=torch.int32, device=DEVICE), rows=rows,
+                 written=written, mark=mark)
+    assert torch.equal(written, want)

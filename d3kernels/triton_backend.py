@@ -380,7 +380,8 @@ class TritonBackend:
         Cache-row layout: residual, tokens and positions have one row per cache row. The host
         builds the step's tables (positions; per layer, the cache rows that run it; per layer,
         the stash ordinal of each row's output; the running rows; all padded with -1, which
-        every op skips) and uploads them in one copy into buffers made once per cache. Layer j
+        every op skips) and uploads them, the tokens and the ``written`` marks (three copies)
+        into buffers made once per cache. Layer j
         runs its five kernels with ``rows=`` its padded row list, reading and writing
         ``cache.k[j]``/``cache.v[j]`` in place; a layer no row keeps launches nothing. So the
         launches depend only on the set of layers any row keeps, and on a GPU the step is a

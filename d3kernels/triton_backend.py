@@ -368,15 +368,14 @@ class TritonBackend:
 
     def decode_rows(self, tokens: list[int] | torch.Tensor, rows: list[int], positions: list[int],
                     kept: list[tuple[int, ...]], cache: KVCache,
-                    sampling: Sampling | RowSampling, mode: str = "propagate",
-                    starts: dict[int, dict[int, list[int]]] | None = None,
-                    marks: list[list[bool]] | None = None) -> torch.Tensor:
+                    sampling: Sampling | RowSampling, mode: str,
+                    starts: dict[int, dict[int, list[int]]] | None,
+                    marks: list[list[bool]]) -> torch.Tensor:
         """One decode pass where request r (cache row rows[r], newest token tokens[r] at slot
         positions[r]) runs its own ascending layer set kept[r]; returns the next tokens [R]
         (long), in request order. The caller (``LlamaD3.decode_rows``) has checked the
-        arguments; marks[j][r]: whether this pass writes layer j's entry of request r (the
-        first launch stores them in ``cache.written``; None: derived from mode, starts and kept
-        as the caller derives them).
+        arguments and made ``starts`` and ``marks``; marks[j][r]: whether this pass writes
+        layer j's entry of request r (the first launch stores them in ``cache.written``).
 
         Cache-row layout: residual, tokens and positions have one row per cache row. The host
         builds the step's tables (positions; per layer, the cache rows that run it; per layer,
@@ -405,9 +404,6 @@ class TritonBackend:
         """
         L, n, R = self.m.config.num_layers, cache.batch_size, len(rows)
         keeps = [frozenset(k) for k in kept]
-        if marks is None:  # what LlamaD3.decode_rows passes: eager fills every layer
-            marks = [[(mode == "propagate" and starts is None) or j in k for k in keeps]
-                     for j in range(L)]
         bufs = self._step_buffers(n, cache, "rows")
         table = torch.full((2 * L + 2, n), -1, dtype=torch.int32)
         tok = torch.zeros(n, dtype=torch.int64)  # in request order, as the running rows

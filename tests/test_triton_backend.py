@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from d3kernels import PRESETS, DepthSchedule, LlamaD3
-from d3kernels.kv_cache import KVCache
 from d3kernels.sampling import Sampling
 from tests.ops.conftest import CUDA, DEVICE, TOL, gpu, rel_err
 from tests.test_d3_generation import oracle
@@ -213,15 +212,3 @@ def test_gpu_engine_graphs_equal_ungraphed():
         assert outs[0][0] == outs[1][0]
         rows_graphs = [k for k in models[0]._triton._graphs if k[0] == "rows"]
         assert 0 < len(rows_graphs) < outs[0][1]
-
-
-def test_decode_rows_marks_default(tiny_triton):
-    """TritonBackend.decode_rows without marks= (its default) derives them as LlamaD3 does
-    (mask: the kept layers only), instead of failing on torch.tensor(None)."""
-    cache = KVCache(tiny_triton.config, 3, 8, tiny_triton.dtype, tiny_triton.device)
-    kept = [(0, 1, 7), (0, 7)]
-    tiny_triton._triton.decode_rows([1, 2], [2, 0], [3, 5], kept, cache, Sampling(), "mask")
-    L = tiny_triton.config.num_layers
-    assert cache.written[:, 2, 3].tolist() == [j in kept[0] for j in range(L)]
-    assert cache.written[:, 0, 5].tolist() == [j in kept[1] for j in range(L)]
-    assert cache.written.sum() == len(kept[0]) + len(kept[1])

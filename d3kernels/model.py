@@ -480,16 +480,14 @@ class LlamaD3:
                                             mode, mark)
         uniform = min(positions) == max(positions)
         if uniform:
-            cache.written[:, :B, positions[0]] = mark[:, None]
+            p = positions[0]
+            cache.written[:, :B, p] = mark[:, None]
+            cos, sin = self.rope_cos[p], self.rope_sin[p]
+            span, mask = p + 1, None
         else:
             rows = torch.arange(B, device=self.device)
             pos = torch.tensor(positions, device=self.device)
             cache.written[:, rows, pos] = mark[:, None]
-        if uniform:
-            p = positions[0]
-            cos, sin = self.rope_cos[p], self.rope_sin[p]
-            span, mask = p + 1, None
-        else:
             cos, sin = self.rope_cos[pos][:, None, None], self.rope_sin[pos][:, None, None]
             span = max(positions) + 1
             mask = (torch.arange(span, device=self.device) <= pos[:, None])[:, None, None]
@@ -537,8 +535,8 @@ class LlamaD3:
 
         tokens: the newest token of each request (R ints, checked on the host, as the engine
         passes them; or a long tensor [R], whose ids are checked with a device->host read), at
-        slot positions[r] of cache row rows[r] (distinct); kept[r]: the ascending layers request r runs; sampling: a
-        Sampling, or a :class:`d3kernels.sampling.RowSampling` when requests pick their tokens
+        slot positions[r] of cache row rows[r] (distinct); kept[r]: the ascending layers
+        request r runs; sampling: a Sampling, or a :class:`d3kernels.sampling.RowSampling` when requests pick their tokens
         differently. Layer j runs (QKV, attention, MLP) only on the rows that keep it; the
         others' residual passes through and, in ``propagate`` mode, their K/V at j come from
         it: eager fills them now, deferred (backfill_timing None: the model's) stashes the

@@ -34,3 +34,17 @@ def poisoned(shape, dtype, device=DEVICE) -> torch.Tensor:
 
 def randn(*shape, dtype=torch.float32, scale: float = 1.0) -> torch.Tensor:
     return (torch.randn(*shape, dtype=torch.float64) * scale).to(dtype=dtype, device=DEVICE)
+
+
+def rand_quantized(*shape, fmt: str, group_size: int, scale: float = 1.0):
+    """A random weight [..., N, K] quantized to ``fmt`` ("int4"/"int8") with ``group_size``,
+    on DEVICE, and its float64 dequantization by the reference (the oracle's weight)."""
+    import reference
+    from d3kernels.quant import quantize
+
+    w = quantize(torch.randn(*shape, dtype=torch.float64) * scale, fmt, group_size).to(DEVICE)
+    if fmt == "int4":
+        ref = reference.dequantize_int4(w.data, w.scale, w.offset, w.group_size)
+    else:
+        ref = reference.dequantize_int8(w.data, w.scale, w.group_size)
+    return w, ref

@@ -2,7 +2,8 @@
 
 One launch computes ``x @ w_qkv.T`` for every token of the active rows (optionally RMS-normalizing
 x on load, so the layer's input norm needs no launch of its own), rotates Q and K, returns Q and
-stores K and V at each token's cache position. The rotation pairs column i of a head with
+stores K and V at each token's cache position. The weight may be float or weight-only int8/int4,
+dequantized tile by tile in registers (d3kernels/ops/_quant.py). The rotation pairs column i of a head with
 column i + D/2, so a program owns matching column blocks of both halves of one head (two
 accumulators) and can rotate them without seeing any other program's output.
 """
@@ -15,9 +16,11 @@ import triton
 import triton.language as tl
 
 from d3kernels.ops._checks import FLOAT_DTYPES, check_launchable, check_rows, check_tensor
+from d3kernels.ops._quant import load_weight_tile, weight_operand
 from d3kernels.ops._tuning import (HALF_HEAD_CONFIGS, autotune, dot_precision, m_bucket,
                                    prune_half_head)
 from d3kernels.ops.rms_norm import check_norm, load_rows, rms_rstd
+from d3kernels.quant import QuantizedWeight
 
 # BLOCK_HALF columns of each half of a head per program: all the shared configs, decode
 # (BLOCK_M 16, 32) and prefill (64, 128) tiles; the first one is also the interpreter's.
@@ -39,18 +42,20 @@ def rope_rotate_half(acc_lo, acc_hi, cos_ptr, sin_ptr, pos, cols, stride_cos, st
     return acc_lo * cos_lo - acc_hi * sin_lo, acc_hi * cos_hi + acc_lo * sin_hi
 
 
-@autotune(_CONFIGS, key=["M_BUCKET", "H", "HALF", "HAS_NORM"],
+@autotune(_CONFIGS, key=["M_BUCKET", "H", "HALF", "HAS_NORM", "WFMT", "GROUP"],
           prune_configs_by={"early_config_prune": prune_half_head})
 @triton.jit
 def _qkv_rope_kernel(
-    x_ptr, nw_ptr, w_ptr, cos_ptr, sin_ptr, start_ptr, rows_ptr, q_ptr, k_ptr, v_ptr,
+    x_ptr, nw_ptr, w_ptr, ws_ptr, wo_ptr, cos_ptr, sin_ptr, start_ptr, rows_ptr, q_ptr, k_ptr,
+    v_ptr,
     M, T, H, HALF, POS_LIMIT, eps,
     M_BUCKET,  # read only by the autotuner's key
-    stride_xb, stride_xt, stride_wn, stride_cos, stride_sin,
+    stride_xb, stride_xt, stride_wn, stride_sn, stride_cos, stride_sin,
     stride_qb, stride_qt, stride_qh,
     stride_cb, stride_ch, stride_ct,
     NUM_HEADS: tl.constexpr, NUM_KV: tl.constexpr, HAS_ROWS: tl.constexpr,
-    HAS_NORM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_NORM: tl.constexpr, DOT_PRECISION: tl.constexpr, WFMT: tl.constexpr,
+    GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -74,8 +79,7 @@ def _qkv_rope_kernel(
     b = b.to(tl.int64)
     pos = tl.load(start_ptr + b, mask=m_mask, other=0) + t
 
-    w_lo = w_ptr + (head * 2 * HALF + cols).to(tl.int64) * stride_wn
-    w_hi = w_lo + HALF * stride_wn
+    n_lo = head * 2 * HALF + cols  # weight rows of the head's low half; + HALF: its high half
     x_row = x_ptr + b * stride_xb + t * stride_xt
     rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)  # read only with a norm
     if HAS_NORM:
@@ -87,10 +91,12 @@ def _qkv_rope_kernel(
         k_mask = k < H
         xk = load_rows(x_row, k, m_mask, k_mask, rstd, nw_ptr, HAS_NORM)
         w_mask = k_mask[:, None] & col_mask[None, :]
-        acc_lo = tl.dot(xk, tl.load(w_lo[None, :] + k[:, None], mask=w_mask, other=0.0), acc_lo,
-                        input_precision=DOT_PRECISION)
-        acc_hi = tl.dot(xk, tl.load(w_hi[None, :] + k[:, None], mask=w_mask, other=0.0), acc_hi,
-                        input_precision=DOT_PRECISION)
+        w_lo = load_weight_tile(w_ptr, ws_ptr, wo_ptr, k, n_lo, w_mask, stride_wn, stride_sn,
+                                GROUP, WFMT)
+        w_hi = load_weight_tile(w_ptr, ws_ptr, wo_ptr, k, n_lo + HALF, w_mask, stride_wn,
+                                stride_sn, GROUP, WFMT)
+        acc_lo = tl.dot(xk, w_lo.to(xk.dtype), acc_lo, input_precision=DOT_PRECISION)
+        acc_hi = tl.dot(xk, w_hi.to(xk.dtype), acc_hi, input_precision=DOT_PRECISION)
 
     # RoPE on Q and K heads; V heads pass through.
     # A position past the cache or the tables is the caller's bug; masking keeps memory safe.
@@ -115,8 +121,8 @@ def _qkv_rope_kernel(
     tl.store(dst + HALF, out_hi.to(dst.dtype.element_ty), mask=tile_mask)
 
 
-def _launch(x, w_qkv, cos, sin, start, k_cache, v_cache, q_out, rows, num_heads, num_kv_heads,
-            norm_weight, eps):
+def _launch(x, w_qkv, w_scale, w_offset, group, wfmt, cos, sin, start, k_cache, v_cache, q_out,
+            rows, num_heads, num_kv_heads, norm_weight, eps):
     B, T, H = x.shape
     R = B if rows is None else rows.shape[0]
     M = R * T
@@ -127,33 +133,38 @@ def _launch(x, w_qkv, cos, sin, start, k_cache, v_cache, q_out, rows, num_heads,
                          (num_heads + 2 * num_kv_heads)
                          * triton.cdiv(head_dim // 2, meta["BLOCK_HALF"]))
     _qkv_rope_kernel[grid](
-        x, norm_weight, w_qkv, cos, sin, start, start if rows is None else rows, q_out, k_cache,
-        v_cache,
+        x, norm_weight, w_qkv, w_scale, w_offset, cos, sin, start,
+        start if rows is None else rows, q_out, k_cache, v_cache,
         M, T, H, head_dim // 2, min(k_cache.shape[2], cos.shape[0]), eps, m_bucket(M, cap=256),
-        x.stride(0), x.stride(1), w_qkv.stride(0), cos.stride(0), sin.stride(0),
+        x.stride(0), x.stride(1), w_qkv.stride(0), w_scale.stride(0), cos.stride(0),
+        sin.stride(0),
         q_out.stride(0), q_out.stride(1), q_out.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         NUM_HEADS=num_heads, NUM_KV=num_kv_heads, HAS_ROWS=rows is not None,
-        HAS_NORM=norm_weight is not None, DOT_PRECISION=dot_precision(x.dtype),
+        HAS_NORM=norm_weight is not None, DOT_PRECISION=dot_precision(x.dtype), WFMT=wfmt,
+        GROUP=group,
     )
 
 
 @torch.library.custom_op("d3kernels::qkv_rope", mutates_args=("k_cache", "v_cache", "q_out"))
-def _qkv_rope_op(x: torch.Tensor, w_qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 start: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 q_out: torch.Tensor, rows: Optional[torch.Tensor], num_heads: int,
-                 num_kv_heads: int, norm_weight: Optional[torch.Tensor], eps: float) -> None:
-    _launch(x, w_qkv, cos, sin, start, k_cache, v_cache, q_out, rows, num_heads, num_kv_heads,
-            norm_weight, eps)
+def _qkv_rope_op(x: torch.Tensor, w_qkv: torch.Tensor, w_scale: torch.Tensor,
+                 w_offset: torch.Tensor, group: int, wfmt: int, cos: torch.Tensor,
+                 sin: torch.Tensor, start: torch.Tensor, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor, q_out: torch.Tensor, rows: Optional[torch.Tensor],
+                 num_heads: int, num_kv_heads: int, norm_weight: Optional[torch.Tensor],
+                 eps: float) -> None:
+    """w_qkv, w_scale, w_offset, group, wfmt: the weight as ``weight_operand`` splits it."""
+    _launch(x, w_qkv, w_scale, w_offset, group, wfmt, cos, sin, start, k_cache, v_cache, q_out,
+            rows, num_heads, num_kv_heads, norm_weight, eps)
 
 
 @_qkv_rope_op.register_fake
-def _(x, w_qkv, cos, sin, start, k_cache, v_cache, q_out, rows, num_heads, num_kv_heads,
-      norm_weight, eps):
+def _(x, w_qkv, w_scale, w_offset, group, wfmt, cos, sin, start, k_cache, v_cache, q_out, rows,
+      num_heads, num_kv_heads, norm_weight, eps):
     return None
 
 
-def qkv_rope(x: torch.Tensor, w_qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+def qkv_rope(x: torch.Tensor, w_qkv: torch.Tensor | QuantizedWeight, cos: torch.Tensor, sin: torch.Tensor,
              start: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
              num_heads: int, num_kv_heads: int, rows: torch.Tensor | None = None,
              q_out: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
@@ -163,8 +174,10 @@ def qkv_rope(x: torch.Tensor, w_qkv: torch.Tensor, cos: torch.Tensor, sin: torch
     Args:
         x: [B, T, H] fp32/fp16/bf16, the attention input: already RMS-normed, or the residual
             stream when ``norm_weight`` is given.
-        w_qkv: [Q + 2K, H], x's dtype: Q = num_heads*D query rows, then K = num_kv_heads*D key
-            rows, then K value rows (the engine's ``w_qkv[j]``).
+        w_qkv: [Q + 2K, H]: Q = num_heads*D query rows, then K = num_kv_heads*D key rows, then
+            K value rows (the engine's ``w_qkv[j]``). A float tensor of x's dtype, or a
+            QuantizedWeight (int8/int4, dequantized in registers and rounded to x's dtype
+            before each dot) on x's device.
         cos, sin: [T_max', D] float RoPE tables (``d3kernels.model.rope_tables``; llama3 scaling
             already folded in), rows indexed by cache position.
         start: int32 [B], cache position of x[b, 0]; token t of row b sits at start[b] + t.
@@ -201,8 +214,7 @@ def qkv_rope(x: torch.Tensor, w_qkv: torch.Tensor, cos: torch.Tensor, sin: torch
     if v_cache.stride() != k_cache.stride():
         raise ValueError(f"v_cache must have k_cache's strides {list(k_cache.stride())}, got "
                          f"{list(v_cache.stride())}")
-    check_tensor("w_qkv", w_qkv, shape=((num_heads + 2 * num_kv_heads) * D, H), dtype=dt,
-                 device=dev)
+    wq = weight_operand("w_qkv", w_qkv, ((num_heads + 2 * num_kv_heads) * D, H), dt, dev)
     check_tensor("cos", cos, shape=(None, D), dtype=FLOAT_DTYPES, device=dev)
     check_tensor("sin", sin, shape=tuple(cos.shape), dtype=FLOAT_DTYPES, device=dev)
     check_tensor("start", start, shape=(B,), dtype=torch.int32, device=dev)
@@ -213,6 +225,6 @@ def qkv_rope(x: torch.Tensor, w_qkv: torch.Tensor, cos: torch.Tensor, sin: torch
     else:
         check_tensor("q_out", q_out, shape=(B, T, num_heads, D), dtype=dt, device=dev)
     check_launchable(x)
-    _qkv_rope_op(x, w_qkv, cos, sin, start, k_cache, v_cache, q_out, rows, num_heads,
+    _qkv_rope_op(x, *wq, cos, sin, start, k_cache, v_cache, q_out, rows, num_heads,
                  num_kv_heads, norm_weight, float(eps))
     return q_out

@@ -5,9 +5,12 @@ import torch
 import reference
 from d3kernels.config import LlamaConfig
 from d3kernels.model import rope_tables
+from d3kernels.ops._quant import weight_operand
 from d3kernels.ops._tuning import only_config
 from d3kernels.ops.qkv_rope import _qkv_rope_kernel, qkv_rope
-from tests.ops.conftest import CUDA, DEVICE, DTYPES, assert_close, gpu, poisoned, randn
+from d3kernels.quant import quantize
+from tests.ops.conftest import (CUDA, DEVICE, DTYPES, assert_close, gpu, poisoned, rand_quantized,
+                                randn)
 
 EPS = 1e-5
 
@@ -43,18 +46,25 @@ def _norm_weight(H, dtype):
     return (torch.rand(H, dtype=torch.float64) + 0.5).to(dtype=dtype, device=DEVICE)
 
 
-def _run_case(seed, B, T, H, num_kv, ratio, D, dtype, rows, t_max, scaling=None, norm=False):
+def _run_case(seed, B, T, H, num_kv, ratio, D, dtype, rows, t_max, scaling=None, norm=False,
+              quant=None):
     """One call against the reference; with ``norm`` x is an un-normed residual (scale 3) and
-    the op normalizes it in its prologue."""
+    the op normalizes it in its prologue. ``quant`` = (fmt, group size): the weight is a
+    QuantizedWeight and the reference runs on its float64 dequantization. -1 in ``rows``: a
+    padding slot."""
     torch.manual_seed(seed)
     cfg = _config(H, num_kv * ratio, num_kv, D, scaling)
     cos, sin = rope_tables(cfg, t_max, dtype, DEVICE)
     x = randn(B, T, H, dtype=dtype, scale=3.0 if norm else 1.0)
-    w = randn(cfg.q_size + 2 * cfg.kv_size, H, dtype=dtype, scale=H ** -0.5)
+    N = cfg.q_size + 2 * cfg.kv_size
+    if quant is None:
+        w = w_ref = randn(N, H, dtype=dtype, scale=H ** -0.5)
+    else:
+        w, w_ref = rand_quantized(N, H, fmt=quant[0], group_size=quant[1], scale=H ** -0.5)
     norm_weight = _norm_weight(H, dtype) if norm else None
     start = torch.randint(0, t_max - T + 1, (B,), dtype=torch.int32).to(DEVICE)
-    q_ref, k_ref, v_ref, pos = _reference(x, w, start, cfg, norm_weight)
-    active = list(range(B)) if rows is None else rows
+    q_ref, k_ref, v_ref, pos = _reference(x, w_ref, start, cfg, norm_weight)
+    active = list(range(B)) if rows is None else [b for b in rows if b >= 0]
 
     # cache: random sentinels everywhere, NaN where this call must write
     k_cache, v_cache = randn(B, num_kv, t_max, D, dtype=dtype), randn(B, num_kv, t_max, D,
@@ -105,6 +115,45 @@ def test_qkv_rope_matches_reference(case, dtype):
     B, T, H, num_kv, ratio, D, rows, t_max, norm = case
     _run_case(10 * CASES.index(case) + DTYPES.index(dtype), B, T, H, num_kv, ratio, D, dtype,
               rows, t_max, norm=norm)
+
+
+QUANT_CASES = [  # (fmt, G), (B, T, H, num_kv, ratio, D, rows, t_max, fused norm); N = 240..640
+    (("int4", 32), (3, 1, 96, 1, 3, 48, [2, -1, 0], 16, True)),   # GQA 3, D 48, -1 padding
+    (("int4", 128), (2, 17, 256, 2, 1, 64, None, 40, False)),     # prefill, MHA, 2 groups
+    (("int8", 32), (4, 3, 160, 1, 8, 32, [3, 1], 24, True)),      # GQA 8, 5 groups, subset
+    (("int8", 200), (2, 1, 200, 2, 3, 64, [1, -1], 24, False)),   # per-row scale (G = K)
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("quant, case", QUANT_CASES,
+                         ids=[f"{f}-g{g}" for (f, g), _ in QUANT_CASES])
+def test_qkv_rope_quantized_matches_reference(quant, case, dtype):
+    """Weight-only int4/int8 against the float64 reference on the dequantized weight."""
+    B, T, H, num_kv, ratio, D, rows, t_max, norm = case
+    _run_case(300 + 10 * QUANT_CASES.index((quant, case)) + DTYPES.index(dtype), B, T, H,
+              num_kv, ratio, D, dtype, rows, t_max, norm=norm, quant=quant)
+
+
+def test_qkv_rope_quantized_layer_of_a_stack():
+    """w_qkv[j] of a stacked QuantizedWeight (the engine's call): data and scales are views
+    at an offset into the stack."""
+    torch.manual_seed(5)
+    B, T, H, nkv, nh, D, L, t_max = 2, 1, 64, 1, 3, 32, 3, 8
+    cfg = _config(H, nh, nkv, D)
+    cos, sin = rope_tables(cfg, t_max, torch.float32, DEVICE)
+    x = randn(B, T, H)
+    w, w_ref = rand_quantized(L, cfg.q_size + 2 * cfg.kv_size, H, fmt="int4", group_size=32,
+                              scale=H ** -0.5)
+    start = torch.tensor([3, 0], dtype=torch.int32, device=DEVICE)
+    k_cache = torch.zeros(B, nkv, t_max, D, device=DEVICE)
+    v_cache = torch.zeros_like(k_cache)
+    q = qkv_rope(x, w[2], cos, sin, start, k_cache, v_cache, num_heads=nh, num_kv_heads=nkv)
+    q_ref, k_ref, v_ref, pos = _reference(x, w_ref[2], start, cfg)
+    assert_close(q, q_ref, torch.float32)
+    for b in range(B):
+        assert_close(k_cache[b][:, pos[b].to(DEVICE)].transpose(0, 1), k_ref[b], torch.float32)
+        assert_close(v_cache[b][:, pos[b].to(DEVICE)].transpose(0, 1), v_ref[b], torch.float32)
 
 
 @pytest.mark.parametrize("index", range(len(_qkv_rope_kernel.all_configs)))
@@ -172,12 +221,39 @@ def test_qkv_rope_bad_input(change, name):
         qkv_rope(**kwargs)
 
 
-@pytest.mark.parametrize("norm", [False, True])
-def test_qkv_rope_opcheck(norm):
+@pytest.mark.parametrize("w_qkv", [
+    quantize(torch.randn(100, 32), "int4", 32),     # N
+    quantize(torch.randn(128, 64), "int8", 32),     # K
+    quantize(torch.randn(2, 128, 32), "int4", 32),  # a stack, not one matrix
+    quantize(torch.randn(128, 32), "int8").to("meta"),  # device
+], ids=["N", "K", "stacked", "device"])
+def test_qkv_rope_bad_quantized_weight(w_qkv):
+    """A QuantizedWeight of the wrong shape or device: ValueError naming w_qkv, nothing written."""
+    kwargs = _small_inputs()
+    q_out = poisoned((2, 1, 2, 32), torch.float32)
+    with pytest.raises(ValueError, match="w_qkv"):
+        qkv_rope(**{**kwargs, "w_qkv": w_qkv.to(DEVICE) if w_qkv.device.type != "meta"
+                    else w_qkv}, q_out=q_out)
+    assert kwargs["k_cache"].abs().sum() == 0 and kwargs["v_cache"].abs().sum() == 0
+    assert q_out.isnan().all()
+
+
+def _op_weight(w, fmt):
+    """The custom op's weight arguments (data, scale, offset, group, wfmt) for ``w`` as given
+    or quantized to ``fmt``."""
+    if fmt is not None:
+        w = quantize(w, fmt, 16)
+    return weight_operand("w_qkv", w, tuple(w.shape), torch.float32, DEVICE)
+
+
+@pytest.mark.parametrize("norm, fmt", [(False, None), (True, None), (True, "int4"),
+                                       (False, "int8")])
+def test_qkv_rope_opcheck(norm, fmt):
     kw = _small_inputs()
     q_out = torch.empty(2, 1, 2, 32, device=DEVICE)
-    args = (kw["x"], kw["w_qkv"], kw["cos"], kw["sin"], kw["start"], kw["k_cache"],
-            kw["v_cache"], q_out, torch.tensor([1], dtype=torch.int32, device=DEVICE), 2, 1,
+    args = (kw["x"], *_op_weight(kw["w_qkv"], fmt), kw["cos"], kw["sin"], kw["start"],
+            kw["k_cache"], kw["v_cache"], q_out,
+            torch.tensor([1], dtype=torch.int32, device=DEVICE), 2, 1,
             _norm_weight(32, torch.float32) if norm else None, EPS)
     torch.library.opcheck(torch.ops.d3kernels.qkv_rope.default, args,
                           test_utils=("test_schema", "test_faketensor",
@@ -204,3 +280,34 @@ def test_qkv_rope_llama_shapes_bf16(num_kv, T):
         p = pos[b].to(DEVICE)
         assert_close(k_cache[b][:, p].transpose(0, 1), k_ref[b], torch.bfloat16)
         assert_close(v_cache[b][:, p].transpose(0, 1), v_ref[b], torch.bfloat16)
+
+
+@gpu
+@pytest.mark.parametrize("fmt, G", [("int4", 128), ("int4", 32), ("int8", 4096)])
+@pytest.mark.parametrize("T", [1, 33])
+def test_qkv_rope_quantized_llama_shapes_bf16(fmt, G, T):
+    """Llama-3-8B's attention input (32/8 heads) with a quantized w_qkv, bf16, rows with
+    padding, the norm prologue."""
+    torch.manual_seed(T + G)
+    B, H, nh, nkv, D, t_max = 4, 4096, 32, 8, 128, 512
+    cfg = _config(H, nh, nkv, D, theta=500000.0)
+    cos, sin = rope_tables(cfg, t_max, torch.bfloat16, DEVICE)
+    x = randn(B, T, H, dtype=torch.bfloat16, scale=3.0)
+    norm = _norm_weight(H, torch.bfloat16)
+    w, w_ref = rand_quantized(cfg.q_size + 2 * cfg.kv_size, H, fmt=fmt, group_size=G,
+                              scale=H ** -0.5)
+    start = torch.tensor([0, 100, 300, 7], dtype=torch.int32, device=DEVICE)
+    rows = torch.tensor([3, -1, 0], dtype=torch.int32, device=DEVICE)
+    k_cache = torch.zeros(B, nkv, t_max, D, dtype=torch.bfloat16, device=DEVICE)
+    v_cache = torch.zeros_like(k_cache)
+    q_out = poisoned((B, T, nh, D), torch.bfloat16)
+    qkv_rope(x, w, cos, sin, start, k_cache, v_cache, num_heads=nh, num_kv_heads=nkv, rows=rows,
+             q_out=q_out, norm_weight=norm, eps=EPS)
+    q_ref, k_ref, v_ref, pos = _reference(x, w_ref, start, cfg, norm)
+    for b in (3, 0):
+        p = pos[b].to(DEVICE)
+        assert_close(q_out[b], q_ref[b], torch.bfloat16)
+        assert_close(k_cache[b][:, p].transpose(0, 1), k_ref[b], torch.bfloat16)
+        assert_close(v_cache[b][:, p].transpose(0, 1), v_ref[b], torch.bfloat16)
+    assert q_out[1:3].isnan().all()
+    assert k_cache[1:3].abs().sum() == 0 and v_cache[1:3].abs().sum() == 0

@@ -2,10 +2,10 @@
 
 One launch computes ``x @ w_qkv.T`` for every token of the active rows (optionally RMS-normalizing
 x on load, so the layer's input norm needs no launch of its own), rotates Q and K, returns Q and
-stores K and V at each token's cache position. The weight may be float or weight-only int8/int4,
-dequantized tile by tile in registers (d3kernels/ops/_quant.py). The rotation pairs column i of a head with
+stores K and V at each token's cache position. The rotation pairs column i of a head with
 column i + D/2, so a program owns matching column blocks of both halves of one head (two
-accumulators) and can rotate them without seeing any other program's output.
+accumulators) and can rotate them without seeing any other program's output. The weight may be
+float or weight-only int8/int4, dequantized tile by tile in registers (d3kernels/ops/_quant.py).
 """
 from __future__ import annotations
 
@@ -164,8 +164,8 @@ def _(x, w_qkv, w_scale, w_offset, group, wfmt, cos, sin, start, k_cache, v_cach
     return None
 
 
-def qkv_rope(x: torch.Tensor, w_qkv: torch.Tensor | QuantizedWeight, cos: torch.Tensor, sin: torch.Tensor,
-             start: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
+def qkv_rope(x: torch.Tensor, w_qkv: torch.Tensor | QuantizedWeight, cos: torch.Tensor,
+             sin: torch.Tensor, start: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
              num_heads: int, num_kv_heads: int, rows: torch.Tensor | None = None,
              q_out: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
              eps: float = 1e-5) -> torch.Tensor:

@@ -165,8 +165,9 @@ def _(x, w_qkv, w_scale, w_offset, group, wfmt, cos, sin, start, k_cache, v_cach
 
 
 def qkv_rope(x: torch.Tensor, w_qkv: torch.Tensor | QuantizedWeight, cos: torch.Tensor,
-             sin: torch.Tensor, start: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
-             num_heads: int, num_kv_heads: int, rows: torch.Tensor | None = None,
+             sin: torch.Tensor, start: torch.Tensor, k_cache: torch.Tensor,
+             v_cache: torch.Tensor, *, num_heads: int, num_kv_heads: int,
+             rows: torch.Tensor | None = None,
              q_out: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
              eps: float = 1e-5) -> torch.Tensor:
     """[RMSNorm +] Q/K/V projection + rotate-half RoPE + KV-cache write, one launch.

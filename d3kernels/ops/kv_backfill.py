@@ -5,7 +5,8 @@ residual-stream state, its K/V projections (rows q_size: of the stacked w_qkv), 
 token's position, and the write into the stacked cache (design.md §2, §4.2). The grid is
 layer × token tile × output tile, so the launch reads each listed layer's K/V weights once per
 token tile, whatever the number of layers; the norm statistic is per token and recomputed per
-program (x is tiny).
+program (x is tiny). The weights may be float or weight-only int8/int4, dequantized tile by tile
+in registers (d3kernels/ops/_quant.py).
 """
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ import triton
 import triton.language as tl
 
 from d3kernels.ops._checks import FLOAT_DTYPES, check_launchable, check_tensor
+from d3kernels.ops._quant import load_weight_tile, weight_operand
 from d3kernels.ops._tuning import (HALF_HEAD_CONFIGS, autotune, dot_precision, m_bucket,
                                    prune_half_head)
 from d3kernels.ops.qkv_rope import rope_rotate_half
 from d3kernels.ops.rms_norm import check_eps, load_rows, rms_rstd
+from d3kernels.quant import QuantizedWeight
 
 # As in qkv_rope, a program owns BLOCK_HALF matching columns of both halves of one K or V head,
 # so RoPE happens in its epilogue. Few tokens (one step's backfill) is the common case: only
@@ -25,16 +28,17 @@ from d3kernels.ops.rms_norm import check_eps, load_rows, rms_rstd
 _CONFIGS = HALF_HEAD_CONFIGS[:6]
 
 
-@autotune(_CONFIGS, key=["M_BUCKET", "H", "HALF"],
+@autotune(_CONFIGS, key=["M_BUCKET", "H", "HALF", "WFMT", "GROUP"],
           prune_configs_by={"early_config_prune": prune_half_head})
 @triton.jit
 def _kv_backfill_kernel(
-    x_ptr, layers_ptr, nw_ptr, w_ptr, cos_ptr, sin_ptr, pos_ptr, crow_ptr, k_ptr, v_ptr,
+    x_ptr, layers_ptr, nw_ptr, w_ptr, ws_ptr, wo_ptr, cos_ptr, sin_ptr, pos_ptr, crow_ptr, k_ptr,
+    v_ptr,
     M, H, HALF, Q_SIZE, POS_LIMIT, eps,
     M_BUCKET,  # read only by the autotuner's key
-    stride_x, stride_nl, stride_wl, stride_wn, stride_cos, stride_sin,
+    stride_x, stride_nl, stride_wl, stride_wn, stride_sl, stride_sn, stride_cos, stride_sin,
     stride_cl, stride_cb, stride_ch, stride_ct,
-    NUM_KV: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    NUM_KV: tl.constexpr, DOT_PRECISION: tl.constexpr, WFMT: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     m_tiles = tl.cdiv(M, BLOCK_M)
@@ -53,8 +57,11 @@ def _kv_backfill_kernel(
     rstd = rms_rstd(x_row, m_mask, H, eps, BLOCK_M, BLOCK_K)
 
     nw_row = nw_ptr + layer * stride_nl
-    w_lo = w_ptr + layer * stride_wl + (Q_SIZE + head * 2 * HALF + cols).to(tl.int64) * stride_wn
-    w_hi = w_lo + HALF * stride_wn
+    # the layer's matrix (data, scales, offsets) and the head's low-half rows; + HALF: high half
+    w_layer = w_ptr + layer * stride_wl
+    ws_layer = ws_ptr + layer * stride_sl
+    wo_layer = wo_ptr + layer * stride_sl
+    n_lo = Q_SIZE + head * 2 * HALF + cols
     acc_lo = tl.zeros((BLOCK_M, BLOCK_HALF), dtype=tl.float32)
     acc_hi = tl.zeros((BLOCK_M, BLOCK_HALF), dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
@@ -63,10 +70,12 @@ def _kv_backfill_kernel(
         # the normed input in the model's dtype, as the per-layer path feeds its projection
         h = load_rows(x_row, k, m_mask, k_mask, rstd, nw_row, True)
         w_mask = k_mask[:, None] & col_mask[None, :]
-        acc_lo = tl.dot(h, tl.load(w_lo[None, :] + k[:, None], mask=w_mask, other=0.0), acc_lo,
-                        input_precision=DOT_PRECISION)
-        acc_hi = tl.dot(h, tl.load(w_hi[None, :] + k[:, None], mask=w_mask, other=0.0), acc_hi,
-                        input_precision=DOT_PRECISION)
+        w_lo = load_weight_tile(w_layer, ws_layer, wo_layer, k, n_lo, w_mask, stride_wn,
+                                stride_sn, GROUP, WFMT)
+        w_hi = load_weight_tile(w_layer, ws_layer, wo_layer, k, n_lo + HALF, w_mask, stride_wn,
+                                stride_sn, GROUP, WFMT)
+        acc_lo = tl.dot(h, w_lo.to(h.dtype), acc_lo, input_precision=DOT_PRECISION)
+        acc_hi = tl.dot(h, w_hi.to(h.dtype), acc_hi, input_precision=DOT_PRECISION)
 
     # A position past the cache or the tables is the caller's bug; masking keeps memory safe.
     pos = tl.load(pos_ptr + m, mask=m_mask, other=0)
@@ -87,8 +96,8 @@ def _kv_backfill_kernel(
     tl.store(dst + HALF, out_hi.to(dst.dtype.element_ty), mask=tile_mask)
 
 
-def _launch(x, layers, norm_weight, w_qkv, cos, sin, positions, cache_rows, k_cache, v_cache,
-            q_size, eps):
+def _launch(x, layers, norm_weight, w_qkv, w_scale, w_offset, group, wfmt, cos, sin, positions,
+            cache_rows, k_cache, v_cache, q_size, eps):
     M, H = x.shape
     NL = layers.shape[0]
     num_kv, head_dim = k_cache.shape[2], k_cache.shape[4]
@@ -97,33 +106,36 @@ def _launch(x, layers, norm_weight, w_qkv, cos, sin, positions, cache_rows, k_ca
     grid = lambda meta: (NL * triton.cdiv(M, meta["BLOCK_M"]),  # noqa: E731
                          2 * num_kv * triton.cdiv(head_dim // 2, meta["BLOCK_HALF"]))
     _kv_backfill_kernel[grid](
-        x, layers, norm_weight, w_qkv, cos, sin, positions, cache_rows, k_cache, v_cache,
+        x, layers, norm_weight, w_qkv, w_scale, w_offset, cos, sin, positions, cache_rows,
+        k_cache, v_cache,
         M, H, head_dim // 2, q_size, min(k_cache.shape[3], cos.shape[0]), eps,
         m_bucket(M, cap=64),
         x.stride(0), norm_weight.stride(0), w_qkv.stride(0), w_qkv.stride(1),
-        cos.stride(0), sin.stride(0),
+        w_scale.stride(0), w_scale.stride(1), cos.stride(0), sin.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
-        NUM_KV=num_kv, DOT_PRECISION=dot_precision(x.dtype),
+        NUM_KV=num_kv, DOT_PRECISION=dot_precision(x.dtype), WFMT=wfmt, GROUP=group,
     )
 
 
 @torch.library.custom_op("d3kernels::kv_backfill", mutates_args=("k_cache", "v_cache"))
 def _kv_backfill_op(x: torch.Tensor, layers: torch.Tensor, norm_weight: torch.Tensor,
-                    w_qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    w_qkv: torch.Tensor, w_scale: torch.Tensor, w_offset: torch.Tensor,
+                    group: int, wfmt: int, cos: torch.Tensor, sin: torch.Tensor,
                     positions: torch.Tensor, cache_rows: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, q_size: int, eps: float) -> None:
-    _launch(x, layers, norm_weight, w_qkv, cos, sin, positions, cache_rows, k_cache, v_cache,
-            q_size, eps)
+    """w_qkv, w_scale, w_offset, group, wfmt: the weight as ``weight_operand`` splits it."""
+    _launch(x, layers, norm_weight, w_qkv, w_scale, w_offset, group, wfmt, cos, sin, positions,
+            cache_rows, k_cache, v_cache, q_size, eps)
 
 
 @_kv_backfill_op.register_fake
-def _(x, layers, norm_weight, w_qkv, cos, sin, positions, cache_rows, k_cache, v_cache, q_size,
-      eps):
+def _(x, layers, norm_weight, w_qkv, w_scale, w_offset, group, wfmt, cos, sin, positions,
+      cache_rows, k_cache, v_cache, q_size, eps):
     return None
 
 
 def kv_backfill(x: torch.Tensor, layers: torch.Tensor, norm_weight: torch.Tensor,
-                w_qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                w_qkv: torch.Tensor | QuantizedWeight, cos: torch.Tensor, sin: torch.Tensor,
                 positions: torch.Tensor, cache_rows: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, *, q_size: int, eps: float) -> None:
     """Fill the KV cache of skipped layers for many tokens in one launch (``propagate`` mode).
@@ -138,7 +150,9 @@ def kv_backfill(x: torch.Tensor, layers: torch.Tensor, norm_weight: torch.Tensor
             (not normed).
         layers: int32 [NL], layer indices to fill (any order, distinct).
         norm_weight: [L, H], x's dtype: every layer's input-norm weight (the engine's attn_norm).
-        w_qkv: [L, q_size + 2*kv_heads*D, H], x's dtype: the stacked QKV weights; Q rows unread.
+        w_qkv: [L, q_size + 2*kv_heads*D, H], the stacked QKV weights (Q rows unread): a float
+            tensor of x's dtype, or a QuantizedWeight (int8/int4, dequantized in registers and
+            rounded to x's dtype before each dot) on x's device.
         cos, sin: [T_max', D] float RoPE tables (``d3kernels.model.rope_tables``).
         positions: int32 [M], cache positions (< min(T_max, T_max'); others are not written).
         cache_rows: int32 [M], batch rows of the cache.
@@ -167,11 +181,11 @@ def kv_backfill(x: torch.Tensor, layers: torch.Tensor, norm_weight: torch.Tensor
     if layers.shape[0] > L:
         raise ValueError(f"layers has {layers.shape[0]} entries but the cache has only {L} layers")
     check_tensor("norm_weight", norm_weight, shape=(L, H), dtype=dt, device=dev)
-    check_tensor("w_qkv", w_qkv, shape=(L, q_size + 2 * num_kv * D, H), dtype=dt, device=dev)
+    wq = weight_operand("w_qkv", w_qkv, (L, q_size + 2 * num_kv * D, H), dt, dev)
     check_tensor("cos", cos, shape=(None, D), dtype=FLOAT_DTYPES, device=dev)
     check_tensor("sin", sin, shape=tuple(cos.shape), dtype=FLOAT_DTYPES, device=dev)
     check_tensor("positions", positions, shape=(M,), dtype=torch.int32, device=dev)
     check_tensor("cache_rows", cache_rows, shape=(M,), dtype=torch.int32, device=dev)
     check_launchable(x)
-    _kv_backfill_op(x, layers, norm_weight, w_qkv, cos, sin, positions, cache_rows, k_cache,
+    _kv_backfill_op(x, layers, norm_weight, *wq, cos, sin, positions, cache_rows, k_cache,
                     v_cache, q_size, float(eps))

@@ -6,11 +6,13 @@ import torch.nn.functional as F
 import reference
 from d3kernels.config import LlamaConfig
 from d3kernels.model import rope_tables
+from d3kernels.ops._quant import weight_operand
 from d3kernels.ops._tuning import only_config
 from d3kernels.ops.kv_backfill import _kv_backfill_kernel, kv_backfill
 from d3kernels.ops.qkv_rope import qkv_rope
-from tests.ops.conftest import (CUDA, DEVICE, DTYPES, TOL, assert_close, gpu, randn,
-                                rel_err)
+from d3kernels.quant import quantize
+from tests.ops.conftest import (CUDA, DEVICE, DTYPES, TOL, assert_close, gpu, rand_quantized,
+                                randn, rel_err)
 
 EPS = 1e-5
 
@@ -20,11 +22,17 @@ def _config(H, num_heads, num_kv, D, L, theta=10000.0):
                        num_heads=num_heads, num_kv_heads=num_kv, head_dim=D, rope_theta=theta)
 
 
-def _weights(cfg, dtype):
+def _weights(cfg, dtype, quant=None):
+    """Norm weights [L, H] and stacked w_qkv [L, N, H]: float in ``dtype``, or a QuantizedWeight
+    with ``quant`` = (fmt, group size); and the float64 weight the reference multiplies by."""
     H = cfg.hidden_size
     norm = (torch.rand(cfg.num_layers, H, dtype=torch.float64) + 0.5).to(dtype=dtype, device=DEVICE)
-    w = randn(cfg.num_layers, cfg.q_size + 2 * cfg.kv_size, H, dtype=dtype, scale=H ** -0.5)
-    return norm, w
+    shape = (cfg.num_layers, cfg.q_size + 2 * cfg.kv_size, H)
+    if quant is None:
+        w = randn(*shape, dtype=dtype, scale=H ** -0.5)
+        return norm, w, w
+    w, w_ref = rand_quantized(*shape, fmt=quant[0], group_size=quant[1], scale=H ** -0.5)
+    return norm, w, w_ref
 
 
 def _reference(x, layers, norm, w, positions, cfg):
@@ -53,14 +61,15 @@ CASES = [  # (H, num_kv, ratio, D, L, B, t_max)
 ]
 
 
-def _check(seed, H, num_kv, ratio, D, L, B, t_max, layers, M, dtype):
+def _check(seed, H, num_kv, ratio, D, L, B, t_max, layers, M, dtype, quant=None):
     """One launch over ``layers`` × M random (row, position) pairs against the reference: the
-    listed slots (NaN before) hold the reference K/V, every other slot keeps its sentinel."""
+    listed slots (NaN before) hold the reference K/V, every other slot keeps its sentinel.
+    ``quant`` = (fmt, group size): a quantized w_qkv, the reference on its dequantization."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     cfg = _config(H, num_kv * ratio, num_kv, D, L)
     cos, sin = rope_tables(cfg, t_max, dtype, DEVICE)
-    norm, w = _weights(cfg, dtype)
+    norm, w, w_ref = _weights(cfg, dtype, quant)
     x = randn(M, H, dtype=dtype, scale=3.0)
     positions, cache_rows = _tokens(M, B, t_max, gen)
     k_cache = randn(L, B, num_kv, t_max, D, dtype=dtype)
@@ -75,7 +84,7 @@ def _check(seed, H, num_kv, ratio, D, L, B, t_max, layers, M, dtype):
     kv_backfill(x, torch.tensor(layers, dtype=torch.int32, device=DEVICE), norm, w, cos, sin,
                 positions, cache_rows, k_cache, v_cache, q_size=cfg.q_size, eps=EPS)
 
-    ref = _reference(x, layers, norm, w, positions, cfg)
+    ref = _reference(x, layers, norm, w_ref, positions, cfg)
     rows_, pos_ = cache_rows.long(), positions.long()
     for layer in layers:
         assert_close(k_cache[layer, rows_, :, pos_], ref[layer][0], dtype)
@@ -97,6 +106,24 @@ def test_kv_backfill_matches_reference(case, layers, M, dtype):
     _check(seed, *case, layers, M, dtype)
 
 
+QUANT_CASES = [  # (fmt, G), (H, num_kv, ratio, D, L, B, t_max), layers, M
+    (("int4", 32), (96, 1, 3, 48, 4, 2, 12), [3, 0, 2], 5),    # GQA 3, D 48, 3 groups
+    (("int4", 128), (256, 2, 1, 64, 3, 2, 20), [1, 2], 13),    # MHA, 2 groups
+    (("int8", 32), (160, 1, 8, 32, 3, 2, 16), [2, 0], 3),      # GQA 8, 5 groups
+    (("int8", 200), (200, 2, 3, 64, 3, 3, 20), [0, 2], 4),     # per-row scale (G = K)
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("quant, case, layers, M", QUANT_CASES,
+                         ids=[f"{f}-g{g}" for (f, g), *_ in QUANT_CASES])
+def test_kv_backfill_quantized_matches_reference(quant, case, layers, M, dtype):
+    """Weight-only int4/int8 stacks (data and scales each with their own layer stride) against
+    the float64 reference on the dequantized weights."""
+    seed = 700 + 10 * [q for q, *_ in QUANT_CASES].index(quant) + DTYPES.index(dtype)
+    _check(seed, *case, layers, M, dtype, quant=quant)
+
+
 @pytest.mark.parametrize("index", range(len(_kv_backfill_kernel.all_configs)))
 @pytest.mark.skipif(CUDA, reason="an interpreter sweep: on a GPU each config costs a compile")
 def test_kv_backfill_every_config(index):
@@ -106,15 +133,17 @@ def test_kv_backfill_every_config(index):
         _check(900 + index, 136, 1, 2, 128, 3, 2, 8, [2, 0], 3, torch.float32)
 
 
+@pytest.mark.parametrize("quant", [None, ("int4", 32)])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_kv_backfill_equals_per_layer_path(dtype):
+def test_kv_backfill_equals_per_layer_path(dtype, quant):
     """Same K/V as running qkv_rope on the layer's normed input, layer by layer (one token per
-    row, different positions): the deferred fill agrees with the eager one."""
+    row, different positions): the deferred fill agrees with the eager one, float or quantized
+    (qkv_rope then gets the layer ``w[j]`` of the stack)."""
     torch.manual_seed(7 + DTYPES.index(dtype))
     H, nkv, nh, D, L, B, t_max = 96, 2, 6, 64, 4, 3, 20
     cfg = _config(H, nh, nkv, D, L)
     cos, sin = rope_tables(cfg, t_max, dtype, DEVICE)
-    norm, w = _weights(cfg, dtype)
+    norm, w, _ = _weights(cfg, dtype, quant)
     x = randn(B, H, dtype=dtype, scale=2.0)
     positions = torch.tensor([4, 0, 19], dtype=torch.int32, device=DEVICE)
     rows = torch.arange(B, dtype=torch.int32, device=DEVICE)
@@ -136,7 +165,7 @@ def test_kv_backfill_equals_per_layer_path(dtype):
 def test_kv_backfill_no_tokens_or_layers_is_a_no_op():
     cfg = _config(32, 2, 1, 32, 2)
     cos, sin = rope_tables(cfg, 4, torch.float32, DEVICE)
-    norm, w = _weights(cfg, torch.float32)
+    norm, w, _ = _weights(cfg, torch.float32)
     k = torch.zeros(2, 1, 1, 4, 32, device=DEVICE)
     v = torch.zeros_like(k)
     none = torch.zeros(0, dtype=torch.int32, device=DEVICE)
@@ -151,7 +180,7 @@ def _small_inputs():
     L, B, H, nh, nkv, D, t_max, M = 2, 2, 32, 2, 1, 32, 8, 3
     cfg = _config(H, nh, nkv, D, L)
     cos, sin = rope_tables(cfg, t_max, torch.float32, DEVICE)
-    norm, w = _weights(cfg, torch.float32)
+    norm, w, _ = _weights(cfg, torch.float32)
     idx = torch.tensor([0, 3, 5], dtype=torch.int32, device=DEVICE)
     return dict(x=randn(M, H), layers=torch.tensor([1, 0], dtype=torch.int32, device=DEVICE),
                 norm_weight=norm, w_qkv=w, cos=cos, sin=sin, positions=idx,
@@ -178,10 +207,30 @@ def test_kv_backfill_bad_input(change, name):
         kv_backfill(**kwargs)
 
 
-def test_kv_backfill_opcheck():
+@pytest.mark.parametrize("w_qkv", [
+    quantize(torch.randn(2, 100, 32), "int4", 32),   # N
+    quantize(torch.randn(3, 128, 32), "int8", 32),   # L
+    quantize(torch.randn(2, 128, 64), "int4", 32),   # K
+    quantize(torch.randn(128, 32), "int8", 32),      # one matrix, not a stack
+    quantize(torch.randn(2, 128, 32), "int4", 32).to("meta"),  # device
+], ids=["N", "L", "K", "unstacked", "device"])
+def test_kv_backfill_bad_quantized_weight(w_qkv):
+    """A QuantizedWeight of the wrong shape or device: ValueError naming w_qkv, nothing written."""
+    kwargs = _small_inputs()
+    with pytest.raises(ValueError, match="w_qkv"):
+        kv_backfill(**{**kwargs, "w_qkv": w_qkv.to(DEVICE) if w_qkv.device.type != "meta"
+                       else w_qkv})
+    assert kwargs["k_cache"].abs().sum() == 0 and kwargs["v_cache"].abs().sum() == 0
+
+
+@pytest.mark.parametrize("fmt", [None, "int4", "int8"])
+def test_kv_backfill_opcheck(fmt):
     kw = _small_inputs()
-    args = (kw["x"], kw["layers"], kw["norm_weight"], kw["w_qkv"], kw["cos"], kw["sin"],
-            kw["positions"], kw["cache_rows"], kw["k_cache"], kw["v_cache"], kw["q_size"], EPS)
+    w = kw["w_qkv"] if fmt is None else quantize(kw["w_qkv"], fmt, 16)
+    args = (kw["x"], kw["layers"], kw["norm_weight"],
+            *weight_operand("w_qkv", w, tuple(w.shape), torch.float32, DEVICE), kw["cos"],
+            kw["sin"], kw["positions"], kw["cache_rows"], kw["k_cache"], kw["v_cache"],
+            kw["q_size"], EPS)
     torch.library.opcheck(torch.ops.d3kernels.kv_backfill.default, args,
                           test_utils=("test_schema", "test_faketensor",
                                       "test_aot_dispatch_dynamic"))
@@ -196,7 +245,7 @@ def test_kv_backfill_llama2_7b_shapes_bf16(M):
     H, nh, D, L, B, t_max = 4096, 32, 128, 32, 8, 256
     cfg = _config(H, nh, nh, D, L)
     cos, sin = rope_tables(cfg, t_max, torch.bfloat16, DEVICE)
-    norm, w = _weights(cfg, torch.bfloat16)
+    norm, w, _ = _weights(cfg, torch.bfloat16)
     x = randn(M, H, dtype=torch.bfloat16)
     positions, cache_rows = _tokens(M, B, t_max, gen)
     k_cache = torch.zeros(L, B, nh, t_max, D, dtype=torch.bfloat16, device=DEVICE)
@@ -210,3 +259,31 @@ def test_kv_backfill_llama2_7b_shapes_bf16(M):
         assert_close(k_cache[layer, rows_, :, pos_], ref[layer][0], torch.bfloat16)
         assert_close(v_cache[layer, rows_, :, pos_], ref[layer][1], torch.bfloat16)
     assert k_cache[:8].abs().sum() == 0 and k_cache[24:].abs().sum() == 0
+
+
+@gpu
+@pytest.mark.parametrize("fmt, G", [("int4", 128), ("int4", 32), ("int8", 4096)])
+@pytest.mark.parametrize("M", [1, 64])
+def test_kv_backfill_quantized_llama3_shapes_bf16(fmt, G, M):
+    """Layers 1..3 of a 5-layer Llama-3-8B-shaped stack (32/8 heads), quantized, bf16; the
+    other layers' cache stays untouched."""
+    torch.manual_seed(M + G)
+    gen = torch.Generator().manual_seed(M)
+    H, nh, nkv, D, L, B, t_max = 4096, 32, 8, 128, 5, 8, 256
+    cfg = _config(H, nh, nkv, D, L, theta=500000.0)
+    cos, sin = rope_tables(cfg, t_max, torch.bfloat16, DEVICE)
+    norm, w, w_ref = _weights(cfg, torch.bfloat16, (fmt, G))
+    x = randn(M, H, dtype=torch.bfloat16, scale=3.0)
+    positions, cache_rows = _tokens(M, B, t_max, gen)
+    k_cache = torch.zeros(L, B, nkv, t_max, D, dtype=torch.bfloat16, device=DEVICE)
+    v_cache = torch.zeros_like(k_cache)
+    layers = [3, 1, 2]
+    kv_backfill(x, torch.tensor(layers, dtype=torch.int32, device=DEVICE), norm, w, cos, sin,
+                positions, cache_rows, k_cache, v_cache, q_size=cfg.q_size, eps=EPS)
+    ref = _reference(x, layers, norm, w_ref, positions, cfg)
+    rows_, pos_ = cache_rows.long(), positions.long()
+    for layer in layers:
+        assert_close(k_cache[layer, rows_, :, pos_], ref[layer][0], torch.bfloat16)
+        assert_close(v_cache[layer, rows_, :, pos_], ref[layer][1], torch.bfloat16)
+    assert k_cache[0].abs().sum() == 0 and k_cache[4].abs().sum() == 0
+    assert v_cache[0].abs().sum() == 0 and v_cache[4].abs().sum() == 0

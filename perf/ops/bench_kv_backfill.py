@@ -4,11 +4,15 @@
 
 Llama-2-7B shapes, bf16: the K/V of 16 skipped layers (8..23, the middle half a D³ step drops)
 filled for 1 token (an eager backfill) and for 64 tokens at different rows and positions (a
-deferred one). The torch composite is the engine's batched path (one norm, one batched matmul
-over a contiguous run of layers, indexed cache writes); "loop" is a Python loop over layers.
-extra_info: per-call time, kernel launches, GB/s (K/V weights read + cache written) and its
-fraction of a copy's bandwidth measured in the same run (perf/ops/conftest.py). Each round runs
-the op ``calls`` times then synchronizes (warm-up rounds first, median reported;
+deferred one). The torch composite is the engine's batched path (one norm, one batched matmul over
+a contiguous run of layers, indexed cache writes); "loop" is a Python loop over layers.
+``test_kv_backfill_quantized``: the same with the stack quantized weight-only, int4 (group 128) or
+int8 (one scale per row), against the torch composite with one weight-only linear per layer
+(torch's own kernel where ``QuantizedWeight.prepare_torch`` has one for CUDA, else dequantizing per
+call: extra_info ``torch_path``). extra_info: per-call time, kernel launches, GB/s (K/V weights
+read + cache written) and its fraction of a copy's bandwidth measured in the same run
+(perf/ops/conftest.py); quantized weights count their own bytes (values, scales, offsets). Each
+round runs the op ``calls`` times then synchronizes (warm-up rounds first, median reported;
 perf/ops/timing.py), so the table's times are per round.
 """
 import pytest
@@ -22,6 +26,7 @@ import torch.nn.functional as F  # noqa: E402
 from d3kernels.config import LlamaConfig  # noqa: E402
 from d3kernels.model import rope_tables  # noqa: E402
 from d3kernels.ops.kv_backfill import kv_backfill  # noqa: E402
+from d3kernels.quant import quantize  # noqa: E402
 from perf.ops.timing import OURS, measure  # noqa: E402
 
 CFG = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32,
@@ -29,6 +34,7 @@ CFG = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, n
 # A 512-slot cache: the cost does not depend on its length.
 DTYPE, EPS, BATCH, T_MAX = torch.bfloat16, 1e-5, 8, 512
 FIRST, LAST = 8, 24  # the skipped run [8, 24)
+GROUP = {"int4": 128, "int8": None}  # int8: quantize's default, one group per row (G = K)
 # One xdist worker for the module in the GPU check's parallel warm-up: one copy of the fixtures.
 pytestmark = pytest.mark.xdist_group("kv_backfill")
 
@@ -46,6 +52,22 @@ def state():
     return w_qkv, norm, k_cache, v_cache, cos, sin
 
 
+@pytest.fixture(scope="module")
+def quantized(state):
+    """fmt -> (the stacked w_qkv quantized, its K/V rows [L, 2K, H] prepared for torch's kernel,
+    the torch path), each format made on first use."""
+    made = {}
+
+    def get(fmt):
+        if fmt not in made:
+            wq = quantize(state[0], fmt, GROUP[fmt])
+            w_kv = wq[:, CFG.q_size:].contiguous()
+            made[fmt] = wq, w_kv, w_kv.prepare_torch(DTYPE)
+        return made[fmt]
+
+    return get
+
+
 def _rope(x, cos, sin):
     half = x.shape[-1] // 2
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
@@ -53,9 +75,23 @@ def _rope(x, cos, sin):
 
 def torch_backfill(x, norm, w_qkv, cos, sin, positions, rows, k_cache, v_cache, a: int, b: int):
     """The engine's batched path for the contiguous run of layers [a, b)."""
-    n, M = b - a, x.shape[0]
     normed = F.rms_norm(x, (x.shape[-1],), None, EPS) * norm[a:b, None, :]  # [n, M, H]
     kv = torch.matmul(normed, w_qkv[a:b, CFG.q_size:].transpose(1, 2))  # [n, M, 2K]
+    _rope_and_write(kv, cos, sin, positions, rows, k_cache, v_cache, a, b)
+
+
+def torch_backfill_quantized(x, norm, w_kv, cos, sin, positions, rows, k_cache, v_cache,
+                             a: int, b: int):
+    """The batched path with quantized K/V rows w_kv [L, 2K, H]: one weight-only linear per
+    layer (no batched quantized matmul in torch)."""
+    normed = F.rms_norm(x, (x.shape[-1],), None, EPS) * norm[a:b, None, :]  # [n, M, H]
+    kv = torch.stack([w_kv[layer].linear(normed[layer - a]) for layer in range(a, b)])
+    _rope_and_write(kv, cos, sin, positions, rows, k_cache, v_cache, a, b)
+
+
+def _rope_and_write(kv, cos, sin, positions, rows, k_cache, v_cache, a: int, b: int):
+    """RoPE on K of kv [n, M, 2K] (layers [a, b)) and the indexed cache writes."""
+    n, M = kv.shape[:2]
     k, v = kv.view(n, M, 2, CFG.num_kv_heads, CFG.head_dim).unbind(2)
     pos = positions.long()
     c, s = cos[pos][:, None], sin[pos][:, None]
@@ -74,16 +110,21 @@ def torch_backfill_loop(x, norm, w_qkv, cos, sin, positions, rows, k_cache, v_ca
 _compiled = torch.compile(torch_backfill, dynamic=False)
 
 
-@pytest.mark.parametrize("impl", [OURS, "eager", "compile", "loop"])
-@pytest.mark.parametrize("tokens", [1, 64])
-def test_kv_backfill(benchmark, copy_gbps, state, tokens, impl):
-    w_qkv, norm, k_cache, v_cache, cos, sin = state
+def _tokens(tokens):
+    """x [tokens, H] and distinct random (position, row) pairs; the layers [FIRST, LAST)."""
     gen = torch.Generator().manual_seed(tokens)
     flat = torch.randperm(BATCH * T_MAX, generator=gen)[:tokens]
     positions = (flat % T_MAX).to(torch.int32).cuda()
     rows = (flat // T_MAX).to(torch.int32).cuda()
     x = torch.randn(tokens, CFG.hidden_size, dtype=DTYPE, device="cuda")
-    layers = torch.arange(FIRST, LAST, dtype=torch.int32, device="cuda")
+    return x, positions, rows, torch.arange(FIRST, LAST, dtype=torch.int32, device="cuda")
+
+
+@pytest.mark.parametrize("impl", [OURS, "eager", "compile", "loop"])
+@pytest.mark.parametrize("tokens", [1, 64])
+def test_kv_backfill(benchmark, copy_gbps, state, tokens, impl):
+    w_qkv, norm, k_cache, v_cache, cos, sin = state
+    x, positions, rows, layers = _tokens(tokens)
     args = (x, norm, w_qkv, cos, sin, positions, rows, k_cache, v_cache)
     fn = {
         OURS: lambda: kv_backfill(x, layers, norm, w_qkv, cos, sin, positions, rows,
@@ -96,4 +137,25 @@ def test_kv_backfill(benchmark, copy_gbps, state, tokens, impl):
     nbytes = x.element_size() * n * (2 * CFG.kv_size * CFG.hidden_size + tokens * 2 * CFG.kv_size)
     benchmark.group = f"kv_backfill llama2-7b layers={n} tokens={tokens}"
     benchmark.extra_info.update(impl=impl, tokens=tokens, layers=n, dtype=str(DTYPE))
+    measure(benchmark, fn, nbytes=nbytes, copy_gbps=copy_gbps)
+
+
+@pytest.mark.parametrize("impl", [OURS, "eager"])
+@pytest.mark.parametrize("tokens", [1, 64])
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+def test_kv_backfill_quantized(benchmark, copy_gbps, state, quantized, fmt, tokens, impl):
+    _, norm, k_cache, v_cache, cos, sin = state
+    wq, w_kv, torch_path = quantized(fmt)
+    x, positions, rows, layers = _tokens(tokens)
+    fn = {
+        OURS: lambda: kv_backfill(x, layers, norm, wq, cos, sin, positions, rows, k_cache,
+                                  v_cache, q_size=CFG.q_size, eps=EPS),
+        "eager": lambda: torch_backfill_quantized(x, norm, w_kv, cos, sin, positions, rows,
+                                                  k_cache, v_cache, FIRST, LAST),
+    }[impl]
+    n = LAST - FIRST
+    nbytes = w_kv[FIRST:LAST].nbytes + x.element_size() * n * tokens * 2 * CFG.kv_size
+    benchmark.group = f"kv_backfill llama2-7b layers={n} tokens={tokens} {fmt}"
+    benchmark.extra_info.update(impl=impl, tokens=tokens, layers=n, dtype=str(DTYPE),
+                                weights=fmt, group_size=wq.group_size, torch_path=torch_path)
     measure(benchmark, fn, nbytes=nbytes, copy_gbps=copy_gbps)

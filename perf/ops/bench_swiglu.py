@@ -13,7 +13,11 @@ are per round; extra_info holds the per-call time, kernel launches, achieved GB/
 activations), its fraction of a device-to-device copy measured in the same run
 (perf/ops/conftest.py), and TFLOP/s. Groups hold one shape, so the table's columns compare the
 implementations. Liger-Kernel's column (its silu·mul kernel between torch matmuls) appears only
-where it is installed.
+where it is installed. ``test_swiglu_mlp_quantized`` and ``test_o_proj_quantized``: the same
+shapes with weight-only int4 (group 128) or int8 (one scale per row) weights against the torch
+composite on torch's own weight-only kernel where ``QuantizedWeight.prepare_torch`` has one for
+CUDA, else dequantizing per call (extra_info ``torch_path`` says which); GB/s counts the
+format's bytes (values, scales, offsets).
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ if not torch.cuda.is_available():
     pytest.skip("GPU benchmark: needs CUDA", allow_module_level=True)
 
 from d3kernels.ops.swiglu import down_residual, swiglu_gate_up  # noqa: E402
+from d3kernels.quant import linear, quantize  # noqa: E402
 from perf.ops.timing import OURS, measure  # noqa: E402
 
 try:
@@ -36,6 +41,7 @@ MODELS = {"llama2-7b": (4096, 11008), "llama3-8b": (4096, 14336)}
 DTYPE, EPS = torch.bfloat16, 1e-5
 IMPLS = [OURS, "eager", "compile"] + (["liger"] if LigerSiLUMulFunction is not None else [])
 M_PARAMS = [1, 8, 32, pytest.param(2048, marks=pytest.mark.extra)]
+GROUP = {"int4": 128, "int8": None}  # int8: quantize's default, one group per row (G = K)
 
 
 @pytest.fixture(scope="module",
@@ -49,6 +55,17 @@ def weights(request):
     w_down = torch.randn(H, inter, device="cuda", dtype=DTYPE) * inter ** -0.5
     norm = torch.rand(H, device="cuda", dtype=DTYPE) + 0.5
     return request.param, w_gate_up, w_down, norm
+
+
+@pytest.fixture(scope="module", params=["int4", "int8"])
+def quantized(request, weights):
+    """The MLP's weights quantized to ``fmt`` (see GROUP), each prepared for torch's own
+    weight-only kernel where it has one; and the torch paths taken."""
+    model, w_gate_up, w_down, norm = weights
+    fmt = request.param
+    w_gate_up, w_down = (quantize(w, fmt, GROUP[fmt]) for w in (w_gate_up, w_down))
+    paths = sorted({w.prepare_torch(DTYPE) for w in (w_gate_up, w_down)})
+    return model, fmt, w_gate_up, w_down, norm, "+".join(paths)
 
 
 def _mlp(name: str, w_gate_up: torch.Tensor, w_down: torch.Tensor, norm: torch.Tensor,
@@ -75,28 +92,66 @@ def _mlp(name: str, w_gate_up: torch.Tensor, w_down: torch.Tensor, norm: torch.T
     return torch.compile(mlp, dynamic=False) if name == "compile" else mlp
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("M", M_PARAMS)
-def test_swiglu_mlp(benchmark, copy_gbps, weights, impl, M):
-    model, w_gate_up, w_down, norm = weights
+def _quantized_mlp(name: str, w_gate_up, w_down, norm: torch.Tensor, h: torch.Tensor):
+    """The MLP on QuantizedWeights: d3kernels' two launches, or the torch composite (one
+    weight-only linear over the stacked gate/up rows)."""
+    if name == OURS:
+        return _mlp(OURS, w_gate_up, w_down, norm, h)
+    H, inter = w_down.shape
+
+    def mlp(r):
+        gate, up = linear(F.rms_norm(r, (H,), norm, EPS), w_gate_up).split(inter, dim=-1)
+        return linear(F.silu(gate) * up, w_down) + r
+
+    return mlp
+
+
+def _bench_mlp(benchmark, copy_gbps, model, fn, w_gate_up, w_down, impl, M, fmt=None):
     H, inter = w_down.shape
     torch.manual_seed(M)
     r = torch.randn(M, H, device="cuda", dtype=DTYPE)
-    fn = _mlp(impl, w_gate_up, w_down, norm, torch.empty(M, inter, device="cuda", dtype=DTYPE))
+    # Weights read: the format's own bytes (values, scales, offsets) when quantized.
+    w_bytes = sum(w.nbytes if fmt else w.numel() * w.element_size() for w in (w_gate_up, w_down))
     # Weights and norm weight, r read (norm), h written and read back, r read and written.
-    nbytes = (3 * inter * H + H + 3 * M * H + 2 * M * inter) * r.element_size()
-    benchmark.group = f"swiglu_mlp {model} M={M}"
-    benchmark.extra_info.update(impl=impl, model=model, M=M, H=H, I=inter, dtype=str(DTYPE))
+    nbytes = w_bytes + (H + 3 * M * H + 2 * M * inter) * r.element_size()
+    benchmark.group = f"swiglu_mlp {model} M={M}" + (f" {fmt}" if fmt else "")
+    benchmark.extra_info.update(impl=impl, model=model, M=M, H=H, I=inter, dtype=str(DTYPE),
+                                weights=fmt or str(DTYPE))
     measure(benchmark, lambda: fn(r), nbytes=nbytes, flops=6 * M * H * inter,
             copy_gbps=copy_gbps)
 
 
-@pytest.mark.parametrize("impl", [OURS, "eager", "compile"])
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("M", M_PARAMS)
-def test_o_proj(benchmark, copy_gbps, impl, M):
+def test_swiglu_mlp(benchmark, copy_gbps, weights, impl, M):
+    model, w_gate_up, w_down, norm = weights
+    inter = w_down.shape[1]
+    fn = _mlp(impl, w_gate_up, w_down, norm, torch.empty(M, inter, device="cuda", dtype=DTYPE))
+    _bench_mlp(benchmark, copy_gbps, model, fn, w_gate_up, w_down, impl, M)
+
+
+@pytest.mark.parametrize("impl", [OURS, "eager"])
+@pytest.mark.parametrize("M", M_PARAMS)
+def test_swiglu_mlp_quantized(benchmark, copy_gbps, quantized, impl, M):
+    model, fmt, w_gate_up, w_down, norm, torch_path = quantized
+    inter = w_down.shape[1]
+    fn = _quantized_mlp(impl, w_gate_up, w_down, norm,
+                        torch.empty(M, inter, device="cuda", dtype=DTYPE))
+    benchmark.extra_info.update(group_size=w_down.group_size, torch_path=torch_path)
+    _bench_mlp(benchmark, copy_gbps, model, fn, w_gate_up, w_down, impl, M, fmt)
+
+
+def _bench_o_proj(benchmark, copy_gbps, impl, M, fmt=None):
+    """Time ``impl`` on r + attn @ w_o.T; ``fmt``: w_o quantized to "int4"/"int8" (None: bf16)."""
     H = 4096
     torch.manual_seed(M)
     w_o = torch.randn(H, H, device="cuda", dtype=DTYPE) * H ** -0.5
+    w_bytes = w_o.numel() * w_o.element_size()
+    if fmt is not None:
+        w_o = quantize(w_o, fmt, GROUP[fmt])
+        w_bytes = w_o.nbytes
+        benchmark.extra_info.update(group_size=w_o.group_size,
+                                    torch_path=w_o.prepare_torch(DTYPE))
     attn = torch.randn(M, H, device="cuda", dtype=DTYPE)
     r = torch.randn(M, H, device="cuda", dtype=DTYPE)
     if impl == OURS:
@@ -104,14 +159,28 @@ def test_o_proj(benchmark, copy_gbps, impl, M):
             down_residual(attn, w_o, r)
     else:
         def o_proj(a, res):
-            return res + a @ w_o.T
+            return res + linear(a, w_o)
 
         op = torch.compile(o_proj, dynamic=False) if impl == "compile" else o_proj
 
         def fn():
             op(attn, r)
     # Weight, attention output read, residual read and written.
-    nbytes = (H * H + 3 * M * H) * r.element_size()
-    benchmark.group = f"o_proj llama2-7b M={M}"
-    benchmark.extra_info.update(impl=impl, model="llama2-7b", M=M, H=H, dtype=str(DTYPE))
+    nbytes = w_bytes + 3 * M * H * r.element_size()
+    benchmark.group = f"o_proj llama2-7b M={M}" + (f" {fmt}" if fmt else "")
+    benchmark.extra_info.update(impl=impl, model="llama2-7b", M=M, H=H, dtype=str(DTYPE),
+                                weights=fmt or str(DTYPE))
     measure(benchmark, fn, nbytes=nbytes, flops=2 * M * H * H, copy_gbps=copy_gbps)
+
+
+@pytest.mark.parametrize("impl", [OURS, "eager", "compile"])
+@pytest.mark.parametrize("M", M_PARAMS)
+def test_o_proj(benchmark, copy_gbps, impl, M):
+    _bench_o_proj(benchmark, copy_gbps, impl, M)
+
+
+@pytest.mark.parametrize("impl", [OURS, "eager"])
+@pytest.mark.parametrize("M", M_PARAMS)
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+def test_o_proj_quantized(benchmark, copy_gbps, fmt, impl, M):
+    _bench_o_proj(benchmark, copy_gbps, impl, M, fmt)

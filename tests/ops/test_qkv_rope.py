@@ -283,31 +283,10 @@ def test_qkv_rope_llama_shapes_bf16(num_kv, T):
 
 
 @gpu
-@pytest.mark.parametrize("fmt, G", [("int4", 128), ("int4", 32), ("int8", 4096)])
+@pytest.mark.parametrize("quant", [("int4", 128), ("int4", 32), ("int8", 4096)])
 @pytest.mark.parametrize("T", [1, 33])
-def test_qkv_rope_quantized_llama_shapes_bf16(fmt, G, T):
-    """Llama-3-8B's attention input (32/8 heads) with a quantized w_qkv, bf16, rows with
-    padding, the norm prologue."""
-    torch.manual_seed(T + G)
-    B, H, nh, nkv, D, t_max = 4, 4096, 32, 8, 128, 512
-    cfg = _config(H, nh, nkv, D, theta=500000.0)
-    cos, sin = rope_tables(cfg, t_max, torch.bfloat16, DEVICE)
-    x = randn(B, T, H, dtype=torch.bfloat16, scale=3.0)
-    norm = _norm_weight(H, torch.bfloat16)
-    w, w_ref = rand_quantized(cfg.q_size + 2 * cfg.kv_size, H, fmt=fmt, group_size=G,
-                              scale=H ** -0.5)
-    start = torch.tensor([0, 100, 300, 7], dtype=torch.int32, device=DEVICE)
-    rows = torch.tensor([3, -1, 0], dtype=torch.int32, device=DEVICE)
-    k_cache = torch.zeros(B, nkv, t_max, D, dtype=torch.bfloat16, device=DEVICE)
-    v_cache = torch.zeros_like(k_cache)
-    q_out = poisoned((B, T, nh, D), torch.bfloat16)
-    qkv_rope(x, w, cos, sin, start, k_cache, v_cache, num_heads=nh, num_kv_heads=nkv, rows=rows,
-             q_out=q_out, norm_weight=norm, eps=EPS)
-    q_ref, k_ref, v_ref, pos = _reference(x, w_ref, start, cfg, norm)
-    for b in (3, 0):
-        p = pos[b].to(DEVICE)
-        assert_close(q_out[b], q_ref[b], torch.bfloat16)
-        assert_close(k_cache[b][:, p].transpose(0, 1), k_ref[b], torch.bfloat16)
-        assert_close(v_cache[b][:, p].transpose(0, 1), v_ref[b], torch.bfloat16)
-    assert q_out[1:3].isnan().all()
-    assert k_cache[1:3].abs().sum() == 0 and v_cache[1:3].abs().sum() == 0
+def test_qkv_rope_quantized_llama_shapes_bf16(quant, T):
+    """Llama-3-8B's attention input (32/8 heads) with a quantized w_qkv, bf16: the norm
+    prologue, rows with a padding slot."""
+    _run_case(600 + T + quant[1], 4, T, 4096, 8, 4, 128, torch.bfloat16, [3, -1, 0], 512,
+              norm=True, quant=quant)

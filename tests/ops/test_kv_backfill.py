@@ -124,13 +124,15 @@ def test_kv_backfill_quantized_matches_reference(quant, case, layers, M, dtype):
     _check(seed, *case, layers, M, dtype, quant=quant)
 
 
+@pytest.mark.parametrize("quant", [None, ("int4", 32)], ids=["float", "int4"])
 @pytest.mark.parametrize("index", range(len(_kv_backfill_kernel.all_configs)))
 @pytest.mark.skipif(CUDA, reason="an interpreter sweep: on a GPU each config costs a compile")
-def test_kv_backfill_every_config(index):
+def test_kv_backfill_every_config(index, quant):
     """Each config the GPU autotuner may pick, fp32: head_dim 128 so every BLOCK_HALF fits a
-    half head, H = 136 so every BLOCK_K has a ragged last block."""
+    half head, H = 136 (int4: 160, five groups) so every BLOCK_K has a ragged last block."""
     with only_config(_kv_backfill_kernel, _kv_backfill_kernel.all_configs[index]):
-        _check(900 + index, 136, 1, 2, 128, 3, 2, 8, [2, 0], 3, torch.float32)
+        _check(900 + index, 136 if quant is None else 160, 1, 2, 128, 3, 2, 8, [2, 0], 3,
+               torch.float32, quant=quant)
 
 
 @pytest.mark.parametrize("quant", [None, ("int4", 32)])

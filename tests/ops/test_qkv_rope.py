@@ -156,13 +156,16 @@ def test_qkv_rope_quantized_layer_of_a_stack():
         assert_close(v_cache[b][:, pos[b].to(DEVICE)].transpose(0, 1), v_ref[b], torch.float32)
 
 
+@pytest.mark.parametrize("quant", [None, ("int4", 32)], ids=["float", "int4"])
 @pytest.mark.parametrize("index", range(len(_qkv_rope_kernel.all_configs)))
 @pytest.mark.skipif(CUDA, reason="an interpreter sweep: on a GPU each config costs a compile")
-def test_qkv_rope_every_config(index):
+def test_qkv_rope_every_config(index, quant):
     """Each config the GPU autotuner may pick, with the norm prologue and active rows: head_dim
-    128 so every BLOCK_HALF fits a half head, H = 136 so every BLOCK_K has a ragged last block."""
+    128 so every BLOCK_HALF fits a half head, H = 136 (int4: 160, five groups) so every BLOCK_K
+    has a ragged last block."""
     with only_config(_qkv_rope_kernel, _qkv_rope_kernel.all_configs[index]):
-        _run_case(500 + index, 3, 2, 136, 1, 2, 128, torch.float32, [2, 0], 8, norm=True)
+        _run_case(500 + index, 3, 2, 136 if quant is None else 160, 1, 2, 128, torch.float32,
+                  [2, 0], 8, norm=True, quant=quant)
 
 
 def test_qkv_rope_llama3_scaling():

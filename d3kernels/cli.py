@@ -7,6 +7,7 @@ import itertools
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -68,6 +69,12 @@ def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
                    help="auto: bfloat16 on a CUDA device or a CPU with AVX512_BF16, float32 "
                         "elsewhere (default: %(default)s)")
     g.add_argument("--device", default="cpu", help="(default: %(default)s)")
+    g.add_argument("--quantize", choices=["auto", "none", "int8", "int4"], default="auto",
+                   help="weights: auto keeps the checkpoint's own format (a GGUF's Q4_0/Q4_1/"
+                        "Q8_0 stay quantized), none dequantizes to --dtype, int8/int4 quantize "
+                        "a float checkpoint at load (default: %(default)s)")
+    g.add_argument("--group-size", type=int, choices=[32, 64, 128], default=None,
+                   help="--quantize int4/int8 group size (default: int4 128, int8 one per row)")
 
 
 def _add_schedule_args(s) -> None:
@@ -121,11 +128,18 @@ def _load(args) -> LlamaD3:
     print(f"d3kernels: loading {args.model} in {str(dtype).removeprefix('torch.')} on "
           f"{args.device}{why} ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    model = LlamaD3.from_pretrained(args.model, dtype=dtype, device=args.device)
+    quantize = None if args.quantize == "none" else args.quantize
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = LlamaD3.from_pretrained(args.model, dtype=dtype, device=args.device,
+                                        quantize=quantize, group_size=args.group_size)
     c = model.config
     print(f"d3kernels: loaded in {time.perf_counter() - t0:.1f} s: {c.num_layers} layers, hidden "
-          f"{c.hidden_size}, {c.num_heads}/{c.num_kv_heads} heads, vocab {c.vocab_size}",
+          f"{c.hidden_size}, {c.num_heads}/{c.num_kv_heads} heads, vocab {c.vocab_size}; "
+          f"weights {model.weight_format} ({model.resident_weight_bytes() / 1e6:.0f} MB)",
           file=sys.stderr, flush=True)
+    for note in [str(w.message) for w in caught] + model.load_notes:
+        print(f"d3kernels: {note}", file=sys.stderr, flush=True)
     return model
 
 

@@ -315,7 +315,7 @@ class Engine:
                                 backfill_timing=self.backfill_timing).tolist()
             union = len(set().union(*kept))
             contexts = [p + 1 for p in positions]
-            elem = m.embed.element_size()
+            elem = m.weight_bytes
             self.stats.decode_steps += 1
             self.stats.row_steps += len(decoding)
             self.stats.layers_run += sum(depths)

@@ -202,7 +202,7 @@ def _run(model, plan: _Plan, lookahead: bool | None = None) -> Iterator[Streamed
     if lookahead is None:
         lookahead = model.device.type == "cuda"
     cfg, L = model.config, model.config.num_layers
-    elem = model.embed.element_size()
+    elem = model.weight_bytes
     prompts = plan.prompts
     B, lengths = len(prompts), [len(p) for p in prompts]
     past = plan.past_lengths

@@ -14,11 +14,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from d3kernels import quant
 from d3kernels.config import PRESETS, LlamaConfig
 from d3kernels.kv_cache import KVCache
+from d3kernels.quant import QuantizedWeight
 from d3kernels.sampling import Sampling
 from d3kernels.schedule import DepthSchedule, skipped_runs
-from d3kernels.stats import backfill_layer_bytes
+from d3kernels.stats import WeightBytes
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BACKENDS = ("auto", "torch", "triton")
@@ -107,7 +109,15 @@ class LlamaD3:
     Stacked weights (L layers, H hidden, I intermediate, Q = heads·head_dim, K = kv_heads·head_dim):
     ``attn_norm`` [L, H], ``w_qkv`` [L, Q+2K, H], ``w_o`` [L, H, Q], ``mlp_norm`` [L, H],
     ``w_gate_up`` [L, 2I, H], ``w_down`` [L, H, I], ``embed`` and ``lm_head`` [V, H] (one tensor
-    when tied), ``final_norm`` [H]; all in ``dtype`` on ``device``.
+    when tied), ``final_norm`` [H]; all in ``dtype`` on ``device``, except that the projections
+    and the LM head may be :class:`d3kernels.quant.QuantizedWeight` (weight-only int4/int8).
+
+    quantize: ``"auto"`` (default) keeps each weight in the checkpoint's own format (a GGUF's
+    Q4_0/Q4_1/Q8_0 stay quantized, floats stay float); ``None`` dequantizes everything to
+    ``dtype``; ``"int8"``/``"int4"`` quantize the float projections and LM head at load (int4
+    asymmetric per group of ``group_size``, default 128; int8 symmetric per row, or per group
+    of ``group_size``). Embeddings and norms stay in ``dtype`` (a tied LM head is quantized
+    beside a float embedding). ``dtype`` is the activations' dtype.
 
     backfill: what a skipped layer leaves in the KV cache (design.md §2). ``"propagate"``
     (default): its K/V at that position are computed from the residual stream as it reaches
@@ -128,9 +138,17 @@ class LlamaD3:
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                  backend: str = "auto", max_seq_len: int | None = None,
                  cuda_graphs: bool = True, backfill: str = "propagate",
-                 backfill_timing: str = "deferred"):
+                 backfill_timing: str = "deferred", quantize: str | None = "auto",
+                 group_size: int | None = None):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+        if quantize not in quant.QUANTIZE:
+            raise ValueError(f"quantize must be one of {quant.QUANTIZE}, got {quantize!r}")
+        if group_size is not None and (quantize not in quant.FORMATS
+                                       or group_size not in quant.GROUP_SIZES):
+            raise ValueError(f"group_size must be one of {quant.GROUP_SIZES} and goes with "
+                             f"quantize='int4' or 'int8', got group_size={group_size!r} with "
+                             f"quantize={quantize!r}")
         device = torch.device(device)
         backend = _resolve_backend(backend, dtype, device)
         expected = hf_weight_shapes(config)
@@ -150,23 +168,65 @@ class LlamaD3:
         self.backfill, self.backfill_timing = self.resolve_backfill(backfill, backfill_timing)
         self.max_seq_len = max_seq_len or min(config.max_position_embeddings, 8192)
 
-        def get(name):
-            return weights[name].to(device=self.device, dtype=dtype)
+        if quantize in quant.FORMATS:
+            head_name = ("lm_head.weight" if "lm_head.weight" in weights
+                         else "model.embed_tokens.weight")
+            floats = [n for n in expected if (len(expected[n]) == 2 and "embed" not in n
+                                              or n == head_name)
+                      and not isinstance(weights[n], QuantizedWeight)]
+            if not floats:
+                raise ValueError(f"quantize={quantize!r}: the checkpoint has no float projection "
+                                 f"weights to quantize (they are already quantized, e.g. "
+                                 f"{next(iter(self._sources(weights)))}); use quantize='auto' "
+                                 f"to keep them or None to dequantize them")
+
+        def get(name):  # a float weight in dtype
+            w = weights[name]
+            w = w.dequantize(dtype) if isinstance(w, QuantizedWeight) else w
+            return w.to(device=self.device, dtype=dtype)
+
+        def projection(parts):  # parts: one list of weights per layer, concatenated along N
+            if quantize in quant.FORMATS and not any(isinstance(w, QuantizedWeight)
+                                                     for p in parts for w in p):
+                dense = torch.stack([torch.cat(p) for p in parts]).to(self.device)
+                return quant.quantize(dense, quantize, group_size)
+            if quantize is not None and quant.can_join([w for p in parts for w in p]):
+                return quant.stack([quant.cat(p, 0) for p in parts]).to(self.device)
+            kinds = {w.source if isinstance(w, QuantizedWeight) else "float"
+                     for p in parts for w in p}
+            if quantize is not None and kinds != {"float"}:
+                self.load_notes.append(f"a projection mixes {sorted(kinds)} weights: "
+                                       f"dequantized to {dtype}")
+            return torch.stack([torch.cat([w.dequantize(dtype) if isinstance(
+                w, QuantizedWeight) else w.to(dtype) for w in p]) for p in parts]).to(
+                self.device)
 
         def stack(*suffixes):
-            return torch.stack([torch.cat([get(f"model.layers.{i}.{s}") for s in suffixes])
+            return projection([[weights[f"model.layers.{i}.{s}"] for s in suffixes]
+                               for i in range(config.num_layers)])
+
+        def norms(suffix):
+            return torch.stack([get(f"model.layers.{i}.{suffix}")
                                 for i in range(config.num_layers)])
 
+        self.load_notes: list[str] = []
         self.embed = get("model.embed_tokens.weight")
-        self.lm_head = self.embed if config.tie_word_embeddings else get("lm_head.weight")
+        # a tied model's head is its embedding, unless given apart (quantized, by state_dict)
+        head = weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
+        self.lm_head = projection([[head]])[0]
+        if config.tie_word_embeddings and not isinstance(self.lm_head, QuantizedWeight):
+            self.lm_head = self.embed  # one tensor
         self.final_norm = get("model.norm.weight")
-        self.attn_norm = stack("input_layernorm.weight")
+        self.attn_norm = norms("input_layernorm.weight")
         self.w_qkv = stack("self_attn.q_proj.weight", "self_attn.k_proj.weight",
                            "self_attn.v_proj.weight")
         self.w_o = stack("self_attn.o_proj.weight")
-        self.mlp_norm = stack("post_attention_layernorm.weight")
+        self.mlp_norm = norms("post_attention_layernorm.weight")
         self.w_gate_up = stack("mlp.gate_proj.weight", "mlp.up_proj.weight")
         self.w_down = stack("mlp.down_proj.weight")
+        if backend == "torch":  # torch's own weight-only kernels, where they take this dtype
+            self.torch_paths = {name: w.prepare_torch(dtype) for name, w in self.projections()
+                                if isinstance(w, QuantizedWeight)}
         self.rope_cos, self.rope_sin = rope_tables(config, self.max_seq_len, dtype, self.device)
         self.cache: KVCache | None = None
         self._marks: dict[tuple[int, ...], torch.Tensor] = {}
@@ -175,6 +235,57 @@ class LlamaD3:
             from d3kernels.triton_backend import TritonBackend
 
             self._triton = TritonBackend(self, cuda_graphs)
+
+    @staticmethod
+    def _sources(weights: dict) -> set[str]:
+        return {w.source for w in weights.values() if isinstance(w, QuantizedWeight)}
+
+    def projections(self) -> list[tuple[str, torch.Tensor | QuantizedWeight]]:
+        """(name, weight) of every stacked projection and the LM head."""
+        return [("w_qkv", self.w_qkv), ("w_o", self.w_o), ("w_gate_up", self.w_gate_up),
+                ("w_down", self.w_down), ("lm_head", self.lm_head)]
+
+    @property
+    def weight_format(self) -> str:
+        """What the projections are stored as: the dtype, or the quantized formats
+        (e.g. ``"Q4_1 + Q8_0 head"``, ``"int4 g128"``)."""
+        def name(w):
+            if not isinstance(w, QuantizedWeight):
+                return str(w.dtype).removeprefix("torch.")
+            return w.source if w.source != w.fmt else f"{w.fmt} g{w.group_size}"
+        body, head = name(self.w_qkv), name(self.lm_head)
+        return body if head == body else f"{body} + {head} head"
+
+    @functools.cached_property
+    def weight_bytes(self) -> WeightBytes:
+        """Bytes a step reads of each weight, in the stored format (quantized: values, scales
+        and offsets), for the work ratio and achieved bandwidth (d3kernels.stats)."""
+        L, cfg = self.config.num_layers, self.config
+
+        def size(w):
+            return w.nbytes if isinstance(w, QuantizedWeight) else w.numel() * w.element_size()
+
+        norms = self.attn_norm.element_size() * cfg.hidden_size
+        kv_rows = self.w_qkv[:, cfg.q_size:]
+        layer = (2 * norms + sum(size(w) for w in (self.w_qkv, self.w_o, self.w_gate_up,
+                                                   self.w_down)) // L)
+        return WeightBytes(layer=layer, backfill_layer=norms + size(kv_rows) // L,
+                           head=size(self.lm_head) + norms,
+                           embed_row=self.embed.element_size() * cfg.hidden_size,
+                           kv_elem=self.embed.element_size())
+
+    def resident_weight_bytes(self) -> int:
+        """Bytes the model's weights hold in memory (a torch-kernel form beside a quantized
+        weight counted too; a tied float head once)."""
+        seen, total = set(), 0
+        for w in (self.embed, self.final_norm, self.attn_norm, self.mlp_norm,
+                  *(w for _, w in self.projections())):
+            if id(w) in seen:
+                continue
+            seen.add(id(w))
+            total += (w.resident_bytes if isinstance(w, QuantizedWeight)
+                      else w.numel() * w.element_size())
+        return total
 
     def resolve_backfill(self, backfill: str | None = None,
                          backfill_timing: str | None = None) -> tuple[str, str]:
@@ -192,10 +303,14 @@ class LlamaD3:
 
     @classmethod
     def from_pretrained(cls, src: str | Path = "smollm2-135m-instruct", **kwargs) -> "LlamaD3":
-        """Load an HF Llama checkpoint directory, a .gguf file, or a known model name."""
+        """Load an HF Llama checkpoint directory, a .gguf file, or a known model name.
+
+        A GGUF's Q4_0/Q4_1/Q8_0 weights stay quantized unless ``quantize=None`` (see the class
+        doc); the other keyword arguments go to the constructor."""
         from d3kernels.loaders import load_checkpoint
 
-        config, weights, tokenizer = load_checkpoint(src)
+        config, weights, tokenizer = load_checkpoint(
+            src, keep_quantized=kwargs.get("quantize", "auto") is not None)
         return cls(config, weights, tokenizer=tokenizer, **kwargs)
 
     @classmethod
@@ -240,12 +355,14 @@ class LlamaD3:
             weights[name] = w.to(dtype)
         return cls(config, weights, dtype=dtype, device=device, **kwargs)
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Hugging Face-named views of the stacked weights (for the reference and exporters)."""
+    def state_dict(self) -> dict[str, torch.Tensor | QuantizedWeight]:
+        """Hugging Face-named views of the stacked weights, each in its stored format (a
+        QuantizedWeight for a quantized projection): ``LlamaD3(config, model.state_dict())``
+        rebuilds the same model. See :meth:`dequantized_state_dict` for floats."""
         cfg, Q, K, I = self.config, self.config.q_size, self.config.kv_size, \
             self.config.intermediate_size
         out = {"model.embed_tokens.weight": self.embed, "model.norm.weight": self.final_norm}
-        if not cfg.tie_word_embeddings:
+        if self.lm_head is not self.embed:  # a tied model's quantized head is its own tensor
             out["lm_head.weight"] = self.lm_head
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}."
@@ -260,6 +377,12 @@ class LlamaD3:
             out[p + "mlp.down_proj.weight"] = self.w_down[i]
         return out
 
+    def dequantized_state_dict(self, dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
+        """:meth:`state_dict` with every weight as a float tensor of ``dtype`` on the CPU
+        (quantized ones dequantized): the weights the oracle runs."""
+        return {k: quant.as_float(v, dtype).to("cpu", dtype)
+                for k, v in self.state_dict().items()}
+
     # ---- building blocks ----------------------------------------------------------------------
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
@@ -272,7 +395,7 @@ class LlamaD3:
         """
         cfg = self.config
         B, T, _ = x.shape
-        qkv = F.linear(self._norm(x, self.attn_norm[j]), self.w_qkv[j])
+        qkv = quant.linear(self._norm(x, self.attn_norm[j]), self.w_qkv[j])
         qkv = qkv.view(B, T, cfg.num_heads + 2 * cfg.num_kv_heads, cfg.head_dim)
         qk = _rope(qkv[:, :, :cfg.num_heads + cfg.num_kv_heads], cos, sin)
         q, k = qk.transpose(1, 2).split([cfg.num_heads, cfg.num_kv_heads], dim=1)
@@ -281,13 +404,13 @@ class LlamaD3:
     def _finish_layer(self, j: int, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """Output projection + residual, then the SwiGLU MLP + residual. attn [B, heads, T, D]."""
         B, _, T, _ = attn.shape
-        x = x + F.linear(attn.transpose(1, 2).reshape(B, T, -1), self.w_o[j])
-        gate, up = F.linear(self._norm(x, self.mlp_norm[j]), self.w_gate_up[j]).chunk(2, dim=-1)
-        return x + F.linear(F.silu(gate) * up, self.w_down[j])
+        x = x + quant.linear(attn.transpose(1, 2).reshape(B, T, -1), self.w_o[j])
+        gate, up = quant.linear(self._norm(x, self.mlp_norm[j]), self.w_gate_up[j]).chunk(2, -1)
+        return x + quant.linear(F.silu(gate) * up, self.w_down[j])
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm + vocab projection. x [..., H] -> logits [..., V], float32 at least."""
-        logits = F.linear(self._norm(x, self.final_norm), self.lm_head)
+        logits = quant.linear(self._norm(x, self.final_norm), self.lm_head)
         return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
     # ---- passes -------------------------------------------------------------------------------
@@ -473,8 +596,7 @@ class LlamaD3:
                 for b, p in enumerate(positions):
                     cache.defer(b, p, runs, owed)
             else:
-                cache.backfill_bytes += skipped * backfill_layer_bytes(
-                    self.config, self.embed.element_size())
+                cache.backfill_bytes += skipped * self.weight_bytes.backfill_layer
         if self._triton is not None:  # its first launch writes the marks
             return self._triton.decode_step(tokens, positions, kept, cache, sampling, deferred,
                                             mode, mark)
@@ -607,7 +729,7 @@ class LlamaD3:
                     starts.setdefault(a, {}).setdefault(s, []).append(r)
         elif mode == "propagate":  # one backfill per layer that any row skips
             cache.backfill_bytes += sum(any(j not in k for k in keeps) for j in range(L)) \
-                * backfill_layer_bytes(cfg, self.embed.element_size())
+                * self.weight_bytes.backfill_layer
         if self._triton is not None:  # its uploaded tables carry the marks
             return self._triton.decode_rows(tokens, rows, positions, kept, cache, sampling, mode,
                                             starts, marks)
@@ -705,7 +827,7 @@ class LlamaD3:
         if not owed:
             return 0
         cfg, dev = self.config, self.device
-        per_layer = backfill_layer_bytes(cfg, self.embed.element_size())
+        per_layer = self.weight_bytes.backfill_layer
         entries: dict[tuple, list[tuple[int, int, int]]] = {}  # run -> [(ordinal, row, slot)]
         for r, runs in owed.items():
             for run, slots in runs.items():
@@ -728,7 +850,8 @@ class LlamaD3:
             else:
                 lid = torch.tensor(layers, device=dev)
                 normed = self._norm(states, None) * self.attn_norm[lid, None, :]  # [n, M, H]
-                kv = torch.matmul(normed, self.w_qkv[lid, cfg.q_size:].transpose(1, 2))
+                w_kv = quant.as_float(self.w_qkv[lid, cfg.q_size:], normed.dtype)
+                kv = torch.matmul(normed, w_kv.transpose(1, 2))
                 k, v = kv.view(n, M, 2, cfg.num_kv_heads, cfg.head_dim).unbind(2)
                 cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]
                 # indices split by a slice: the broadcast [n, M] dims come first
@@ -748,7 +871,8 @@ class LlamaD3:
         a, b = run
         B = x.shape[0]
         normed = self._norm(x[:, 0], None) * self.attn_norm[a:b, None, :]  # [n, B, H]
-        kv = torch.matmul(normed, self.w_qkv[a:b, cfg.q_size:].transpose(1, 2))  # [n, B, 2K]
+        w_kv = quant.as_float(self.w_qkv[a:b, cfg.q_size:], normed.dtype)
+        kv = torch.matmul(normed, w_kv.transpose(1, 2))  # [n, B, 2K]
         k, v = kv.view(b - a, B, 2, cfg.num_kv_heads, cfg.head_dim).unbind(2)
         if rows is None and min(positions) == max(positions):
             p = positions[0]

@@ -19,12 +19,36 @@ def backfill_layer_bytes(cfg: LlamaConfig, elem: int) -> int:
     return elem * (cfg.hidden_size + 2 * cfg.kv_size * cfg.hidden_size)
 
 
+@dataclass(frozen=True)
+class WeightBytes:
+    """Bytes a decode step reads of each weight, as stored: a quantized weight counts its
+    values, scales and offsets (``LlamaD3.weight_bytes`` measures its own weights).
+
+    layer: one decoder layer (two norms, QKV, O, gate/up, down); backfill_layer: a skipped
+    layer's input norm and K/V rows; head: final norm + LM head; embed_row: one embedding row;
+    kv_elem: one K/V cache element.
+    """
+
+    layer: int
+    backfill_layer: int
+    head: int
+    embed_row: int
+    kv_elem: int
+
+    @classmethod
+    def dense(cls, cfg: LlamaConfig, elem: int) -> "WeightBytes":
+        """Every weight and cache element ``elem`` bytes (an unquantized model)."""
+        return cls(layer=layer_bytes(cfg, elem), backfill_layer=backfill_layer_bytes(cfg, elem),
+                   head=elem * (cfg.vocab_size + 1) * cfg.hidden_size,
+                   embed_row=elem * cfg.hidden_size, kv_elem=elem)
+
+
 def kv_bytes(cfg: LlamaConfig, tokens: int, elem: int) -> int:
     """Bytes of one layer's K and V for ``tokens`` cached entries."""
     return 2 * tokens * cfg.kv_size * elem
 
 
-def step_bytes(cfg: LlamaConfig, depth: int, contexts: Sequence[int], elem: int,
+def step_bytes(cfg: LlamaConfig, depth: int, contexts: Sequence[int], elem: int | WeightBytes,
                row_depths: Sequence[int] | None = None) -> int:
     """Bytes a decode step must read: the weights of ``depth`` layers, once for the whole batch,
     and each row's own KV.
@@ -36,19 +60,22 @@ def step_bytes(cfg: LlamaConfig, depth: int, contexts: Sequence[int], elem: int,
     step reads whatever its depth: LM head, final norm, the rows' embeddings. Backfill of skipped
     layers is not counted: it can be deferred past the reply (design.md §2), so this is the
     attainable minimum.
+
+    elem: bytes per element of a dense model, or the model's ``WeightBytes`` (quantized
+    weights: their stored bytes).
     """
+    costs = WeightBytes.dense(cfg, elem) if isinstance(elem, int) else elem
     if isinstance(contexts, int) or not contexts:
         raise ValueError(f"contexts must hold one KV token count per row, got {contexts!r}")
     batch = len(contexts)
     if row_depths is None:
-        kv_read = depth * kv_bytes(cfg, sum(contexts), elem)
+        kv_read = depth * kv_bytes(cfg, sum(contexts), costs.kv_elem)
     else:
         if len(row_depths) != batch:
             raise ValueError(f"row_depths must hold one depth per row ({batch}), got "
                              f"{row_depths!r}")
-        kv_read = sum(d * kv_bytes(cfg, n, elem) for d, n in zip(row_depths, contexts))
-    fixed = elem * (cfg.vocab_size * cfg.hidden_size + cfg.hidden_size * (1 + batch))
-    return depth * layer_bytes(cfg, elem) + kv_read + fixed
+        kv_read = sum(d * kv_bytes(cfg, n, costs.kv_elem) for d, n in zip(row_depths, contexts))
+    return depth * costs.layer + kv_read + costs.head + batch * costs.embed_row
 
 
 @dataclass

@@ -45,7 +45,6 @@ import torch
 
 from d3kernels import PRESETS, DepthSchedule, LlamaD3
 from d3kernels.eval import load_prompts
-from d3kernels.stats import backfill_layer_bytes
 from perf.gpu_report import PROMPT_LEN
 from perf.provenance import run_info, write_report
 from perf.report import timed
@@ -174,7 +173,7 @@ def measure_batch(model: LlamaD3, prompts, n: int, schedule: DepthSchedule, reps
         "tokens_equal": eager.tokens == deferred.tokens,
         "eager_backfill_bytes": eager.stats.backfill_bytes,
         "deferred_backfill_bytes": deferred.stats.backfill_bytes,
-        "backfill_layer_bytes": backfill_layer_bytes(model.config, model.embed.element_size()),
+        "backfill_layer_bytes": model.weight_bytes.backfill_layer,
         "cache_rows": cache.batch_size, "cache_slots": cache.seq_len,
         "kv_cache_bytes": cache.kv_bytes, "stash_bytes": cache.stash_bytes,
         "stash_runs": 0 if cache.stash is None else cache.stash.shape[0],

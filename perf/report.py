@@ -105,7 +105,7 @@ def main(argv=None) -> dict:
     per_token = {name: statistics.median(v) for name, v in samples.items()}
     stats = model.generate([ids], n, schedule, stop_tokens=()).stats
     full_step = step_bytes(model.config, model.config.num_layers, [len(ids) + n // 2],
-                           model.embed.element_size())  # batch 1, the mean context
+                           model.weight_bytes)  # batch 1, the mean context
     bandwidth = copy_bandwidth(device)
     full_tps = 1 / per_token["LlamaD3 full depth"]
     d3_tps = 1 / per_token["LlamaD3 D³"]

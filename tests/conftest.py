@@ -43,18 +43,19 @@ def hf_smollm2_tokenizer(smollm2_gguf_path):
 
 @pytest.fixture(scope="session")
 def smollm2_f32(smollm2_gguf_path):
-    """LlamaD3 on the real SmolLM2 weights, float32."""
+    """LlamaD3 on the real SmolLM2 weights dequantized to float32."""
     from d3kernels import LlamaD3
 
-    return LlamaD3.from_pretrained(smollm2_gguf_path, dtype=torch.float32)
+    return LlamaD3.from_pretrained(smollm2_gguf_path, dtype=torch.float32, quantize=None)
 
 
 @pytest.fixture(scope="session")
 def smollm2_f64(smollm2_gguf_path):
-    """LlamaD3 on the real SmolLM2 weights, float64: for exact comparisons with the oracle."""
+    """LlamaD3 on the real SmolLM2 weights dequantized to float64: for exact comparisons with
+    the oracle."""
     from d3kernels import LlamaD3
 
-    return LlamaD3.from_pretrained(smollm2_gguf_path, dtype=torch.float64)
+    return LlamaD3.from_pretrained(smollm2_gguf_path, dtype=torch.float64, quantize=None)
 
 
 @pytest.fixture(scope="session")

@@ -80,18 +80,24 @@ def test_auto_dtype_on_cuda(bf16, want, monkeypatch):
     assert cli.auto_dtype("cuda:0")[0] == want
 
 
-@pytest.mark.parametrize("flag, want", [([], torch.bfloat16),
-                                        (["--dtype", "float32"], torch.float32)])
+@pytest.mark.parametrize("flag, want", [
+    ([], (torch.bfloat16, "auto", None)),
+    (["--dtype", "float32"], (torch.float32, "auto", None)),
+    (["--quantize", "none"], (torch.bfloat16, None, None)),
+    (["--quantize", "int4", "--group-size", "64"], (torch.bfloat16, "int4", 64))])
 def test_cli_loads_with_the_auto_or_the_named_dtype(flag, want, monkeypatch, capsys):
+    """By default the checkpoint's own quantization with bf16 activations (the fast path on an
+    AVX512_BF16 CPU); --dtype, --quantize and --group-size choose others."""
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": True},
                         raising=False)
     seen = []
 
-    def from_pretrained(source, dtype, device):
-        seen.append(dtype)
+    def from_pretrained(source, dtype, device, quantize, group_size):
+        seen.append((dtype, quantize, group_size))
         raise ValueError("stop before loading")
 
     monkeypatch.setattr(cli.LlamaD3, "from_pretrained", from_pretrained)
     assert cli.main(["generate", "x", *flag]) == 2
     assert seen == [want]
+    want = want[0]
     assert f"in {str(want).removeprefix('torch.')} on cpu" in capsys.readouterr().err

@@ -1,7 +1,12 @@
-"""llama.cpp GGUF checkpoints (architecture "llama"): config, dequantized weights and tokenizer."""
+"""llama.cpp GGUF checkpoints (architecture "llama"): config, weights and tokenizer.
+
+Q4_0, Q4_1 and Q8_0 tensors can stay quantized (d3kernels.quant); other quantized types are
+dequantized to float32, with a warning naming them.
+"""
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +16,7 @@ from gguf.quants import dequantize
 
 from d3kernels.config import LlamaConfig
 from d3kernels.model import hf_weight_shapes
+from d3kernels.quant import GGUF_NATIVE, QuantizedWeight, from_gguf
 from d3kernels.tokenizer import Tokenizer
 
 
@@ -187,13 +193,16 @@ def _config_from_fields(fields: dict, tensor_names: set[str], rope_freqs: np.nda
     )
 
 
-def load_gguf(path: str | Path) -> tuple[LlamaConfig, dict[str, torch.Tensor], Tokenizer]:
+def load_gguf(path: str | Path, keep_quantized: bool = False
+              ) -> tuple[LlamaConfig, dict[str, torch.Tensor | QuantizedWeight], Tokenizer]:
     """Load a llama.cpp GGUF of a Llama-architecture model.
 
     Returns ``(config, weights, tokenizer)``; ``weights`` maps Hugging Face Llama names to
     contiguous float32 CPU tensors shaped [out_features, in_features] (norms [hidden]), with q/k
     rows in HF's rotate-half RoPE order. ``lm_head.weight`` is present only when the file has
-    an untied output matrix. Quantized tensors are dequantized.
+    an untied output matrix. keep_quantized: Q4_0/Q4_1/Q8_0 matrices come back as
+    :class:`~d3kernels.quant.QuantizedWeight` holding the file's own values and scales (rows
+    reordered as above); other quantized types, and everything when False, are dequantized.
     """
     path = Path(path)
     if not path.is_file():
@@ -216,21 +225,34 @@ def load_gguf(path: str | Path) -> tuple[LlamaConfig, dict[str, torch.Tensor], T
                                  None if rope_freqs is None else np.asarray(rope_freqs.data),
                                  vocab_size, tokenizer, path)
 
-    weights: dict[str, torch.Tensor] = {}
+    weights: dict[str, torch.Tensor | QuantizedWeight] = {}
+    dequantized: dict[str, int] = {}  # quantized types this loader dequantizes -> tensor count
     for name, tensor in tensors.items():
         hf_name = _hf_name(name)
         if hf_name is None:
             continue
-        w = dequantize(tensor.data, tensor.tensor_type)
+        kind = tensor.tensor_type.name
+        native = keep_quantized and kind in GGUF_NATIVE and len(tensor.shape) == 2
+        # raw block rows for a kept tensor (a row permutation moves whole rows of blocks)
+        w = tensor.data if native else dequantize(tensor.data, tensor.tensor_type)
         if hf_name.endswith("q_proj.weight"):
             w = _unpermute_rope_rows(w, config.num_heads)
         elif hf_name.endswith("k_proj.weight"):
             w = _unpermute_rope_rows(w, config.num_kv_heads)
+        if native:
+            weights[hf_name] = from_gguf(w, kind, (int(tensor.shape[1]), int(tensor.shape[0])))
+            continue
+        if kind not in ("F32", "F16", "BF16", "F64"):
+            dequantized[kind] = dequantized.get(kind, 0) + 1
         # Unquantized tensors come back as read-only views of the file mapping: copy those.
         w = np.ascontiguousarray(w, dtype=np.float32)
         if not w.flags.writeable:
             w = w.copy()
         weights[hf_name] = torch.from_numpy(w)
+    if keep_quantized and dequantized:
+        kinds = ", ".join(f"{k} ({n} tensors)" for k, n in sorted(dequantized.items()))
+        warnings.warn(f"{path.name}: {kinds} dequantized to float at load: d3kernels keeps "
+                      f"{', '.join(sorted(GGUF_NATIVE))} quantized, not these", stacklevel=2)
 
     expected = hf_weight_shapes(config)
     missing = sorted(set(expected) - set(weights))

@@ -5,7 +5,9 @@ the tile's best (value, index) pair — greedy, or Gumbel-max sampling with the 
 logit — or, for top-k sampling, the tile's top-k pairs. Phase 2 (a few rows per program) reduces
 those candidates to the token id. Logits are never stored unless ``logits_out`` is given. Top-k
 candidate lists longer than one phase-2 block are first cut down in parallel (grid: row × chunk,
-each chunk to its own top-k), so phase 2 never scans more than _CHUNK candidates.
+each chunk to its own top-k), so phase 2 never scans more than _CHUNK candidates. The vocab
+projection may be weight-only int4/int8 (a QuantizedWeight), dequantized tile by tile in
+registers by the same kernel (d3kernels/ops/_quant.py).
 
 A (value, index) pair travels as one int64 key: the float's bits mapped to an order-preserving
 int32 in the high word, ``0x7FFFFFFF - index`` in the low word. Keys order by value, then by the
@@ -32,8 +34,10 @@ import triton
 import triton.language as tl
 
 from d3kernels.ops._checks import FLOAT_DTYPES, check_launchable, check_rows, check_tensor
+from d3kernels.ops._quant import load_weight_tile, weight_operand
 from d3kernels.ops._tuning import autotune, dot_precision
 from d3kernels.ops.rms_norm import check_eps, load_rows, rms_rstd
+from d3kernels.quant import QuantizedWeight
 
 BLOCK_V = 128  # vocab columns per tile; fixed so the candidates' layout is known before launch
 MAX_TOP_K = 64
@@ -83,19 +87,21 @@ def _store_top(keys, dst, mask, KP: tl.constexpr):
         keys = tl.where(keys == best[:, None], _KEY_MIN, keys)
 
 
-@autotune(_CONFIGS, key=["M_BUCKET", "H", "V"])
+@autotune(_CONFIGS, key=["M_BUCKET", "H", "V", "WFMT", "GROUP"])
 @triton.jit
 def _lm_head_tile_kernel(
-    x_ptr, nw_ptr, w_ptr, rows_ptr, seed_ptr, offset_ptr, logits_ptr, cand_ptr,
+    x_ptr, nw_ptr, w_ptr, ws_ptr, wo_ptr, rows_ptr, seed_ptr, offset_ptr, logits_ptr, cand_ptr,
     R, H, V, eps, inv_temp,
     M_BUCKET,  # read only by the autotuner's key
-    stride_x, stride_w, stride_l, stride_c,
+    stride_x, stride_w, stride_ws, stride_l, stride_c,
     HAS_ROWS: tl.constexpr, WRITE_LOGITS: tl.constexpr, NOISE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, WFMT: tl.constexpr, GROUP: tl.constexpr,
     KP: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Program (vocab tile v, row tile): the KP best keys of each row over the tile at
-    cand[r, v*KP : (v+1)*KP], best first; score = logit, or logit/T + Gumbel noise when NOISE."""
+    cand[r, v*KP : (v+1)*KP], best first; score = logit, or logit/T + Gumbel noise when NOISE.
+    The weight (data w, scales ws, offsets wo; WFMT/GROUP: d3kernels/ops/_quant.py) is
+    dequantized tile by tile to x's dtype before the dot."""
     pid_v = tl.program_id(0)
     r = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     r_mask = r < R
@@ -109,13 +115,13 @@ def _lm_head_tile_kernel(
 
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     c_mask = cols < V
-    w_tile = w_ptr + cols.to(tl.int64)[None, :] * stride_w
     acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_mask = k < H
         h = load_rows(x_row, k, r_mask, k_mask, rstd, nw_ptr, True)
-        wk = tl.load(w_tile + k[:, None], mask=k_mask[:, None] & c_mask[None, :], other=0.0)
+        wk = load_weight_tile(w_ptr, ws_ptr, wo_ptr, k, cols, k_mask[:, None] & c_mask[None, :],
+                              stride_w, stride_ws, GROUP, WFMT).to(h.dtype)
         acc = tl.dot(h, wk, acc, input_precision=DOT_PRECISION)
     if WRITE_LOGITS:
         tl.store(logits_ptr + b[:, None] * stride_l + cols[None, :], acc,
@@ -194,8 +200,8 @@ def lm_head_scratch(rows: int, vocab_size: int, top_k: int | None = None,
                        device=device)
 
 
-def _launch(x, norm_weight, weight, eps, temperature, top_k, seed, offset, rows, logits_out,
-            tokens_out, scratch, positions):
+def _launch(x, norm_weight, weight, w_scale, w_offset, group, wfmt, eps, temperature, top_k,
+            seed, offset, rows, logits_out, tokens_out, scratch, positions):
     M, H = x.shape
     V = weight.shape[0]
     R = M if rows is None else rows.shape[0]
@@ -216,14 +222,14 @@ def _launch(x, norm_weight, weight, eps, temperature, top_k, seed, offset, rows,
     seed, offset = (seed, offset) if sample else (cand, cand)
     grid = lambda meta: (tiles, triton.cdiv(R, meta["BLOCK_M"]))  # noqa: E731
     _lm_head_tile_kernel[grid](
-        x, norm_weight, weight, rows_arg, seed, offset,
+        x, norm_weight, weight, w_scale, w_offset, rows_arg, seed, offset,
         cand if logits_out is None else logits_out, cand,
         R, H, V, eps, inv_temp, min(triton.next_power_of_2(R), 64),
-        x.stride(0), weight.stride(0), 0 if logits_out is None else logits_out.stride(0),
-        cand.stride(0),
+        x.stride(0), weight.stride(0), w_scale.stride(0),
+        0 if logits_out is None else logits_out.stride(0), cand.stride(0),
         HAS_ROWS=rows is not None, WRITE_LOGITS=logits_out is not None,
-        NOISE=sample and not top_k, DOT_PRECISION=dot_precision(x.dtype), KP=kp,
-        BLOCK_V=BLOCK_V,
+        NOISE=sample and not top_k, DOT_PRECISION=dot_precision(x.dtype), WFMT=wfmt,
+        GROUP=group, KP=kp, BLOCK_V=BLOCK_V,
     )
     n_cand = cand.shape[1]
     for level in levels[1:]:
@@ -244,19 +250,20 @@ def _launch(x, norm_weight, weight, eps, temperature, top_k, seed, offset, rows,
 
 @torch.library.custom_op("d3kernels::lm_head",
                          mutates_args=("logits_out", "tokens_out", "scratch", "positions"))
-def _lm_head_op(x: torch.Tensor, norm_weight: torch.Tensor, weight: torch.Tensor, eps: float,
+def _lm_head_op(x: torch.Tensor, norm_weight: torch.Tensor, weight: torch.Tensor,
+                w_scale: torch.Tensor, w_offset: torch.Tensor, group: int, wfmt: int, eps: float,
                 temperature: float, top_k: int, seed: Optional[torch.Tensor],
                 offset: Optional[torch.Tensor],
                 rows: Optional[torch.Tensor], logits_out: Optional[torch.Tensor],
                 tokens_out: torch.Tensor, scratch: Optional[torch.Tensor],
                 positions: Optional[torch.Tensor]) -> None:
-    _launch(x, norm_weight, weight, eps, temperature, top_k, seed, offset, rows, logits_out,
-            tokens_out, scratch, positions)
+    _launch(x, norm_weight, weight, w_scale, w_offset, group, wfmt, eps, temperature, top_k,
+            seed, offset, rows, logits_out, tokens_out, scratch, positions)
 
 
 @_lm_head_op.register_fake
-def _(x, norm_weight, weight, eps, temperature, top_k, seed, offset, rows, logits_out,
-      tokens_out, scratch, positions):
+def _(x, norm_weight, weight, w_scale, w_offset, group, wfmt, eps, temperature, top_k, seed,
+      offset, rows, logits_out, tokens_out, scratch, positions):
     return None
 
 
@@ -272,8 +279,9 @@ def _scalar_tensor(name: str, value, device: torch.device) -> torch.Tensor:
     return torch.tensor([value], dtype=torch.int64, device=device)
 
 
-def lm_head(x: torch.Tensor, norm_weight: torch.Tensor, weight: torch.Tensor, eps: float, *,
-            temperature: float = 0.0, top_k: int | None = None, seed=None, offset=0,
+def lm_head(x: torch.Tensor, norm_weight: torch.Tensor, weight: torch.Tensor | QuantizedWeight,
+            eps: float, *, temperature: float = 0.0, top_k: int | None = None, seed=None,
+            offset=0,
             rows: torch.Tensor | None = None, logits_out: torch.Tensor | None = None,
             tokens_out: torch.Tensor | None = None, scratch: torch.Tensor | None = None,
             positions: torch.Tensor | None = None) -> torch.Tensor:
@@ -282,7 +290,8 @@ def lm_head(x: torch.Tensor, norm_weight: torch.Tensor, weight: torch.Tensor, ep
     Args:
         x: [M, H] fp32/fp16/bf16, last hidden states (before the final norm).
         norm_weight: [H], x's dtype, the final norm's weight.
-        weight: [V, H], x's dtype, the vocab projection (any V, e.g. 128256).
+        weight: [V, H], the vocab projection (any V, e.g. 128256): a float tensor of x's
+            dtype, or a QuantizedWeight (int4/int8, dequantized tile by tile in registers).
         eps: RMSNorm epsilon.
         temperature: 0 for greedy (argmax; ties go to the smallest index, as torch.argmax);
             > 0 samples softmax(logits / temperature) by Gumbel-max.
@@ -313,9 +322,8 @@ def lm_head(x: torch.Tensor, norm_weight: torch.Tensor, weight: torch.Tensor, ep
     M, H = x.shape
     dev, dt = x.device, x.dtype
     check_tensor("norm_weight", norm_weight, shape=(H,), dtype=dt, device=dev)
-    check_tensor("weight", weight, ndim=2, dtype=dt, device=dev)
-    check_tensor("weight", weight, shape=(None, H))
-    V = weight.shape[0]
+    w = weight_operand("weight", weight, (None, H), dt, dev)
+    V = w.data.shape[0]
     if V == 0:
         raise ValueError("weight must have at least one vocab row")
     check_eps(eps)
@@ -349,6 +357,7 @@ def lm_head(x: torch.Tensor, norm_weight: torch.Tensor, weight: torch.Tensor, ep
     else:  # greedy reads neither, and must not copy them to the device (graph capture)
         seed = offset = None
     check_launchable(x)
-    _lm_head_op(x, norm_weight, weight, float(eps), float(temperature), top_k or 0, seed, offset,
-                rows, logits_out, tokens_out, scratch, positions)
+    _lm_head_op(x, norm_weight, w.data, w.scale, w.offset, w.group, w.wfmt, float(eps),
+                float(temperature), top_k or 0, seed, offset, rows, logits_out, tokens_out,
+                scratch, positions)
     return tokens_out

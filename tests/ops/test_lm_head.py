@@ -4,18 +4,34 @@ import torch
 
 import reference
 from d3kernels.ops import lm_head as lm_head_module
+from d3kernels.ops._quant import weight_operand
 from d3kernels.ops._tuning import only_config
 from d3kernels.ops.lm_head import _lm_head_tile_kernel, lm_head, lm_head_scratch
-from tests.ops.conftest import CUDA, DEVICE, DTYPES, assert_close, gpu, poisoned, randn
+from d3kernels.quant import QuantizedWeight, quantize
+from tests.ops.conftest import (CUDA, DEVICE, DTYPES, assert_close, gpu, poisoned, rand_quantized,
+                                randn)
 
 EPS = 1e-5
 
 
-def _inputs(M, H, V, dtype, scale=1.0):
+def _activations(M, H, dtype):
     x = randn(M, H, dtype=dtype, scale=3.0)
     norm = (torch.rand(H, dtype=torch.float64) + 0.5).to(dtype=dtype, device=DEVICE)
-    w = randn(V, H, dtype=dtype, scale=scale * H ** -0.5)
-    return x, norm, w
+    return x, norm
+
+
+def _inputs(M, H, V, dtype, scale=1.0):
+    return *_activations(M, H, dtype), randn(V, H, dtype=dtype, scale=scale * H ** -0.5)
+
+
+def _inputs_and_ref(M, H, V, dtype, fmt=None, group_size=32, scale=1.0):
+    """x, norm, the weight [V, H] (float, or a QuantizedWeight in ``fmt``) and the weight the
+    reference multiplies by (the same, or the float64 dequantization)."""
+    if fmt is None:
+        x, norm, w = _inputs(M, H, V, dtype, scale)
+        return x, norm, w, w
+    w, w_ref = rand_quantized(V, H, fmt=fmt, group_size=group_size, scale=scale * H ** -0.5)
+    return *_activations(M, H, dtype), w, w_ref
 
 
 def _ref_logits(x, norm, w):
@@ -65,23 +81,67 @@ def test_lm_head_greedy_and_logits(M, H, V, rows, dtype):
                        tokens[active.to(DEVICE)])
 
 
+@pytest.mark.parametrize("fmt", [None, "int4"])
 @pytest.mark.parametrize("index", range(len(_lm_head_tile_kernel.all_configs)))
 @pytest.mark.skipif(CUDA, reason="an interpreter sweep: on a GPU each config costs a compile")
-def test_lm_head_every_config(index):
+def test_lm_head_every_config(index, fmt):
     """Each config the GPU autotuner may pick: fp32 logits and greedy tokens of two active rows;
-    H = 136 gives every BLOCK_K a ragged last block, V = 200 a ragged second vocab tile."""
-    M, H, V = 3, 136, 200
+    H = 136 (int4: 160, 5 groups of 32) gives every BLOCK_K a ragged last block, V = 200 a
+    ragged second vocab tile."""
+    M, H, V = 3, 136 if fmt is None else 160, 200
     torch.manual_seed(800 + index)
-    x, norm, w = _inputs(M, H, V, torch.float32)
+    x, norm, w, w_ref = _inputs_and_ref(M, H, V, torch.float32, fmt)
     rows = torch.tensor([2, 0], dtype=torch.int32, device=DEVICE)
     logits = poisoned((M, V), torch.float32)
     with only_config(_lm_head_tile_kernel, _lm_head_tile_kernel.all_configs[index]):
         tokens = lm_head(x, norm, w, EPS, rows=rows, logits_out=logits)
     active = rows.long()
-    ref = _ref_logits(x, norm, w)[active.cpu()]
+    ref = _ref_logits(x, norm, w_ref)[active.cpu()]
     assert_close(logits[active], ref, torch.float32)
     _assert_greedy(tokens[active], logits[active], ref)
     assert logits[1].isnan().all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("fmt, G, M, H, V, rows", [
+    ("int4", 32, 3, 96, 300, None),             # 3 groups a row; V: a ragged third tile
+    ("int4", 128, 6, 256, 1000, [5, -1, 1, 3]),  # 2 groups a row; -1: a padding slot
+    ("int8", 32, 5, 160, 1000, [4, 0, -1]),      # 5 groups, ragged against BLOCK_K 128
+    ("int8", 200, 4, 200, 700, None),            # per-row scale (G = K), H not a power of two
+])
+def test_lm_head_quantized_greedy_and_logits(fmt, G, M, H, V, rows, dtype):
+    """A QuantizedWeight: logits and greedy tokens against the reference on its float64
+    dequantization; rows= subsets leave other rows' outputs and positions untouched."""
+    torch.manual_seed(M * 11 + V + G + (dtype == torch.float16))
+    x, norm, w, w_ref = _inputs_and_ref(M, H, V, dtype, fmt, G)
+    ref = _ref_logits(x, norm, w_ref)
+    logits = poisoned((M, V), torch.float32)
+    tokens = torch.full((M,), -1, dtype=torch.int64, device=DEVICE)
+    positions = torch.arange(M, dtype=torch.int32, device=DEVICE) * 10
+    rows_t = None if rows is None else torch.tensor(rows, dtype=torch.int32, device=DEVICE)
+    lm_head(x, norm, w, EPS, rows=rows_t, logits_out=logits, tokens_out=tokens,
+            positions=positions)
+    active = [b for b in (range(M) if rows is None else rows) if b >= 0]
+    idle = [b for b in range(M) if b not in active]
+    assert_close(logits[active], ref[active], dtype)
+    _assert_greedy(tokens[active], logits[active], ref[active])
+    assert logits[idle].isnan().all() and (tokens[idle] == -1).all()
+    assert positions.tolist() == [10 * b + (b in active) for b in range(M)]
+
+
+@pytest.mark.parametrize("fmt, G", [("int4", 32), ("int8", 32)])
+def test_lm_head_quantized_sampling_stays_in_top_k(fmt, G):
+    """Sampling a QuantizedWeight: top_k = 1 is greedy, top-k draws lie in the top k of the
+    reference logits on the dequantized weight, and the draws are not all one token."""
+    torch.manual_seed(12)
+    x, norm, w, w_ref = _inputs_and_ref(17, 64, 500, torch.float32, fmt, G, scale=0.3)
+    ref = _ref_logits(x, norm, w_ref)
+    greedy = lm_head(x, norm, w, EPS)
+    assert torch.equal(_sample(x, norm, w, top_k=1, seed=5, offset=0), greedy)
+    top = ref.topk(5, dim=1).indices
+    tokens = _sample(x, norm, w, top_k=5, seed=6, offset=0).cpu()
+    assert (top == tokens[:, None]).any(dim=1).all()
+    assert len(set(tokens.tolist())) > 1
 
 
 def test_lm_head_greedy_ties_pick_the_smallest_index():
@@ -125,15 +185,17 @@ def _frequencies(x, norm, w, calls, **kw):
     return counts / (M * calls)
 
 
-@pytest.mark.parametrize("top_k, draws, tol", [(None, 4000, 0.03), (5, 2000, 0.04)])
-def test_lm_head_sampling_distribution(top_k, draws, tol):
+@pytest.mark.parametrize("top_k, draws, tol, fmt", [
+    (None, 4000, 0.03, None), (5, 2000, 0.04, None), (None, 4000, 0.03, "int4")])
+def test_lm_head_sampling_distribution(top_k, draws, tol, fmt):
     """Draws of one row's token over V = 40 match softmax(logits / T) (renormalized over the
-    top_k); tol is over 3.5 standard deviations of a frequency."""
+    top_k); tol is over 3.5 standard deviations of a frequency. fmt: the weight quantized
+    (G = 32), the reference logits from its dequantization."""
     torch.manual_seed(3)
     temperature = 0.8
-    x1, norm, w = _inputs(1, 32, 40, torch.float32, scale=1.5)
+    x1, norm, w, w_ref = _inputs_and_ref(1, 32, 40, torch.float32, fmt, scale=1.5)
     x = x1.expand(draws // 10, 32).contiguous()  # rows x 10 offsets, all independent noise
-    ref = _ref_logits(x1, norm, w)[0] / temperature
+    ref = _ref_logits(x1, norm, w_ref)[0] / temperature
     if top_k is not None:
         ref = ref.masked_fill(ref < ref.topk(top_k).values[-1], float("-inf"))
     probs = ref.softmax(dim=0)
@@ -201,21 +263,27 @@ def test_lm_head_scratch_and_positions(monkeypatch, temperature, top_k):
     (dict(rows=torch.tensor([0], dtype=torch.int64)), "rows"),
     (dict(scratch=torch.zeros(1, dtype=torch.int64)), "scratch"),  # 2 rows need 2
     (dict(positions=torch.zeros(2, dtype=torch.int64)), "positions"),
+    (dict(weight=quantize(torch.randn(50, 64), "int8", 32)), "weight"),  # H = 32 wanted
+    (dict(weight=quantize(torch.randn(2, 50, 32), "int4", 32)), "weight"),  # a stack
 ])
 def test_lm_head_bad_input(change, name):
     kwargs = dict(x=randn(2, 32), norm_weight=torch.ones(32, device=DEVICE),
                   weight=randn(50, 32), eps=EPS)
-    kwargs.update({k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v
+    kwargs.update({k: v.to(DEVICE) if isinstance(v, (torch.Tensor, QuantizedWeight)) else v
                    for k, v in change.items()})
     with pytest.raises(ValueError, match=name):
         lm_head(**kwargs)
 
 
-@pytest.mark.parametrize("temperature, top_k, with_logits", [(0.0, 0, True), (1.0, 4, False)])
-def test_lm_head_opcheck(temperature, top_k, with_logits):
+@pytest.mark.parametrize("temperature, top_k, with_logits, fmt", [
+    (0.0, 0, True, None), (1.0, 4, False, None), (0.0, 0, True, "int4"), (1.0, 4, False, "int8")])
+def test_lm_head_opcheck(temperature, top_k, with_logits, fmt):
     x, norm, w = _inputs(2, 32, 300, torch.float32)
+    # the op's weight arguments: data, scale, offset, group, format
+    weight = weight_operand("weight", w if fmt is None else quantize(w, fmt, 32), (None, 32),
+                            torch.float32, DEVICE)
     one = torch.ones(1, dtype=torch.int64, device=DEVICE)
-    args = (x, norm, w, EPS, temperature, top_k, one, one,
+    args = (x, norm, *weight, EPS, temperature, top_k, one, one,
             torch.tensor([1], dtype=torch.int32, device=DEVICE),
             torch.empty(2, 300, device=DEVICE) if with_logits else None,
             torch.empty(2, dtype=torch.int64, device=DEVICE),
@@ -240,6 +308,29 @@ def test_lm_head_llama_vocab_bf16(V, M):
     top = ref.topk(50, dim=1).indices
     sampled = lm_head(x, norm, w, EPS, temperature=1.0, top_k=50, seed=1).cpu()
     assert (top == sampled[:, None]).any(dim=1).all()
+
+
+@gpu
+@pytest.mark.parametrize("fmt, G, V, H, M", [
+    ("int8", 32, 49152, 576, 1),  # SmolLM2's LM head as its GGUF ships it (Q8_0)
+    ("int8", 32, 49152, 576, 32),
+    ("int4", 32, 49152, 576, 8),
+    ("int4", 128, 32000, 4096, 8),  # Llama-2-7B's (making each 4096-wide weight takes seconds)
+    ("int8", 4096, 32000, 4096, 1),  # a scale per row
+])
+def test_lm_head_quantized_bf16(fmt, G, V, H, M):
+    torch.manual_seed(V + M + G)
+    x, norm, w, w_ref = _inputs_and_ref(M, H, V, torch.bfloat16, fmt, G)
+    ref = _ref_logits(x, norm, w_ref)
+    logits = poisoned((M, V), torch.float32)
+    tokens = lm_head(x, norm, w, EPS, logits_out=logits)
+    assert_close(logits, ref, torch.bfloat16)
+    _assert_greedy(tokens, logits, ref)
+    # a top-50 draw: in the reference's top 50 up to twice the kernel's logit error (bf16 logits
+    # can swap neighbours of the 50th)
+    sampled = lm_head(x, norm, w, EPS, temperature=1.0, top_k=50, seed=1).cpu()
+    tol = 2 * (logits.cpu().double() - ref).abs().max().item()
+    assert (ref.gather(1, sampled[:, None])[:, 0] >= ref.topk(50, dim=1).values[:, -1] - tol).all()
 
 
 @gpu

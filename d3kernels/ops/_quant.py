@@ -24,7 +24,7 @@ WFMT_FLOAT, WFMT_INT8, WFMT_INT4 = 0, 1, 2
 class WeightOperand(NamedTuple):
     """What a kernel takes for one weight: data (float [..., N, K] | int8 [..., N, K] | uint8
     [..., N, K/2]), scale and offset (float16 [..., N, K/G], or data itself as an unread
-    placeholder), the group size G (K for a float weight: unused) and the WFMT constexpr."""
+    placeholder), the group size G (1 for a float weight: unused) and the WFMT constexpr."""
 
     data: torch.Tensor
     scale: torch.Tensor
@@ -54,7 +54,7 @@ def weight_operand(name: str, w, shape: tuple, dtype: torch.dtype,
         return WeightOperand(w.data, w.scale, w.offset if w.offset is not None else w.scale,
                              w.group_size, fmt)
     check_tensor(name, w, shape=shape, dtype=dtype, device=device)
-    return WeightOperand(w, w, w, w.shape[-1], WFMT_FLOAT)
+    return WeightOperand(w, w, w, 1, WFMT_FLOAT)  # one GROUP for every float K: one compile
 
 
 @triton.jit

@@ -69,14 +69,19 @@ def load_weight_tile(w_ptr, s_ptr, o_ptr, offs_k, offs_n, mask, stride_w, stride
     """
     n = offs_n[None, :].to(tl.int64)
     k = offs_k[:, None]
+    # One return: Triton compiles the statements after an early return too, and a 16-bit float
+    # tile and the fp32 dequantized one would be a return type mismatch.
     if WFMT == 0:
-        return tl.load(w_ptr + n * stride_w + k, mask=mask, other=0.0)
-    g = k // GROUP
-    scale = tl.load(s_ptr + n * stride_s + g, mask=mask, other=0.0).to(tl.float32)
-    if WFMT == 1:
-        q = tl.load(w_ptr + n * stride_w + k, mask=mask, other=0).to(tl.float32)
-        return q * scale
-    byte = tl.load(w_ptr + n * stride_w + k // 2, mask=mask, other=0).to(tl.int32)
-    u = (byte >> ((k & 1) * 4)) & 15
-    offset = tl.load(o_ptr + n * stride_s + g, mask=mask, other=0.0).to(tl.float32)
-    return u.to(tl.float32) * scale + offset
+        tile = tl.load(w_ptr + n * stride_w + k, mask=mask, other=0.0)
+    else:
+        g = k // GROUP
+        scale = tl.load(s_ptr + n * stride_s + g, mask=mask, other=0.0).to(tl.float32)
+        if WFMT == 1:
+            q = tl.load(w_ptr + n * stride_w + k, mask=mask, other=0).to(tl.float32)
+            tile = q * scale
+        else:
+            byte = tl.load(w_ptr + n * stride_w + k // 2, mask=mask, other=0).to(tl.int32)
+            u = (byte >> ((k & 1) * 4)) & 15
+            offset = tl.load(o_ptr + n * stride_s + g, mask=mask, other=0.0).to(tl.float32)
+            tile = u.to(tl.float32) * scale + offset
+    return tile

@@ -149,22 +149,35 @@ class QuantizedWeight:
     def prepare_torch(self, dtype: torch.dtype) -> str:
         """Make the form torch's own weight-only kernel takes for activations of ``dtype`` on
         this device, once (kept beside the format; see resident_bytes). Returns which path
-        :meth:`linear` will take: "int4pack" (CPU, N % 16 == 0), "int8pack" (G == K),
-        "int8pack-grouped" (CPU, one int8 kernel call per group, summed in float32), or
-        "dequantize" (float64 activations, CUDA int4, and shapes the kernels refuse: the
-        weight is dequantized to ``dtype`` at each call)."""
+        :meth:`linear` will take: "int4pack" (CPU, N % 16 == 0), "int4pack-cuda" (bf16,
+        N % 8 == 0, K % 128 == 0), "int8pack" (G == K; on CUDA bf16 only), "int8pack-grouped"
+        (CPU, one int8 kernel call per group, summed in float32), or "dequantize" (float64
+        activations, and shapes or dtypes the kernels refuse: the weight is dequantized to
+        ``dtype`` at each call). The CUDA paths are not yet run on a GPU (no GPU session
+        since they were written): tests/test_quant.py::test_gpu_torch_linear_paths checks
+        them where CUDA exists."""
         N, K = self.shape[-2:]
         cpu, dense = self.device.type == "cpu", dtype != torch.float64
-        if self.fmt == "int4" and cpu and dense and N % 16 == 0 and self.group_size in (
-                32, 64, 128, 256):
-            u = self.values().to(torch.int32).reshape(-1, N, K)
-            packed = torch.stack([torch.ops.aten._convert_weight_to_int4pack_for_cpu(m, 1)
-                                  for m in u]).reshape(*self.shape[:-2], N, K // 2)
+        int4_group = self.group_size in (32, 64, 128, 256)
+        cuda_int4 = (self.device.type == "cuda" and dtype == torch.bfloat16 and N % 8 == 0
+                     and K % 128 == 0)
+        if self.fmt == "int4" and int4_group and (cpu and dense and N % 16 == 0 or cuda_int4):
+            u = self.values().reshape(-1, N, K)
+            if cpu:
+                packed = [torch.ops.aten._convert_weight_to_int4pack_for_cpu(m, 1)
+                          for m in u.to(torch.int32)]
+            else:  # the CUDA kernel's input: uint8 [N, K/2], even k in the high nibble
+                packed = [torch.ops.aten._convert_weight_to_int4pack(m, 8)
+                          for m in (u[..., 0::2] << 4) | u[..., 1::2]]
+            packed = torch.stack(packed)
+            packed = packed.reshape(*self.shape[:-2], *packed.shape[1:])
             # torch's int4 kernels take w = (u − 8)·scale + zero: zero = offset + 8·scale
             zero = self.offset.float() + 8 * self.scale.float()
             sz = torch.stack([self.scale.float(), zero], dim=-1).transpose(-3, -2)
-            self._torch = ("int4pack", (packed, sz.to(dtype).contiguous()), dtype)
-        elif self.fmt == "int8" and dense and self.group_size == K:
+            self._torch = ("int4pack" if cpu else "int4pack-cuda",
+                           (packed, sz.to(dtype).contiguous()), dtype)
+        elif self.fmt == "int8" and self.group_size == K and (cpu and dense
+                                                              or dtype == torch.bfloat16):
             self._torch = ("int8pack", (self.data, self.scale[..., 0].to(dtype)), dtype)
         elif self.fmt == "int8" and cpu and dense:
             # [..., K/G, N, G]: each group's [N, G] block contiguous for the kernel
@@ -190,6 +203,8 @@ class QuantizedWeight:
             x2 = x2.contiguous()
         if kind == "int4pack":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, a, self.group_size, b)
+        elif kind == "int4pack-cuda":
+            y = torch.ops.aten._weight_int4pack_mm(x2, a, self.group_size, b)
         elif kind == "int8pack":
             y = torch.ops.aten._weight_int8pack_mm(x2, a, b)
         else:

@@ -120,6 +120,23 @@ def test_torch_linear_paths(fmt, group, dtype, path):
     assert rel_err(sliced.linear(x), x.double() @ ref_dequantize(qw[1, 32:]).T) <= TOL[dtype]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("fmt, group, path", [("int4", 128, "int4pack-cuda"),
+                                              ("int4", 32, "int4pack-cuda"),
+                                              ("int8", None, "int8pack")])
+def test_gpu_torch_linear_paths(fmt, group, path):
+    """torch's CUDA weight-only kernels (bf16 activations) on our formats, per layer of a
+    stack, against the float64 reference."""
+    g = torch.Generator().manual_seed(3)
+    qw = quant.quantize(torch.randn(2, 256, 512, generator=g) / 16, fmt, group).to("cuda")
+    assert qw.prepare_torch(torch.bfloat16) == path
+    x = torch.randn(5, 512, generator=g, dtype=torch.float64)
+    for j in range(2):
+        ref = x @ ref_dequantize(qw[j]).cpu().T
+        got = qw[j].linear(x.to("cuda", torch.bfloat16))
+        assert rel_err(got, ref) <= TOL[torch.bfloat16]
+
+
 # ---- whole models -----------------------------------------------------------------------------
 
 def oracle_logits(model, ids):

@@ -6,6 +6,7 @@ cover bf16, realistic shapes and CUDA-graph replay.
 import pytest
 import torch
 
+import reference
 from d3kernels import PRESETS, DepthSchedule, LlamaD3
 from d3kernels.sampling import Sampling
 from tests.ops.conftest import CUDA, DEVICE, TOL, gpu, rel_err
@@ -212,3 +213,91 @@ def test_gpu_engine_graphs_equal_ungraphed():
         assert outs[0][0] == outs[1][0]
         rows_graphs = [k for k in models[0]._triton._graphs if k[0] == "rows"]
         assert 0 < len(rows_graphs) < outs[0][1]
+
+
+@pytest.fixture(scope="module", params=[("int4", 32), ("int8", None)], ids=["int4", "int8"])
+def tiny_quantized(request):
+    """The same quantized weights on both backends (fp32 activations)."""
+    fmt, group = request.param
+    torch_model = LlamaD3.random("tiny", dtype=torch.float32, seed=TINY_SEED, quantize=fmt,
+                                 group_size=group, backend="torch")
+    triton_model = LlamaD3(torch_model.config, torch_model.state_dict(), dtype=torch.float32,
+                           device=DEVICE, backend="triton")
+    return triton_model, torch_model
+
+
+def test_quantized_d3_tokens_match_oracle_and_torch_backend(tiny_quantized):
+    """Every projection kernel on int4/int8 weights (dequantized in registers): D³ tokens of a
+    ragged batch == the torch backend on the same weights == the oracle on the dequantized
+    weights; after a flush (the KV backfill on quantized K/V rows) the caches agree."""
+    model, torch_model = tiny_quantized
+    assert model.weight_format == torch_model.weight_format != "float32"
+    s = DepthSchedule(alpha=0.75, head=2, tail=1)
+    prompts = [torch.randint(0, 512, (n,)).tolist() for n in (11, 4)]
+    out = model.generate(prompts, 7, s, stop_tokens=())
+    assert out.tokens == torch_model.generate(prompts, 7, s, stop_tokens=()).tokens
+    weights = model.dequantized_state_dict()
+    tokens, depths = reference.d3_generate(weights, model.config, prompts[0], 7, alpha=0.75,
+                                           head=2, tail=1, order="lower")
+    assert out.depths[0] == depths and min(depths) < 8 and out.tokens[0] == tokens
+    steps = [torch.randint(0, 512, (3,)).tolist() for _ in prompts]
+    k, v = _teacher_forced_cache(model, prompts, steps, s)
+    k_ref, v_ref = _teacher_forced_cache(torch_model, prompts, steps, s)
+    for r, n in enumerate(len(p) + 3 for p in prompts):
+        assert rel_err(k[:, r, :, :n], k_ref[:, r, :, :n]) <= TOL[torch.float32]
+        assert rel_err(v[:, r, :, :n], v_ref[:, r, :, :n]) <= TOL[torch.float32]
+
+
+def test_quantized_engine_equals_torch_backend(tiny_quantized):
+    """decode_rows (rows=, -1 padded tables) on quantized weights: the engine's tokens for
+    requests at different depths equal the torch backend's."""
+    from d3kernels import Engine
+
+    work = [(torch.randint(0, 512, (n,)).tolist(), k, DepthSchedule(alpha=0.8, head=1, tail=1,
+                                                                    order=o))
+            for n, k, o in ((9, 5, "lower"), (4, 6, "upper"), (6, 3, "lower"))]
+    outs = []
+    for model in tiny_quantized:
+        engine = Engine(model, max_batch=2, max_seq_len=32, stop_tokens=())
+        reqs = [engine.submit(p, k, s) for p, k, s in work]
+        list(engine.run())
+        outs.append([r.tokens for r in reqs])
+    assert outs[0] == outs[1]
+
+
+def test_quantized_decode_step_launch_budget(tiny_quantized):
+    """Quantized weights change the kernels' compiled format, not the step: 5 launches per
+    kept layer + 3, as test_decode_step_launch_budget counts for float weights."""
+    from d3kernels.ops._launches import count_launches
+
+    model, L = tiny_quantized[0], tiny_quantized[0].config.num_layers
+    s = DepthSchedule(alpha=0.6, head=2, tail=1)
+    kept = s.kept_layers(s.depth(3, L), L)
+    cache = model.new_cache(1, 24)
+    with torch.inference_mode():
+        nxt = model.prefill(torch.tensor([[5, 6, 7]], device=DEVICE), [3], cache, Sampling())
+        nxt = model.decode_step(nxt, [3], kept, cache, Sampling())
+        with count_launches() as launches:
+            model.decode_step(nxt, [4], kept, cache, Sampling())
+    assert sum(launches.values()) == 5 * len(kept) + 3
+
+
+@gpu
+@pytest.mark.parametrize("fmt, group", [("int4", 128), ("int8", None)])
+def test_gpu_quantized_triton_matches_torch_backend(fmt, group):
+    """bf16 activations on int4/int8 weights at Llama-2-7B layer shapes, 4 layers: the KV cache
+    of the triton backend vs the torch backend in fp32 on the same quantized weights."""
+    torch.manual_seed(0)
+    config = PRESETS["llama-2-7b"].replace(num_layers=4)
+    triton_model = LlamaD3.random(config, dtype=torch.bfloat16, device="cuda", backend="triton",
+                                  max_seq_len=512, quantize=fmt, group_size=group)
+    torch_model = LlamaD3(config, triton_model.state_dict(), dtype=torch.float32, device="cuda",
+                          backend="torch", max_seq_len=512)
+    s = DepthSchedule(alpha=0.8, head=1, tail=1)
+    prompts = [torch.randint(0, config.vocab_size, (n,)).tolist() for n in (37, 100)]
+    steps = [torch.randint(0, config.vocab_size, (5,)).tolist() for _ in prompts]
+    k, v = _teacher_forced_cache(triton_model, prompts, steps, s)
+    k_ref, v_ref = _teacher_forced_cache(torch_model, prompts, steps, s)
+    for r, n in enumerate(len(p) + 5 for p in prompts):
+        assert rel_err(k[:, r, :, :n], k_ref[:, r, :, :n]) <= TOL[torch.bfloat16]
+        assert rel_err(v[:, r, :, :n], v_ref[:, r, :, :n]) <= TOL[torch.bfloat16]

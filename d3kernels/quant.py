@@ -1,21 +1,21 @@
 """Weight-only quantized matrices: the formats, quantizing at load, GGUF blocks, torch matmuls.
 
 One container, :class:`QuantizedWeight`, holds a matrix (or a stack of them, [..., N, K]) in one
-of two formats; every backend reads the same bytes (docs/design.md §9):
+of two formats; every backend reads the same bytes:
 
 - ``int4``: unsigned 4-bit values u in [0, 15], two per byte: data uint8 [..., N, K/2], element
   k of a row in byte k // 2, the low nibble for even k. Per group of ``group_size`` consecutive
   k: w = u · scale + offset, scale and offset float16 [..., N, K/G]. GGUF Q4_1 (w = d·u + m) is
   this with scale = d, offset = m; Q4_0 (w = d·(u − 8)) with offset = −8d (2 bytes per block
   more than the file); both exactly.
-- ``int8``: signed values q in [−127, 127]: data int8 [..., N, K]; w = q · scale per group,
-  scale float16 [..., N, K/G], no offset. GGUF Q8_0 is this with G = 32; ``quantize="int8"``
+- ``int8``: signed values q (``quantize`` makes [−127, 127]): data int8 [..., N, K];
+  w = q · scale per group, scale float16 [..., N, K/G], no offset. GGUF Q8_0 is this with G = 32; ``quantize="int8"``
   makes one group per row (G = K), the layout torch's int8 kernel takes.
 
 Embeddings and norms stay in float. The torch backend calls torch's weight-only kernels where
 they exist for the device and activation dtype (:meth:`QuantizedWeight.prepare_torch`) and
 dequantizes per call elsewhere; the triton kernels dequantize tiles in registers
-(d3kernels/ops/_quant.py).
+(d3kernels/ops/_quant.py); docs/design.md §9.
 """
 from __future__ import annotations
 

@@ -9,8 +9,9 @@ of two formats; every backend reads the same bytes:
   this with scale = d, offset = m; Q4_0 (w = d·(u − 8)) with offset = −8d (2 bytes per block
   more than the file); both exactly.
 - ``int8``: signed values q (``quantize`` makes [−127, 127]): data int8 [..., N, K];
-  w = q · scale per group, scale float16 [..., N, K/G], no offset. GGUF Q8_0 is this with G = 32; ``quantize="int8"``
-  makes one group per row (G = K), the layout torch's int8 kernel takes.
+  w = q · scale per group, scale float16 [..., N, K/G], no offset. GGUF Q8_0 is this with
+  G = 32; ``quantize="int8"`` makes one group per row (G = K), the layout torch's int8 kernel
+  takes.
 
 Embeddings and norms stay in float. The torch backend calls torch's weight-only kernels where
 they exist for the device and activation dtype (:meth:`QuantizedWeight.prepare_torch`) and

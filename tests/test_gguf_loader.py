@@ -86,8 +86,10 @@ def _llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def _write_tiny_llama(path, cfg: LlamaConfig, weights: dict[str, np.ndarray],
-                      rope_freqs: np.ndarray | None = None) -> None:
-    """A float32 Llama GGUF laid out the way llama.cpp's converter writes one."""
+                      rope_freqs: np.ndarray | None = None,
+                      qtypes: dict[str, str] | None = None) -> None:
+    """A Llama GGUF laid out the way llama.cpp's converter writes one: float32 tensors, or the
+    GGML block type qtypes[name] (e.g. "Q4_1") for the HF-named tensors it lists."""
     writer = gguf.GGUFWriter(path, "llama")
     writer.add_block_count(cfg.num_layers)
     writer.add_context_length(cfg.max_position_embeddings)
@@ -122,7 +124,13 @@ def _write_tiny_llama(path, cfg: LlamaConfig, weights: dict[str, np.ndarray],
                 w = _llama_cpp_permute(w, cfg.num_kv_heads)
         else:
             gguf_name = names[name]
-        writer.add_tensor(gguf_name, np.ascontiguousarray(w, dtype=np.float32))
+        w = np.ascontiguousarray(w, dtype=np.float32)
+        kind = (qtypes or {}).get(name)
+        if kind is None:
+            writer.add_tensor(gguf_name, w)
+        else:
+            qtype = gguf.GGMLQuantizationType[kind]
+            writer.add_tensor(gguf_name, gguf.quants.quantize(w, qtype), raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -150,6 +158,47 @@ def test_tiny_untied_llama_round_trip(tmp_path):
     for name, w in weights.items():
         assert torch.equal(loaded[name], torch.from_numpy(w)), name  # q/k un-permuted exactly
     assert tokenizer.vocab_size == 300
+
+
+def test_quantized_blocks_kept_or_dequantized(tmp_path):
+    """keep_quantized: Q4_0, Q4_1 and Q8_0 come back as QuantizedWeight holding the file's
+    blocks (Q/K rows un-permuted like float rows), equal to the dequantizing load; another
+    block type (Q5_0) is dequantized with a warning naming it; a model built from the kept
+    weights gives the float-loaded model's logits."""
+    import reference
+    from d3kernels import LlamaD3
+    from d3kernels.quant import QuantizedWeight
+
+    cfg = TINY.replace(hidden_size=64, intermediate_size=96, num_heads=4, num_kv_heads=2,
+                       head_dim=16)
+    weights = _random_weights(cfg)
+    qtypes = {"model.layers.0.self_attn.q_proj.weight": "Q4_0",
+              "model.layers.0.self_attn.k_proj.weight": "Q4_1",
+              "model.layers.1.mlp.down_proj.weight": "Q8_0",
+              "model.layers.1.mlp.up_proj.weight": "Q5_0"}
+    path = tmp_path / "mixed.gguf"
+    _write_tiny_llama(path, cfg, weights, qtypes=qtypes)
+    _, floats, _ = load_gguf(path)
+    with pytest.warns(UserWarning, match=r"Q5_0 \(1 tensors\) dequantized"):
+        _, kept, _ = load_gguf(path, keep_quantized=True)
+    for name, kind in qtypes.items():
+        w = kept[name]
+        if kind == "Q5_0":
+            assert torch.equal(w, floats[name])
+            continue
+        assert isinstance(w, QuantizedWeight) and w.source == kind
+        assert torch.equal(w.dequantize(torch.float32), floats[name]), name
+        deq = (reference.dequantize_int4(w.data, w.scale, w.offset, 32) if w.fmt == "int4"
+               else reference.dequantize_int8(w.data, w.scale, 32))
+        assert torch.equal(deq, floats[name].double()), name
+    assert not isinstance(kept["model.layers.0.self_attn.v_proj.weight"], QuantizedWeight)
+    native, dense = (LlamaD3.from_pretrained(path, dtype=torch.float64, quantize=q)
+                     for q in ("auto", None))
+    ids = torch.randint(0, cfg.vocab_size, (1, 7))
+    assert torch.allclose(native.logits(ids), dense.logits(ids), rtol=1e-12, atol=1e-12)
+    # layer 0's Q (Q4_0) and K (Q4_1) sit beside a float V in one stacked w_qkv: dequantized
+    assert any("mixes ['Q4_0', 'Q4_1', 'float']" in note for note in native.load_notes)
+    assert isinstance(native.w_down, torch.Tensor)  # one Q8_0 layer, one float layer
 
 
 def _llama3_factors(theta, head_dim, factor, original, lo=1.0, hi=4.0) -> np.ndarray:

@@ -256,6 +256,16 @@ def _min_depth(text: str):
         raise argparse.ArgumentTypeError(f"--min-depths takes ints or 'none', got {text!r}")
 
 
+def _weight_format(text: str) -> str:
+    from d3kernels.eval import parse_format
+
+    try:
+        parse_format(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e))
+    return text
+
+
 def cmd_eval(args) -> int:
     from pathlib import Path
 
@@ -294,7 +304,7 @@ def cmd_eval(args) -> int:
     results = ev.evaluate(model, prompts, schedules, args.max_new_tokens, held,
                           progress=not args.quiet, chat=not args.raw,
                           timing_repeats=args.timing_repeats,
-                          held_reply_tokens=args.held_reply_tokens)
+                          held_reply_tokens=args.held_reply_tokens, formats=args.formats)
     print(ev.format_table(results))
     out = Path(args.out)
     csv_path = ev.write_csv(results, out / "eval.csv")
@@ -312,7 +322,8 @@ def cmd_eval(args) -> int:
                         and f"ΔNLL <= {args.max_nll_increase:g}",
                         args.min_agreement is not None
                         and f"exact match >= {args.min_agreement:g}") if b)
-        best = ev.best_under_budget(results, args.max_nll_increase, args.min_agreement)
+        d3 = [r for r in results if r.weights is None]
+        best = ev.best_under_budget(d3, args.max_nll_increase, args.min_agreement)
         if best is None:
             print(f"-- no schedule meets the budget ({budget})")
         else:
@@ -320,6 +331,16 @@ def cmd_eval(args) -> int:
                   f"{best.realized_speedup:.2f}x realized, work ratio {best.work_ratio:.2f}x, "
                   f"exact match {best.exact_match:.2f}, ΔNLL {best.delta_nll:+.3f}")
             print(f"-- schedule: {json.dumps(best.schedule.to_dict())}")
+        formats = [r for r in results if r.weights is not None]
+        best = ev.best_under_budget(formats, args.max_nll_increase, args.min_agreement) \
+            if formats else None
+        if formats and best is None:
+            print(f"-- no weight format meets the budget ({budget})")
+        elif best is not None:
+            print(f"-- best weights under budget ({budget}): {best.weights}: "
+                  f"{best.realized_speedup:.2f}x the float weights' decode speed, work ratio "
+                  f"{best.work_ratio:.2f}x, exact match {best.exact_match:.2f}, ΔNLL "
+                  f"{best.delta_nll:+.3f}")
     return 0
 
 
@@ -357,6 +378,15 @@ def _add_eval_args(e: argparse.ArgumentParser) -> None:
     d.add_argument("--out", default="eval_out", metavar="DIR",
                    help="where eval.csv and eval.png go (default: %(default)s)")
     d.add_argument("--quiet", action="store_true", help="no progress bar")
+    w = e.add_argument_group("weight formats (rows beside the schedules')")
+    w.add_argument("--formats", type=_weight_format, nargs="+", default=None,
+                   metavar="FORMAT",
+                   help="also evaluate these weight formats at full depth, against the float "
+                        "weights (quantize=None) in --dtype: auto (the checkpoint's own), none "
+                        "(float), int8 (per row), int4 (group 128 where it divides every K, else "
+                        "the largest that does), int8:G / int4:G (G = 32, 64, 128); int8/int4 "
+                        "quantize the float weights. The schedules run on --quantize's weights "
+                        "(default: no format rows)")
     b = e.add_argument_group("quality budget: print the fastest schedule within it")
     b.add_argument("--max-nll-increase", type=float, default=None,
                    help="largest ΔNLL (nats/token) vs full depth")

@@ -24,6 +24,16 @@ prompt:
   each prompt alone (batch 1), full depth then D³ back to back, within the same run;
   realized = D³ decode tokens/s over full-depth decode tokens/s.
 
+Weight formats (``formats=``, issue 13 §2): extra rows, each the model's checkpoint in another
+weight format at full depth (:func:`with_weights`), compared with the *float* weights (the
+model's dequantization, ``quantize=None``, in the same activation dtype) at full depth rather
+than with the model's own full depth: ``exact_match``/``first_divergence`` of its greedy
+replies vs the float weights'; ``nll`` of the float weights' replies under the format's model
+(``full_nll``: under the float weights; so ΔNLL is what the format loses predicting them);
+``held_ppl`` of the held text at full depth; ``work_ratio`` = float bytes / the format's bytes
+per step; ``realized_speedup`` = its decode tokens/s over the float weights', timed back to back.
+Their ``weights`` names the format (None on the D³ rows).
+
 Nothing here is fetched: the default prompt set and held text ship in ``d3kernels/data``.
 """
 from __future__ import annotations
@@ -38,6 +48,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from d3kernels import quant
+from d3kernels.model import LlamaD3
 from d3kernels.schedule import DepthSchedule
 
 DATA_DIR = Path(__file__).parent / "data"
@@ -47,6 +59,8 @@ CSV_FIELDS = ("alpha", "start", "min_depth", "head", "tail", "order", "exact_mat
               "mean_first_divergence", "nll", "full_nll", "delta_nll", "held_ppl",
               "full_held_ppl", "layer_ratio", "work_ratio", "decode_tokens_per_s",
               "full_decode_tokens_per_s", "realized_speedup", "mean_new_tokens")
+# Weight formats to evaluate (see with_weights); "int4:32" etc. also name a group size.
+FORMAT_NAMES = ("auto", "none", "int8", "int4")
 
 
 # ---- data ---------------------------------------------------------------------------------------
@@ -132,11 +146,52 @@ def _reply_nll(logits: torch.Tensor, ids: list[int], prefix_len: int) -> torch.T
     return F.cross_entropy(pred, targets, reduction="none").double().cpu()
 
 
+# ---- weight formats -----------------------------------------------------------------------------
+
+def parse_format(spec: str) -> tuple[str | None, int | None]:
+    """A weight format as (quantize, group_size) for :func:`with_weights`: "auto", "none",
+    "int8", "int4", or "int8:G" / "int4:G" with a group size G in 32, 64, 128."""
+    name, colon, group = str(spec).partition(":")
+    ok = name in FORMAT_NAMES and (not colon or name in quant.FORMATS and group.isdigit()
+                                   and int(group) in quant.GROUP_SIZES)
+    if not ok:
+        raise ValueError(f"weight format must be one of {', '.join(FORMAT_NAMES)}, or int8:G / "
+                         f"int4:G with G in {quant.GROUP_SIZES}; got {spec!r}")
+    return (None if name == "none" else name), (int(group) if group else None)
+
+
+def with_weights(model: LlamaD3, quantize: str | None, group_size: int | None = None) -> LlamaD3:
+    """The model with its weights in another format (same checkpoint, activation dtype, device,
+    backend, tokenizer and backfill): "auto" is the model itself, None its float weights (a
+    quantized model's dequantization), "int8"/"int4" those float weights quantized at load.
+    A float model in bf16/fp16 is quantized from its weights as rounded to that dtype.
+
+    int4 without a group size: quant's default (128) where it divides every projection's K,
+    else the largest of 32, 64, 128 that does (64 on SmolLM2, hidden 576)."""
+    if quantize == "auto":
+        return model
+    cfg = model.config
+    if quantize == "int4" and group_size is None:
+        ks = (cfg.hidden_size, cfg.q_size, cfg.intermediate_size)
+        fits = [g for g in (quant.DEFAULT_INT4_GROUP, *sorted(quant.GROUP_SIZES, reverse=True))
+                if all(k % g == 0 for k in ks)]
+        group_size = fits[0] if fits else quant.DEFAULT_INT4_GROUP  # none: the model says why
+    # float64 for a float64 model, else float32 (what QuantizedWeight.dequantize computes in)
+    work = torch.float64 if model.dtype == torch.float64 else torch.float32
+    return LlamaD3(cfg, model.dequantized_state_dict(work), tokenizer=model.tokenizer,
+                   dtype=model.dtype, device=model.device, backend=model.backend,
+                   max_seq_len=model.max_seq_len, backfill=model.backfill,
+                   backfill_timing=model.backfill_timing, quantize=quantize,
+                   group_size=group_size)
+
+
 # ---- results ------------------------------------------------------------------------------------
 
 @dataclass
 class ScheduleResult:
-    """One schedule's metrics (see the module docstring); ``tokens`` are its greedy outputs."""
+    """One schedule's metrics (see the module docstring); ``tokens`` are its greedy outputs.
+    ``weights``: None for a D³ schedule row (the model's own weights, against its full depth);
+    a weight-format row's format (e.g. ``"int4 g64"``, full depth, against the float weights)."""
 
     schedule: DepthSchedule
     exact_match: float
@@ -152,6 +207,12 @@ class ScheduleResult:
     mean_new_tokens: float
     tokens: list[list[int]] = field(default_factory=list, repr=False)
     full_lengths: list[int] = field(default_factory=list, repr=False)
+    weights: str | None = None
+
+    @property
+    def label(self) -> str:
+        """The schedule (:func:`describe`), or a weight-format row's format."""
+        return describe(self.schedule) if self.weights is None else f"weights {self.weights}"
 
     @property
     def delta_nll(self) -> float:
@@ -171,13 +232,16 @@ class ScheduleResult:
         return sum(vals) / len(vals) if vals else float("nan")
 
     def row(self) -> dict:
-        """The CSV row: schedule fields then metrics (None and NaN as empty cells)."""
+        """The CSV row: schedule fields then metrics (None and NaN as empty cells), then
+        ``weights`` on a weight-format row."""
         s = self.schedule
         order = s.order if isinstance(s.order, str) else ",".join(map(str, s.order))
         row = {"alpha": s.alpha, "start": s.start, "min_depth": s.min_depth, "head": s.head,
                "tail": s.tail, "order": order}
         for name in CSV_FIELDS[6:]:
             row[name] = getattr(self, name)
+        if self.weights is not None:
+            row["weights"] = self.weights
         return {k: ("" if v is None or (isinstance(v, float) and math.isnan(v)) else v)
                 for k, v in row.items()}
 
@@ -256,22 +320,22 @@ def _held_ids(model, held_text, chat: bool) -> tuple[list[int], int] | None:
     return ids, 1
 
 
-def _timed(model, prompts: list[list[int]], n: int, schedule, kwargs: dict, repeats: int):
-    """Each prompt alone, stop tokens off, full depth and D³ timed back to back (so a load
-    spike on the machine hits both), the fastest of ``repeats`` kept per prompt. Returns
-    (full, d3): each (decode tokens, decode seconds, steps, layers run, full bytes, D³ bytes)
-    summed over prompts."""
-    def run(p, sched):
-        s = model.generate([p], n, sched, temperature=0.0, stop_tokens=(), **kwargs).stats
+def _timed(runs, prompts: list[list[int]], n: int, kwargs: dict, repeats: int):
+    """Each prompt alone, stop tokens off, the runs ((model, schedule) pairs: full depth and
+    D³, or the float weights and a weight format) timed back to back (so a load spike on the
+    machine hits both), the fastest of ``repeats`` kept per prompt. Returns, per run, (decode
+    tokens, decode seconds, steps, layers run, full bytes, D³ bytes) summed over prompts."""
+    def run(p, m, sched):
+        s = m.generate([p], n, sched, temperature=0.0, stop_tokens=(), **kwargs).stats
         return (s.decode_tokens, s.decode_seconds, s.decode_steps, s.layers_run, s.full_bytes,
                 s.d3_bytes)
 
-    totals = ([0, 0.0, 0, 0, 0, 0], [0, 0.0, 0, 0, 0, 0])
+    totals = [[0, 0.0, 0, 0, 0, 0] for _ in runs]
     for p in prompts:
-        best = [None, None]
+        best = [None] * len(runs)
         for _ in range(repeats):
-            for k, sched in enumerate((None, schedule)):
-                r = run(p, sched)
+            for k, (m, sched) in enumerate(runs):
+                r = run(p, m, sched)
                 if best[k] is None or r[1] < best[k][1]:
                     best[k] = r
         for tot, r in zip(totals, best):
@@ -280,10 +344,18 @@ def _timed(model, prompts: list[list[int]], n: int, schedule, kwargs: dict, repe
     return totals
 
 
+def _divergence(outputs: list[list[int]], reference: list[list[int]]) -> list[int | None]:
+    """Per prompt, the index of the first token where output and reference differ (where the
+    shorter ends, for a prefix); None where they are equal."""
+    return [None if a == b else next((i for i, (x, y) in enumerate(zip(a, b)) if x != y),
+                                     min(len(a), len(b)))
+            for a, b in zip(outputs, reference)]
+
+
 def evaluate(model, prompts, schedules, max_new_tokens: int = 32, held_text=None, *,
              progress: bool = True, chat: bool = True,
              timing_repeats: int = 1, held_reply_tokens: int | None = None,
-             generate_kwargs: dict | None = None) -> list[ScheduleResult]:
+             generate_kwargs: dict | None = None, formats=None) -> list[ScheduleResult]:
     """Measure each schedule against full depth on ``prompts`` (module docstring for the metrics).
 
     prompts: strings (chat-templated when ``chat`` and the tokenizer has a template) or token-id
@@ -296,7 +368,11 @@ def evaluate(model, prompts, schedules, max_new_tokens: int = 32, held_text=None
     timing_repeats: timed runs of each prompt per schedule; the fastest is kept.
     progress: a tqdm bar on stderr. generate_kwargs: more arguments for every ``generate`` call
     (e.g. a backfill mode; within one reply it changes speed, never tokens: design.md §2).
-    Returns one ScheduleResult per schedule, in order.
+    formats: weight formats (:func:`parse_format` strings: "auto", "none", "int8", "int4",
+    "int4:32", ...) to evaluate after the schedules, each at full depth against the float
+    weights (module docstring); every format's model is built before any decoding, so a bad
+    one fails first. None: no weight rows.
+    Returns one ScheduleResult per schedule, in order, then one per format.
     """
     kw = dict(generate_kwargs or {})
     fixed = {"temperature", "top_k", "top_p", "seed", "stop_tokens", "stream"} & set(kw)
@@ -321,40 +397,45 @@ def evaluate(model, prompts, schedules, max_new_tokens: int = 32, held_text=None
                          f"{held_reply_tokens!r}")
     if held_reply_tokens is None:
         held_reply_tokens = max_new_tokens
+    specs = [parse_format(f) for f in dict.fromkeys(formats or ())]
     ids = _prompt_ids(model, prompts, chat)
     held = _held_ids(model, held_text, chat)
+    float_model = with_weights(model, None) if specs else None
+    variants = [float_model if spec == (None, None) else with_weights(model, *spec)
+                for spec in specs]
     from tqdm.auto import tqdm
 
     def log(msg):
         if progress:
             tqdm.write(f"d3kernels eval: {msg}", file=sys.stderr)
 
-    nll_cache: dict[tuple, torch.Tensor] = {}
+    nll_cache: dict[tuple, torch.Tensor] = {}  # the models all live until evaluate returns
 
-    def output_nll(outputs: list[list[int]]) -> float:
+    def output_nll(m, outputs: list[list[int]]) -> float:
+        """Mean NLL per token of the outputs under model m."""
         total, count = 0.0, 0
         for p, gen in zip(ids, outputs):
-            key = (tuple(p), tuple(gen))
+            key = (id(m), tuple(p), tuple(gen))
             if key not in nll_cache:
-                logits = model.logits(torch.tensor([p + gen]))[0]
+                logits = m.logits(torch.tensor([p + gen]))[0]
                 nll_cache[key] = _reply_nll(logits, p + gen, len(p))
             total += float(nll_cache[key].sum())
             count += len(gen)
         return total / count
 
-    def held_ppl(schedule) -> float | None:
+    def held_ppl(m, schedule) -> float | None:
         if held is None:
             return None
         seq, prefix = held
         keep = None if schedule is None or schedule.is_full_depth \
             else reply_keep(schedule, L, prefix, len(seq), held_reply_tokens)
-        logits = masked_logits(model, torch.tensor([seq]), keep)[0]
+        logits = masked_logits(m, torch.tensor([seq]), keep)[0]
         return math.exp(float(_reply_nll(logits, seq, prefix).mean()))
 
     log(f"full-depth baseline on {len(ids)} prompts, {max_new_tokens} new tokens each")
     full = model.generate(ids, max_new_tokens, None, temperature=0.0, **kw)
-    full_nll = output_nll(full.tokens)
-    full_held = held_ppl(None)
+    full_nll = output_nll(model, full.tokens)
+    full_held = held_ppl(model, None)
     # Warm-up: neither timed run pays first-call costs (allocation, compilation, graphs).
     model.generate([ids[0]], 2, None, stop_tokens=(), **kw)
     for s in schedules:
@@ -366,22 +447,17 @@ def evaluate(model, prompts, schedules, max_new_tokens: int = 32, held_text=None
     for s in bar:
         bar.set_postfix_str(describe(s))
         out = model.generate(ids, max_new_tokens, s, temperature=0.0, **kw)
-        divergence = []
-        for a, b in zip(out.tokens, full.tokens):
-            if a == b:
-                divergence.append(None)
-            else:
-                divergence.append(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y),
-                                       min(len(a), len(b))))
-        best_full, best_d3 = _timed(model, ids, max_new_tokens, s, kw, timing_repeats)
+        divergence = _divergence(out.tokens, full.tokens)
+        best_full, best_d3 = _timed(((model, None), (model, s)), ids, max_new_tokens, kw,
+                                    timing_repeats)
         tokens, seconds, steps, layers, full_bytes, d3_bytes = best_d3
         results.append(ScheduleResult(
             schedule=s,
             exact_match=sum(d is None for d in divergence) / len(ids),
             first_divergence=divergence,
-            nll=output_nll(out.tokens),
+            nll=output_nll(model, out.tokens),
             full_nll=full_nll,
-            held_ppl=held_ppl(s),
+            held_ppl=held_ppl(model, s),
             full_held_ppl=full_held,
             layer_ratio=L * steps / layers if layers else 1.0,
             work_ratio=full_bytes / d3_bytes if d3_bytes else 1.0,
@@ -392,6 +468,38 @@ def evaluate(model, prompts, schedules, max_new_tokens: int = 32, held_text=None
             full_lengths=[len(t) for t in full.tokens],
         ))
     bar.close()
+    if not variants:
+        return results
+
+    log(f"weight formats {', '.join(v.weight_format for v in variants)} at full depth, against "
+        f"the {float_model.weight_format} weights")
+    base = float_model.generate(ids, max_new_tokens, None, temperature=0.0, **kw)
+    base_nll = output_nll(float_model, base.tokens)
+    base_held = held_ppl(float_model, None)
+    for m in {id(v): v for v in (float_model, *variants)}.values():  # warm-up, as above
+        m.generate([ids[0]], 2, None, stop_tokens=(), **kw)
+    for m in variants:
+        out = m.generate(ids, max_new_tokens, None, temperature=0.0, **kw)
+        divergence = _divergence(out.tokens, base.tokens)
+        best_base, best = _timed(((float_model, None), (m, None)), ids, max_new_tokens, kw,
+                                 timing_repeats)
+        results.append(ScheduleResult(
+            schedule=DepthSchedule.full(),
+            exact_match=sum(d is None for d in divergence) / len(ids),
+            first_divergence=divergence,
+            nll=output_nll(m, base.tokens),  # the float weights' replies, scored by m
+            full_nll=base_nll,
+            held_ppl=held_ppl(m, None),
+            full_held_ppl=base_held,
+            layer_ratio=1.0,
+            work_ratio=best_base[5] / best[5],  # bytes per full-depth step: float / format
+            decode_tokens_per_s=best[0] / best[1] if best[1] else 0.0,
+            full_decode_tokens_per_s=best_base[0] / best_base[1] if best_base[1] else 0.0,
+            mean_new_tokens=sum(map(len, out.tokens)) / len(ids),
+            tokens=out.tokens,
+            full_lengths=[len(t) for t in base.tokens],
+            weights=m.weight_format,
+        ))
     return results
 
 
@@ -401,9 +509,13 @@ def best_under_budget(results: list[ScheduleResult], max_nll_increase: float | N
                       min_agreement: float | None = None) -> ScheduleResult | None:
     """The fastest result (realized speedup, then work ratio) whose delta_nll <= max_nll_increase
     and exact_match >= min_agreement (each budget only when given; at least one is needed).
-    None when no result meets the budget."""
+    None when no result meets the budget. The results must be of one kind, D³ schedule rows or
+    weight-format rows: their speedups are against different baselines."""
     if max_nll_increase is None and min_agreement is None:
         raise ValueError("best_under_budget: give max_nll_increase, min_agreement or both")
+    if len({r.weights is None for r in results}) > 1:
+        raise ValueError("best_under_budget: pass D³ schedule rows or weight-format rows, not "
+                         "both (their speedups are against different baselines)")
     ok = [r for r in results
           if (max_nll_increase is None or r.delta_nll <= max_nll_increase)
           and (min_agreement is None or r.exact_match >= min_agreement)]
@@ -428,11 +540,13 @@ def pareto_front(results: list[ScheduleResult], quality: str = "delta_nll") -> l
 
 
 def write_csv(results: list[ScheduleResult], path: str | Path) -> Path:
-    """One row per schedule: alpha, start, min_depth, head, tail, order, then the metrics."""
+    """One row per result: alpha, start, min_depth, head, tail, order, then the metrics; when
+    there are weight-format rows, a last column ``weights`` (empty on the D³ rows)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    fields = CSV_FIELDS + (("weights",) if any(r.weights for r in results) else ())
     with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         for r in results:
             w.writerow(r.row())
@@ -441,7 +555,8 @@ def write_csv(results: list[ScheduleResult], path: str | Path) -> Path:
 
 def plot(results: list[ScheduleResult], path: str | Path, title: str | None = None) -> Path:
     """A PNG: ΔNLL and exact-match rate against realized speedup, one point per schedule, the
-    Pareto front of each drawn as a line. Needs matplotlib (``pip install d3kernels[plot]``)."""
+    Pareto front of each drawn as a line; weight-format rows (against the float weights) as
+    green squares off the front. Needs matplotlib (``pip install d3kernels[plot]``)."""
     try:
         import matplotlib
     except ImportError as e:
@@ -451,16 +566,24 @@ def plot(results: list[ScheduleResult], path: str | Path, title: str | None = No
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    d3 = [r for r in results if r.weights is None]
+    formats = [r for r in results if r.weights is not None]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for ax, (quality, label) in zip(axes, (("delta_nll", "ΔNLL vs full depth (nats/token)"),
                                            ("exact_match", "exact match with full depth"))):
-        xs = [r.realized_speedup for r in results]
-        ys = [getattr(r, quality) for r in results]
-        ax.scatter(xs, ys, color="tab:blue", zorder=2)
-        for r, x, y in zip(results, xs, ys):
-            ax.annotate(describe(r.schedule), (x, y), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
-        front = pareto_front(results, quality)
+        for rows, style in ((d3, dict(color="tab:blue")),
+                            (formats, dict(color="tab:green", marker="s",
+                                           label="weights vs float, full depth"))):
+            if not rows:
+                continue
+            ax.scatter([r.realized_speedup for r in rows], [getattr(r, quality) for r in rows],
+                       zorder=2, **style)
+            for r in rows:
+                ax.annotate(r.label, (r.realized_speedup, getattr(r, quality)), fontsize=7,
+                            xytext=(3, 3), textcoords="offset points")
+        xs = [r.realized_speedup for r in d3]
+        ys = [getattr(r, quality) for r in d3]
+        front = pareto_front(d3, quality)
         ax.plot([xs[i] for i in front], [ys[i] for i in front], color="tab:red", marker="o",
                 markerfacecolor="none", markersize=10, zorder=1, label="Pareto front")
         ax.set_xlabel("realized decode speedup (× full depth)")
@@ -475,14 +598,20 @@ def plot(results: list[ScheduleResult], path: str | Path, title: str | None = No
 
 
 def format_table(results: list[ScheduleResult]) -> str:
-    """A fixed-width table of the main metrics, one line per schedule."""
+    """A fixed-width table of the main metrics, one line per schedule; weight-format rows
+    after them, under a line saying what they are compared with."""
     head = (f"{'schedule':<28} {'match':>5} {'1st div':>7} {'ΔNLL':>7} {'held ppl':>9} "
             f"{'layer':>6} {'work':>6} {'realized':>8}")
     lines = [head, "-" * len(head)]
-    for r in results:
+    d3 = [r for r in results if r.weights is None]
+    formats = [r for r in results if r.weights is not None]
+    for r in d3 + formats:
+        if formats and r is formats[0]:
+            lines.append("-- weight formats at full depth, against the float weights' replies "
+                         "and speed:")
         ppl = "-" if r.held_ppl is None else (f"{r.held_ppl:.2f}" if r.held_ppl < 1e5
                                               else f"{r.held_ppl:.2e}")
-        lines.append(f"{describe(r.schedule):<28} {r.exact_match:5.2f} "
+        lines.append(f"{r.label:<28} {r.exact_match:5.2f} "
                      f"{r.mean_first_divergence:7.1f} {r.delta_nll:+7.3f} {ppl:>9} "
                      f"{r.layer_ratio:5.2f}x {r.work_ratio:5.2f}x {r.realized_speedup:7.2f}x")
     return "\n".join(lines)

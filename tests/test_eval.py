@@ -231,6 +231,164 @@ def test_evaluate_rejects_bad_input(tiny64, prompts):
                     progress=False)
 
 
+# ---- weight formats (issue 13 §2) ---------------------------------------------------------------
+
+FORMATS = ["auto", "none", "int8", "int4:32"]  # the tiny preset's K = 96: int4's 128 does not fit
+
+
+@pytest.fixture(scope="module")
+def format_results(tiny64, prompts, held):
+    return ev.evaluate(tiny64, prompts, [DepthSchedule(alpha=1.0)], N_NEW, held, progress=False,
+                       formats=FORMATS)
+
+
+def _reference_nll(model, prompts, outputs):
+    """Mean NLL per token of outputs after prompts under the float64 oracle on the model's
+    dequantized weights."""
+    nll = []
+    for p, gen in zip(prompts, outputs):
+        logits = reference.llama_forward(model.dequantized_state_dict(), model.config,
+                                         torch.tensor([p + gen]))[0]
+        lp = torch.log_softmax(logits, -1)
+        nll += [-float(lp[len(p) - 1 + k, t]) for k, t in enumerate(gen)]
+    return sum(nll) / len(nll)
+
+
+def test_format_rows_follow_the_schedules(format_results):
+    assert len(format_results) == 1 + len(FORMATS)
+    assert format_results[0].weights is None
+    assert [r.weights for r in format_results[1:]] == ["float64", "float64", "int8 g96",
+                                                       "int4 g32"]
+    assert all(r.schedule.is_full_depth and r.layer_ratio == 1.0 for r in format_results)
+
+
+def test_float_weights_row_is_exactly_the_float_model(format_results, tiny64, prompts, held):
+    """"none" on a float model (and "auto", its own float weights): the same replies, ΔNLL 0."""
+    full = tiny64.generate(prompts, N_NEW, None).tokens
+    for r in format_results[1:3]:
+        assert r.tokens == full and r.exact_match == 1.0
+        assert r.first_divergence == [None] * len(prompts)
+        assert r.delta_nll == 0.0 and r.held_ppl == r.full_held_ppl
+        assert r.work_ratio == 1.0
+        assert r.full_nll == pytest.approx(_reference_nll(tiny64, prompts, full), rel=1e-9)
+        assert r.decode_tokens_per_s > 0 and r.full_decode_tokens_per_s > 0
+
+
+@pytest.mark.parametrize("index, fmt, group", [(3, "int8", None), (4, "int4", 32)])
+def test_quantized_rows_match_independent_computation(format_results, tiny64, prompts, held,
+                                                      index, fmt, group):
+    """A quantized row: the float model's replies scored by the oracle on the quantized
+    model's dequantized weights, its own greedy replies compared with the float model's."""
+    r = format_results[index]
+    q = LlamaD3(tiny64.config, tiny64.state_dict(), dtype=torch.float64, quantize=fmt,
+                group_size=group)
+    assert r.weights == q.weight_format
+    full = tiny64.generate(prompts, N_NEW, None).tokens
+    assert r.full_nll == pytest.approx(_reference_nll(tiny64, prompts, full), rel=1e-9)
+    assert r.nll == pytest.approx(_reference_nll(q, prompts, full), rel=1e-9)
+    out = q.generate(prompts, N_NEW, None).tokens
+    assert r.tokens == out
+    div = [None if a == b else next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+           for a, b in zip(out, full)]
+    assert r.first_divergence == div
+    assert r.exact_match == sum(d is None for d in div) / len(div)
+    held_nll = nll_of(q, held[:1], held[1:])
+    assert r.held_ppl == pytest.approx(math.exp(sum(held_nll) / len(held_nll)), rel=1e-9)
+    assert r.full_held_ppl == format_results[1].held_ppl
+    # bytes per full-depth step: float64 weights over the format's
+    assert r.work_ratio == pytest.approx(tiny64.weight_bytes.layer / q.weight_bytes.layer,
+                                         rel=0.1)
+
+
+def test_quantized_rows_lose_a_little_and_int4_more(format_results):
+    int8, int4 = format_results[3], format_results[4]
+    assert math.isfinite(int8.delta_nll) and 0 < abs(int8.delta_nll) < 0.05
+    assert math.isfinite(int4.delta_nll) and int4.delta_nll != int8.delta_nll
+    assert int4.work_ratio > int8.work_ratio > 1.0
+
+
+def test_with_weights(tiny64):
+    assert ev.with_weights(tiny64, "auto") is tiny64
+    int4 = ev.with_weights(LlamaD3.random("tiny", seed=1), "int4")
+    assert int4.weight_format == "int4 g32"  # 128 and 64 do not divide K = 96
+    assert int4.dtype == torch.float32 and int4.backend == tiny64.backend
+    q = ev.with_weights(ev.with_weights(tiny64, "int8", 32), None)  # dequantize a quantized one
+    assert q.weight_format == "float64"
+    with pytest.raises(ValueError, match="group_size 64"):
+        ev.with_weights(tiny64, "int4", 64)
+
+
+@pytest.mark.parametrize("spec, want", [("auto", ("auto", None)), ("none", (None, None)),
+                                        ("int8", ("int8", None)), ("int4:32", ("int4", 32)),
+                                        ("int8:128", ("int8", 128))])
+def test_parse_format(spec, want):
+    assert ev.parse_format(spec) == want
+
+
+@pytest.mark.parametrize("spec", ["int3", "float32", "none:32", "auto:64", "int4:48", "int4:",
+                                  "int8:x", ""])
+def test_parse_format_rejects(spec):
+    with pytest.raises(ValueError, match="weight format must be one of"):
+        ev.parse_format(spec)
+
+
+def test_evaluate_rejects_bad_formats_before_decoding(tiny64, prompts, monkeypatch):
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded before rejecting the format")
+
+    monkeypatch.setattr(tiny64, "generate", no_decoding)
+    with pytest.raises(ValueError, match="weight format"):
+        ev.evaluate(tiny64, prompts, [SKIPPY], 4, progress=False, formats=["int8", "int3"])
+    with pytest.raises(ValueError, match="group_size 128"):
+        ev.evaluate(tiny64, prompts, [SKIPPY], 4, progress=False, formats=["int4:128"])
+
+
+def test_format_rows_in_csv_table_and_budget(results, format_results, tmp_path):
+    rows = list(csv.DictReader(ev.write_csv(format_results, tmp_path / "f.csv").open()))
+    assert list(rows[0]) == [*ev.CSV_FIELDS, "weights"]
+    assert [row["weights"] for row in rows] == ["", "float64", "float64", "int8 g96", "int4 g32"]
+    assert float(rows[4]["delta_nll"]) == pytest.approx(format_results[4].delta_nll)
+    table = ev.format_table(format_results).splitlines()
+    assert len(table) == 2 + 1 + len(format_results)
+    assert table[3].startswith("-- weight formats") and table[6].startswith("weights int8 g96")
+    with pytest.raises(ValueError, match="not both"):
+        ev.best_under_budget(format_results, min_agreement=0.0)
+    best = ev.best_under_budget(format_results[1:], max_nll_increase=10.0)
+    assert best.weights is not None
+    # no formats: no weights column or lines (today's output)
+    rows = list(csv.DictReader(ev.write_csv(results, tmp_path / "d3.csv").open()))
+    assert list(rows[0]) == list(ev.CSV_FIELDS)
+    assert "weights" not in ev.format_table(results)
+    pytest.importorskip("matplotlib")
+    png = ev.plot(format_results, tmp_path / "f.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("formats", [None, ["none", "int8"]])
+def test_cli_eval_formats_plumbing(formats, tiny64, prompts, held, tmp_path, monkeypatch,
+                                   capsys):
+    """The eval subcommand on the tiny model (ids for prompts and held text): --formats adds
+    the weight rows to the table, CSV and budget lines; without it the output is today's."""
+    from d3kernels import cli
+
+    monkeypatch.setattr(cli, "_load", lambda args: tiny64)
+    monkeypatch.setattr(ev, "load_prompts", lambda path=None: prompts)
+    monkeypatch.setattr(ev, "load_held_text", lambda path=None: held)
+    argv = ["eval", "--alphas", "1", "0.8", "--heads", "1", "--tails", "1", "--max-new-tokens",
+            "6", "--out", str(tmp_path), "--quiet", "--max-nll-increase", "10"]
+    assert cli.main(argv + (["--formats", *formats] if formats else [])) == 0
+    out = capsys.readouterr().out
+    rows = list(csv.DictReader((tmp_path / "eval.csv").open()))
+    assert "-- best under budget" in out
+    if formats is None:
+        assert len(rows) == 2 and list(rows[0]) == list(ev.CSV_FIELDS)
+        assert "weights" not in out
+    else:
+        assert [row["weights"] for row in rows] == ["", "", "float64", "int8 g96"]
+        assert "-- weight formats at full depth" in out and "weights int8 g96" in out
+        assert "-- best weights under budget (ΔNLL <= 10): " in out
+
+
 # ---- choosing, writing, plotting ----------------------------------------------------------------
 
 def fake(alpha, match, dnll, speed, work=1.0):
@@ -336,6 +494,8 @@ def test_cli_eval_end_to_end_on_smollm2(smollm2_gguf_path, tmp_path):
     (["--max-new-tokens", "1"], "max-new-tokens"),
     (["--min-agreement", "2"], "min-agreement"),
     (["--prompts", "/no/such/prompts.txt"], "/no/such/prompts.txt"),
+    (["--formats", "int8", "int3"], "--formats"),
+    (["--formats", "int4:48"], "int4:G"),
 ])
 def test_cli_eval_bad_arguments_exit_2_before_loading(args, message, tmp_path):
     r = subprocess.run([sys.executable, "-m", "d3kernels", "eval", *args, "--out", str(tmp_path)],

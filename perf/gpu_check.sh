@@ -6,18 +6,32 @@
 # Stages, in this order, each with a budget in seconds. A stage must end by its deadline (the
 # setup reserve plus its budget and every earlier one's), so time a stage leaves unused goes to
 # the next and no overrun pushes the check past CHECK_SECONDS. It runs under `timeout -s INT`:
-# pytest and the perf scripts stop cleanly on SIGINT and keep what finished (pytest-benchmark
-# still writes its JSON; the autotune winners are still written at exit); KILL GRACE s later.
+# pytest and perf.gpu_report stop cleanly on SIGINT and keep what finished (pytest-benchmark
+# still writes its JSON; the autotune winners are still written at exit; the report writes the
+# rows it measured; backfill_timing and engine_bench write only at their end); KILL GRACE s
+# later. Expected times (estimates: no stage has yet been timed on a GPU with the quantized
+# kernels; cold compile caches, no shipped autotune winners):
 #   tests     GPU correctness, bf16 included: tests/ops and tests/test_triton_backend.py (and
 #             the tuned-config loader on this Triton), on pytest-xdist workers,
 #             D3KERNELS_AUTOTUNE=0 (shipped winners, else the first config: the stage is
-#             compile-bound, and every config has tests of its own)
+#             compile-bound, and every config has tests of its own). ~140 s and more: what
+#             has not run by the deadline is cut.
 #   ops-warm  every per-op benchmark once, untimed, on xdist workers: the torch.compile graphs and
-#             the autotune candidates compile in parallel into the caches the next stage reads
-#   ops       the per-op benchmarks timed, one at a time (Llama-2-7B decode shapes: -m "not extra")
-#   report    python -m perf.gpu_report (end-to-end decode, D³ realized vs work ratio)
-#   backfill  python -m perf.backfill_timing
-#   engine    python -m perf.engine_bench
+#             the autotune candidates (bf16, int4 and int8 weights) compile in parallel into the
+#             caches the next stage reads. ~45 s.
+#   ops       the per-op benchmarks timed, one at a time (Llama-2-7B decode shapes: -m "not
+#             extra"): 71 bf16 ones (ours, eager, torch.compile) and 36 on int4 (group 128) or
+#             int8 (per row) weights against the torch composite on torch's own weight-only
+#             kernels, at batch 1 and 32 (batch 8 is extra). ~110 s: ~45 s for the 23
+#             torch.compile rows, ~1 s per autotuned key (~45 keys), ~0.2 s a measurement.
+#   report    python -m perf.gpu_report (end-to-end decode, D³ realized vs work ratio) with bf16,
+#             int4 and int8 weights, batch 1/8/32, 64 tokens, 2 reps: ~35 s of triton rows
+#             (with model builds and CUDA graph captures), ~35 s of torch eager rows (bf16 and
+#             int4: torch's CUDA int8 kernel computes one output per thread, minutes at batch 32;
+#             the ops stage times it per projection), ~15 s start and copy bandwidth: ~85 s.
+#             No transformers row (~15 s more): `python -m perf.gpu_report` alone has it.
+#   backfill  python -m perf.backfill_timing: ~20 s
+#   engine    python -m perf.engine_bench: ~25 s
 # D3_CHECK_STAGES="ops report" runs only those (a rerun within the same session).
 #
 # Under $OUT (the device tool brings back at most 8 files, 16 MiB each):
@@ -37,7 +51,7 @@ cd "$(dirname "$0")/.."
 
 # SETUP: probes and cache unpacking; GRACE: SIGINT to KILL; FINAL: winners count, cache packing.
 CHECK_SECONDS=480 SETUP=10 GRACE=10 FINAL=25
-STAGES=(tests:140 ops-warm:40 ops:95 report:80 backfill:40 engine:40)  # sum: 435 s
+STAGES=(tests:140 ops-warm:45 ops:110 report:95 backfill:20 engine:25)  # sum: 435 s
 total=$((SETUP + GRACE + FINAL)); for spec in "${STAGES[@]}"; do total=$((total + ${spec#*:})); done
 [ "$total" -le "$CHECK_SECONDS" ] || { echo "stage budgets add up to $total s > $CHECK_SECONDS s"; exit 1; }
 OUT=${OUT:-perf/out}
@@ -146,13 +160,15 @@ stage ops env D3KERNELS_TUNED_OUT="$TUNED_OUT" python3 -m pytest perf/ops -m "no
   --benchmark-only --benchmark-json="$WORK/ops_bench.json" --benchmark-columns=median,iqr,rounds \
   -q -p no:cacheprovider
 if [ -f "$WORK/ops_bench.json" ]; then
-  python3 -m perf.ops.summary "$WORK/ops_bench.json" --out "$WORK/ops_bench.md" \
-    --title "$(head -1 "$WORK/env.txt"); bf16; per call, median of timed rounds" > /dev/null
+  title="$(head -1 "$WORK/env.txt"); bf16 activations; weights bf16 unless the shape names int4"
+  title+=" (group 128) or int8 (a scale per row); per call, median of timed rounds"
+  python3 -m perf.ops.summary "$WORK/ops_bench.json" --out "$WORK/ops_bench.md" --title "$title" \
+    > /dev/null
   pack
 fi
 
 stage report env D3KERNELS_TUNED_OUT="$TUNED_OUT" python3 -m perf.gpu_report --out "$WORK" \
-  --tokens 64 --reps 2
+  --formats bf16 int4 int8 --torch-formats bf16 int4 --no-hf --tokens 64 --reps 2
 
 stage backfill env D3KERNELS_TUNED_OUT="$TUNED_OUT" python3 -m perf.backfill_timing \
   --preset llama-2-7b --device cuda --dtype bfloat16 --batches 1 8 --tokens 32 --reps 2 \

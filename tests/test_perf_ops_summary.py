@@ -14,6 +14,12 @@ DATA = {"benchmarks": [
     _bench("lm_head B=8", "compile", 10.0),
     {"group": "skipped", "name": "test[x]", "extra_info": {"impl": "d3kernels"}},  # no timing
 ]}
+QUANTIZED = {"benchmarks": DATA["benchmarks"] + [
+    _bench("o_proj M=1 int4", "d3kernels", 8.0, torch_path="int4pack-cuda"),
+    _bench("o_proj M=1 int4", "eager", 16.0, torch_path="int4pack-cuda"),
+    _bench("o_proj M=1 int8", "d3kernels", 8.0, torch_path="int8pack"),
+    _bench("o_proj M=1 int8", "eager", 4.0, torch_path="int8pack"),
+]}
 
 
 def test_markdown_rows_speedups_and_verdict():
@@ -28,6 +34,15 @@ def test_markdown_rows_speedups_and_verdict():
     assert "skipped" not in text
     assert lines[-1] == ("d3kernels at least as fast as torch.compile on 1 of 2 shapes; slower "
                          "on: lm_head B=8 (0.83×).")
+
+
+def test_quantized_verdict_against_torchs_own_op():
+    lines = markdown(QUANTIZED).splitlines()
+    assert lines[-2].startswith("d3kernels at least as fast as torch.compile on 1 of 2 shapes")
+    assert lines[-1] == ("Weight-only int4/int8: d3kernels at least as fast as torch's own op "
+                         "(eager) on 1 of 2 shapes; slower on: o_proj M=1 int8 (0.50×, torch "
+                         "int8pack).")
+    assert "Weight-only" not in markdown(DATA)
 
 
 def test_cli_writes_the_table(tmp_path, capsys):

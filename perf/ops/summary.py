@@ -5,7 +5,9 @@
 A row per (shape, implementation) with the per-call figures perf/ops/timing.py put in
 extra_info (time, GB/s and its fraction of the copy bandwidth, TFLOP/s, kernel launches) and, on
 every other implementation's row, how many times faster d3kernels ran that shape. Last, the
-shapes where d3kernels was slower than torch.compile (issue 9's goal: none).
+shapes where d3kernels was slower than torch.compile (issue 9's goal: none) and, for weight-only
+int4/int8 shapes (extra_info ``torch_path``), slower than torch's own weight-only op, the eager
+row (issue 13's goal: none; where torch has no such op it dequantizes per call, and says so).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ def markdown(data: dict, title: str = "") -> str:
     lines = [title, ""] if title else []
     lines += ["| op and shape | impl | µs/call | GB/s (of copy) | TFLOP/s | launches | "
               "d3kernels speedup |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
-    slower = []
+    slower, slower_q, quantized = [], [], 0
     for group, impls in groups.items():
         ours = impls.get(OURS)
         for impl in sorted(impls, key=lambda name: (name != OURS, name)):
@@ -44,6 +46,10 @@ def markdown(data: dict, title: str = "") -> str:
                 speedup = f"{ratio:.2f}×"
                 if impl == "compile" and ratio < 1:
                     slower.append(f"{group} ({ratio:.2f}×)")
+                if impl == "eager" and "torch_path" in info:
+                    quantized += 1
+                    if ratio < 1:
+                        slower_q.append(f"{group} ({ratio:.2f}×, torch {info['torch_path']})")
             lines.append(f"| {group} | {impl} | {info['us']:.1f} | {gbps} | "
                          f"{_cell(info.get('TFLOPs'), '.1f')} | "
                          f"{_cell(info.get('kernel_launches'), 'd')} | {speedup} |")
@@ -51,6 +57,10 @@ def markdown(data: dict, title: str = "") -> str:
     lines += ["", f"d3kernels at least as fast as torch.compile on "
                   f"{compared - len(slower)} of {compared} shapes"
                   + (f"; slower on: {', '.join(slower)}" if slower else "") + "."]
+    if quantized:
+        lines += [f"Weight-only int4/int8: d3kernels at least as fast as torch's own op (eager) "
+                  f"on {quantized - len(slower_q)} of {quantized} shapes"
+                  + (f"; slower on: {', '.join(slower_q)}" if slower_q else "") + "."]
     return "\n".join(lines) + "\n"
 
 

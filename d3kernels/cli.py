@@ -74,7 +74,8 @@ def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
                         "Q8_0 stay quantized), none dequantizes to --dtype, int8/int4 quantize "
                         "a float checkpoint at load (default: %(default)s)")
     g.add_argument("--group-size", type=int, choices=[32, 64, 128], default=None,
-                   help="--quantize int4/int8 group size (default: int4 128, int8 one per row)")
+                   help="--quantize int4/int8 group size (default: int4 the largest that divides "
+                        "every projection's input size, int8 one per row)")
 
 
 def _add_schedule_args(s) -> None:

@@ -164,18 +164,11 @@ def with_weights(model: LlamaD3, quantize: str | None, group_size: int | None = 
     """The model with its weights in another format (same checkpoint, activation dtype, device,
     backend, tokenizer and backfill): "auto" is the model itself, None its float weights (a
     quantized model's dequantization), "int8"/"int4" those float weights quantized at load.
-    A float model in bf16/fp16 is quantized from its weights as rounded to that dtype.
-
-    int4 without a group size: quant's default (128) where it divides every projection's K,
-    else the largest of 32, 64, 128 that does (64 on SmolLM2, hidden 576)."""
+    A float model in bf16/fp16 is quantized from its weights as rounded to that dtype; int4
+    without a group size takes the model's default (LlamaD3: 64 on SmolLM2, hidden 576)."""
     if quantize == "auto":
         return model
     cfg = model.config
-    if quantize == "int4" and group_size is None:
-        ks = (cfg.hidden_size, cfg.q_size, cfg.intermediate_size)
-        fits = [g for g in (quant.DEFAULT_INT4_GROUP, *sorted(quant.GROUP_SIZES, reverse=True))
-                if all(k % g == 0 for k in ks)]
-        group_size = fits[0] if fits else quant.DEFAULT_INT4_GROUP  # none: the model says why
     # float64 for a float64 model, else float32 (what QuantizedWeight.dequantize computes in)
     work = torch.float64 if model.dtype == torch.float64 else torch.float32
     return LlamaD3(cfg, model.dequantized_state_dict(work), tokenizer=model.tokenizer,

@@ -115,8 +115,8 @@ class LlamaD3:
     quantize: ``"auto"`` (default) keeps each weight in the checkpoint's own format (a GGUF's
     Q4_0/Q4_1/Q8_0 stay quantized, floats stay float); ``None`` dequantizes everything to
     ``dtype``; ``"int8"``/``"int4"`` quantize the float projections and LM head at load (int4
-    asymmetric per group of ``group_size``, default 128; int8 symmetric per row, or per group
-    of ``group_size``). Embeddings and norms stay in ``dtype`` (a tied LM head is quantized
+    asymmetric per group of ``group_size``, default the largest of 128, 64, 32 dividing every
+    projection's input size; int8 symmetric per row, or per group of ``group_size``). Embeddings and norms stay in ``dtype`` (a tied LM head is quantized
     beside a float embedding). ``dtype`` is the activations' dtype.
 
     backfill: what a skipped layer leaves in the KV cache (design.md §2). ``"propagate"``
@@ -168,6 +168,10 @@ class LlamaD3:
         self.backfill, self.backfill_timing = self.resolve_backfill(backfill, backfill_timing)
         self.max_seq_len = max_seq_len or min(config.max_position_embeddings, 8192)
 
+        if quantize == "int4" and group_size is None:  # one group size for every projection
+            ks = (config.hidden_size, config.q_size, config.intermediate_size)
+            group_size = next((g for g in sorted(quant.GROUP_SIZES, reverse=True)
+                               if all(k % g == 0 for k in ks)), None)
         if quantize in quant.FORMATS:
             head_name = ("lm_head.weight" if "lm_head.weight" in weights
                          else "model.embed_tokens.weight")

@@ -27,7 +27,6 @@ import torch.nn.functional as F
 FORMATS = ("int4", "int8")
 QUANTIZE = (None, "auto", "int8", "int4")
 GROUP_SIZES = (32, 64, 128)
-DEFAULT_INT4_GROUP = 128
 # GGUF tensor types kept quantized (GGMLQuantizationType values) -> their block size.
 GGUF_NATIVE = {"Q4_0": 32, "Q4_1": 32, "Q8_0": 32}
 
@@ -261,9 +260,10 @@ def can_join(parts: list) -> bool:
 def quantize(w: torch.Tensor, fmt: str, group_size: int | None = None) -> QuantizedWeight:
     """Quantize a float [..., N, K] weight, round to nearest.
 
-    int4: asymmetric per group of ``group_size`` (default 128): scale = (max − min)/15,
-    offset = min, both rounded to float16 first so the values fit the stored scale. int8:
-    symmetric, scale = max|w|/127, per group of ``group_size`` (default: the whole row, K).
+    int4: asymmetric per group of ``group_size`` (default: 128, or the largest of 64 and 32
+    that divides K): scale = (max − min)/15, offset = min, both rounded to float16 first so
+    the values fit the stored scale. int8: symmetric, scale = max|w|/127, per group of
+    ``group_size`` (default: the whole row, K).
     """
     if fmt not in FORMATS:
         raise ValueError(f"quantize must be one of {FORMATS}, got {fmt!r}")
@@ -271,7 +271,12 @@ def quantize(w: torch.Tensor, fmt: str, group_size: int | None = None) -> Quanti
         raise ValueError(f"quantize needs a float [..., N, K] weight, got {w.dtype} "
                          f"{list(w.shape)}")
     K = w.shape[-1]
-    G = group_size or (DEFAULT_INT4_GROUP if fmt == "int4" else K)
+    if group_size is None and fmt == "int4":
+        group_size = next((g for g in sorted(GROUP_SIZES, reverse=True) if K % g == 0), None)
+        if group_size is None:
+            raise ValueError(f"int4 needs a group size that divides K = {K} (shape "
+                             f"{list(w.shape)}); none of {GROUP_SIZES} does")
+    G = group_size or K
     if K % G:
         raise ValueError(f"group_size {G} does not divide the weight's K = {K} "
                          f"(shape {list(w.shape)}); pick one of {GROUP_SIZES} that does")

@@ -252,3 +252,13 @@ def test_smollm2_native_d3_generation_equals_float64(smollm2_q4_f32, smollm2_f64
     got = smollm2_q4_f32.generate([ids], 8, s, stop_tokens=())
     want = smollm2_f64.generate([ids], 8, s, stop_tokens=())
     assert got.tokens == want.tokens and got.depths == want.depths
+
+
+def test_int4_default_group_divides_every_projection():
+    """tiny: hidden 96, q_size 96, intermediate 160: 32 is the largest group dividing all."""
+    model = LlamaD3.random("tiny", seed=2, quantize="int4")
+    assert {w.group_size for _, w in model.projections()} == {32}
+    w = quant.quantize(torch.randn(8, 192), "int4")
+    assert w.group_size == 64  # alone: the largest of 128, 64, 32 dividing its K
+    with pytest.raises(ValueError, match="none of"):
+        quant.quantize(torch.randn(8, 200), "int4")

@@ -35,6 +35,7 @@ def test_quant_cpu_smoke_without_llama_cpp(tmp_path, monkeypatch, capsys, smollm
     assert saved["new_tokens"] == 4 and saved["prompt_tokens"] > 0
     for name, row in saved["rows"].items():
         assert row["decode_tokens"] == 3  # T_0 comes from the prefill
+        assert row["decode_tokens_per_s_reps"] == [row["decode_tokens_per_s"]]  # 1 rep
         assert row["decode_tokens_per_s"] > 0 and row["wall_decode_tokens_per_s"] > 0
         assert row["GBps"] > 0 and row["bytes_per_step"] > 0
         assert 0 <= row["same_tokens_as_reference"] <= 4

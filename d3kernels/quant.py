@@ -68,6 +68,7 @@ class QuantizedWeight:
         self.shape = torch.Size((*data.shape[:-1], K))
         # torch-kernel forms (prepare_torch): kind, tensors, activation dtype
         self._torch: tuple | None = None
+        self._layers: dict[int, QuantizedWeight] = {}  # w[j] views, made once (per-step calls)
 
     # ---- tensor-like --------------------------------------------------------------------------
 
@@ -98,6 +99,14 @@ class QuantizedWeight:
         return [t for t in (self.data, self.scale, self.offset) if t is not None]
 
     def __getitem__(self, idx) -> "QuantizedWeight":
+        if isinstance(idx, int) and idx in self._layers:
+            return self._layers[idx]
+        view = self._index(idx)
+        if isinstance(idx, int):
+            self._layers[idx] = view
+        return view
+
+    def _index(self, idx) -> "QuantizedWeight":
         idx = idx if isinstance(idx, tuple) else (idx,)
         if len(idx) > self.dim() - 1 or any(i is None or i is Ellipsis for i in idx):
             raise IndexError(f"a QuantizedWeight {list(self.shape)} is indexed on its leading "
@@ -187,8 +196,8 @@ class QuantizedWeight:
                             .contiguous()), dtype)
         else:
             self._torch = None
-            return "dequantize"
-        return self._torch[0]
+        self._layers = {}  # views made before carry the old forms
+        return "dequantize" if self._torch is None else self._torch[0]
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ w.T`` for one matrix: x [..., K] -> [..., N] in x's dtype."""

@@ -80,6 +80,10 @@ def test_indexing_views():
     assert torch.equal(qw[2].dequantize(), full[2])
     assert torch.equal(qw[1:3, 16:].dequantize(), full[1:3, 16:])
     assert torch.equal(qw[torch.tensor([3, 0])].dequantize(), full[[3, 0]])
+    assert qw[2] is qw[2]  # a layer's view is made once (the model indexes every step)
+    qw[2]
+    qw.prepare_torch(torch.bfloat16)
+    assert qw[2]._torch is not None  # views made before prepare_torch are not reused
     with pytest.raises(IndexError, match="leading dims and N"):
         qw[0, :, :32]
     with pytest.raises(IndexError, match="no \\[N, K\\] matrix"):

@@ -87,6 +87,35 @@ def _resolve_backend(backend: str, dtype: torch.dtype, device: torch.device) -> 
     return backend
 
 
+def _check_quantize(quantize, group_size, config: LlamaConfig | None = None) -> int | None:
+    """Check LlamaD3's quantize/group_size before any loading (config None: what can be
+    checked without it). With a config, returns the group size to quantize with: one for every
+    projection, int4's default the largest of GROUP_SIZES dividing all their input sizes."""
+    if quantize not in quant.QUANTIZE:
+        raise ValueError(f"quantize must be one of {quant.QUANTIZE}, got {quantize!r}")
+    if group_size is not None and (quantize not in quant.FORMATS
+                                   or group_size not in quant.GROUP_SIZES):
+        raise ValueError(f"group_size must be one of {quant.GROUP_SIZES} and goes with "
+                         f"quantize='int4' or 'int8', got group_size={group_size!r} with "
+                         f"quantize={quantize!r}")
+    if config is None or quantize not in quant.FORMATS:
+        return group_size
+    ks = {"hidden_size (QKV, gate/up, LM head)": config.hidden_size,
+          "num_heads * head_dim (O)": config.q_size,
+          "intermediate_size (down)": config.intermediate_size}
+    if group_size is None and quantize == "int4":
+        group_size = next((g for g in sorted(quant.GROUP_SIZES, reverse=True)
+                           if all(k % g == 0 for k in ks.values())), None)
+        if group_size is None:
+            raise ValueError(f"quantize='int4' needs a group size dividing every projection's "
+                             f"input size {sorted(set(ks.values()))}; none of "
+                             f"{quant.GROUP_SIZES} does")
+    for what, k in ks.items():
+        if group_size is not None and k % group_size:
+            raise ValueError(f"group_size {group_size} does not divide {what} = {k}")
+    return group_size
+
+
 def _is_int(x) -> bool:
     """An int index (bool is an int in Python, but never a row, slot or layer here)."""
     return isinstance(x, int) and not isinstance(x, bool)
@@ -142,13 +171,7 @@ class LlamaD3:
                  group_size: int | None = None):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-        if quantize not in quant.QUANTIZE:
-            raise ValueError(f"quantize must be one of {quant.QUANTIZE}, got {quantize!r}")
-        if group_size is not None and (quantize not in quant.FORMATS
-                                       or group_size not in quant.GROUP_SIZES):
-            raise ValueError(f"group_size must be one of {quant.GROUP_SIZES} and goes with "
-                             f"quantize='int4' or 'int8', got group_size={group_size!r} with "
-                             f"quantize={quantize!r}")
+        group_size = _check_quantize(quantize, group_size, config)
         device = torch.device(device)
         backend = _resolve_backend(backend, dtype, device)
         expected = hf_weight_shapes(config)
@@ -168,10 +191,6 @@ class LlamaD3:
         self.backfill, self.backfill_timing = self.resolve_backfill(backfill, backfill_timing)
         self.max_seq_len = max_seq_len or min(config.max_position_embeddings, 8192)
 
-        if quantize == "int4" and group_size is None:  # one group size for every projection
-            ks = (config.hidden_size, config.q_size, config.intermediate_size)
-            group_size = next((g for g in sorted(quant.GROUP_SIZES, reverse=True)
-                               if all(k % g == 0 for k in ks)), None)
         if quantize in quant.FORMATS:
             head_name = ("lm_head.weight" if "lm_head.weight" in weights
                          else "model.embed_tokens.weight")
@@ -189,21 +208,26 @@ class LlamaD3:
             w = w.dequantize(dtype) if isinstance(w, QuantizedWeight) else w
             return w.to(device=self.device, dtype=dtype)
 
+        quantizing = quantize in quant.FORMATS
+
+        def dense(w):  # a weight in float on the device: dtype, or as stored for quantizing
+            if isinstance(w, QuantizedWeight):
+                return w.to(self.device).dequantize(torch.float32 if quantizing else dtype)
+            return w.to(self.device) if quantizing else w.to(self.device, dtype)
+
         def projection(parts):  # parts: one list of weights per layer, concatenated along N
-            if quantize in quant.FORMATS and not any(isinstance(w, QuantizedWeight)
-                                                     for p in parts for w in p):
-                dense = torch.stack([torch.cat(p) for p in parts]).to(self.device)
-                return quant.quantize(dense, quantize, group_size)
-            if quantize is not None and quant.can_join([w for p in parts for w in p]):
+            flat = [w for p in parts for w in p]
+            if quantize is not None and quant.can_join(flat):  # the checkpoint's own format
                 return quant.stack([quant.cat(p, 0) for p in parts]).to(self.device)
-            kinds = {w.source if isinstance(w, QuantizedWeight) else "float"
-                     for p in parts for w in p}
+            kinds = {w.source if isinstance(w, QuantizedWeight) else "float" for w in flat}
             if quantize is not None and kinds != {"float"}:
                 self.load_notes.append(f"a projection mixes {sorted(kinds)} weights: "
-                                       f"dequantized to {dtype}")
-            return torch.stack([torch.cat([w.dequantize(dtype) if isinstance(
-                w, QuantizedWeight) else w.to(dtype) for w in p]) for p in parts]).to(
-                self.device)
+                                       f"dequantized to " + (quantize if quantizing
+                                                             else str(dtype)))
+            layers = (torch.cat([dense(w) for w in p]) for p in parts)  # one at a time
+            if quantizing:
+                return quant.stack([quant.quantize(w, quantize, group_size) for w in layers])
+            return torch.stack(list(layers))
 
         def stack(*suffixes):
             return projection([[weights[f"model.layers.{i}.{s}"] for s in suffixes]
@@ -215,10 +239,12 @@ class LlamaD3:
 
         self.load_notes: list[str] = []
         self.embed = get("model.embed_tokens.weight")
-        # a tied model's head is its embedding, unless given apart (quantized, by state_dict)
-        head = weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
+        # a tied model's head is its embedding, unless given apart (state_dict gives a quantized
+        # or dequantized head of its own)
+        shared = "lm_head.weight" not in weights
+        head = weights["model.embed_tokens.weight" if shared else "lm_head.weight"]
         self.lm_head = projection([[head]])[0]
-        if config.tie_word_embeddings and not isinstance(self.lm_head, QuantizedWeight):
+        if shared and not isinstance(self.lm_head, QuantizedWeight):
             self.lm_head = self.embed  # one tensor
         self.final_norm = get("model.norm.weight")
         self.attn_norm = norms("input_layernorm.weight")
@@ -313,6 +339,7 @@ class LlamaD3:
         doc); the other keyword arguments go to the constructor."""
         from d3kernels.loaders import load_checkpoint
 
+        _check_quantize(kwargs.get("quantize", "auto"), kwargs.get("group_size"))
         config, weights, tokenizer = load_checkpoint(
             src, keep_quantized=kwargs.get("quantize", "auto") is not None)
         return cls(config, weights, tokenizer=tokenizer, **kwargs)

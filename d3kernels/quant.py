@@ -27,8 +27,8 @@ import torch.nn.functional as F
 FORMATS = ("int4", "int8")
 QUANTIZE = (None, "auto", "int8", "int4")
 GROUP_SIZES = (32, 64, 128)
-# GGUF tensor types kept quantized (GGMLQuantizationType values) -> their block size.
-GGUF_NATIVE = {"Q4_0": 32, "Q4_1": 32, "Q8_0": 32}
+# GGUF tensor types kept quantized -> bytes per block of 32 weights (f16 scale [and min], values)
+GGUF_NATIVE = {"Q4_0": 2 + 16, "Q4_1": 2 + 2 + 16, "Q8_0": 2 + 32}
 
 
 class QuantizedWeight:
@@ -37,7 +37,8 @@ class QuantizedWeight:
     data: uint8 [..., N, K/2] (int4) or int8 [..., N, K] (int8); scale (and offset, int4 only):
     float16 [..., N, K/G]. source names where it came from ("Q4_1", "int4", ...). Indexing
     (``w[j]``, ``w[a:b, rows]``, a long tensor of layers) applies to the leading dims and N,
-    never K, and gives a view.
+    never K: ints and slices give views (``w[j]`` is made once and reused), a tensor index
+    copies, as for tensors.
     """
 
     def __init__(self, fmt: str, data: torch.Tensor, scale: torch.Tensor,
@@ -160,7 +161,8 @@ class QuantizedWeight:
         this device, once (kept beside the format; see resident_bytes). Returns which path
         :meth:`linear` will take: "int4pack" (CPU, N % 16 == 0), "int4pack-cuda" (bf16,
         N % 8 == 0, K % 128 == 0), "int8pack" (G == K; on CUDA bf16 only), "int8pack-grouped"
-        (CPU, one int8 kernel call per group, summed in float32), or "dequantize" (float64
+        (CPU, one int8 kernel call per group, each product in the activation dtype, summed in
+        float32), or "dequantize" (float64
         activations, and shapes or dtypes the kernels refuse: the weight is dequantized to
         ``dtype`` at each call). The CUDA paths are not yet run on a GPU (no GPU session
         since they were written): tests/test_quant.py::test_gpu_torch_linear_paths checks
@@ -280,6 +282,10 @@ def quantize(w: torch.Tensor, fmt: str, group_size: int | None = None) -> Quanti
         raise ValueError(f"quantize needs a float [..., N, K] weight, got {w.dtype} "
                          f"{list(w.shape)}")
     K = w.shape[-1]
+    if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
+        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    if fmt == "int4" and K % 2:
+        raise ValueError(f"int4 packs two values per byte: K must be even, got {K}")
     if group_size is None and fmt == "int4":
         group_size = next((g for g in sorted(GROUP_SIZES, reverse=True) if K % g == 0), None)
         if group_size is None:
@@ -317,6 +323,10 @@ def from_gguf(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> Quanti
         raise ValueError(f"GGUF type {type_name} is not kept quantized (supported: "
                          f"{sorted(GGUF_NATIVE)})")
     N, K = shape
+    row_bytes = K // 32 * GGUF_NATIVE[type_name]
+    if K % 32 or raw.dtype != np.uint8 or tuple(raw.shape) != (N, row_bytes):
+        raise ValueError(f"{type_name} tensor [{N}, {K}] needs K a multiple of 32 and raw uint8 "
+                         f"blocks [{N}, {row_bytes}], got {raw.dtype} {list(raw.shape)}")
     blocks = np.ascontiguousarray(raw).reshape(N, K // 32, -1)
     d = torch.from_numpy(blocks[..., 0:2].copy().view(np.float16)[..., 0])  # [N, K/32]
     if type_name == "Q8_0":

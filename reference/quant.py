@@ -28,6 +28,14 @@ def dequantize_int8(data: torch.Tensor, scale: torch.Tensor, group_size: int) ->
     return data.double() * scale.double().repeat_interleave(group_size, dim=-1)
 
 
+def dequantize(w) -> torch.Tensor:
+    """Any quantized weight with d3kernels' attributes (fmt, data, scale, offset, group_size;
+    duck-typed) in float64, by the format's own function above."""
+    if w.fmt == "int4":
+        return dequantize_int4(w.data, w.scale, w.offset, w.group_size)
+    return dequantize_int8(w.data, w.scale, w.group_size)
+
+
 _BLOCK = 32
 _LAYOUTS = {  # bytes per block of 32 weights
     "Q4_0": 2 + 16,      # d (f16), 16 bytes of nibbles

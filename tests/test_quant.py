@@ -9,17 +9,11 @@ from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
 import reference
-from d3kernels import DepthSchedule, LlamaD3, quant
+from d3kernels import PRESETS, DepthSchedule, LlamaD3, quant
 from d3kernels.quant import QuantizedWeight
 from tests.test_reference_vs_hf import rel_err
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-12}
-
-
-def ref_dequantize(w: QuantizedWeight) -> torch.Tensor:
-    if w.fmt == "int4":
-        return reference.dequantize_int4(w.data, w.scale, w.offset, w.group_size)
-    return reference.dequantize_int8(w.data, w.scale, w.group_size)
 
 
 # ---- formats ----------------------------------------------------------------------------------
@@ -34,7 +28,7 @@ def test_gguf_blocks_kept_exactly(kind):
     qw = quant.from_gguf(raw, kind, (N, K))
     want = reference.dequantize_gguf(raw, kind, K)
     assert torch.equal(qw.dequantize(torch.float64), want)
-    assert torch.equal(ref_dequantize(qw), want)
+    assert torch.equal(reference.dequantize(qw), want)
     assert torch.equal(want, torch.from_numpy(
         gguf_dequantize(raw, GGMLQuantizationType[kind]).astype(np.float64)))
     # Q4_0 is stored with its offset −8d made explicit: 2 more bytes per block of 32
@@ -65,7 +59,7 @@ def test_quantize_round_trips(fmt, group):
     qw = quant.quantize(w, fmt, group)
     assert qw.shape == w.shape and qw.group_size == (group or 256)
     deq = qw.dequantize(torch.float64)
-    assert torch.equal(deq, ref_dequantize(qw))
+    assert torch.equal(deq, reference.dequantize(qw))
     again = quant.quantize(deq, fmt, group)
     assert torch.equal(again.data, qw.data) and torch.equal(again.scale, qw.scale)
     step = qw.scale.double().repeat_interleave(qw.group_size, -1)
@@ -99,6 +93,12 @@ def test_bad_quantize_arguments():
         quant.quantize(torch.ones(8, 96, dtype=torch.int32), "int8")
     with pytest.raises(ValueError, match="not kept quantized"):
         quant.from_gguf(np.zeros((2, 44), np.uint8), "Q5_0", (2, 64))
+    with pytest.raises(ValueError, match="group_size must be a positive int"):
+        quant.quantize(torch.randn(8, 96), "int4", 0)
+    with pytest.raises(ValueError, match="K must be even"):
+        quant.quantize(torch.randn(8, 95), "int4", 5)
+    with pytest.raises(ValueError, match=r"raw uint8 blocks \[2, 40\], got uint8 \[2, 36\]"):
+        quant.from_gguf(np.zeros((2, 36), np.uint8), "Q4_1", (2, 64))
 
 
 @pytest.mark.parametrize("fmt, group, dtype, path", [
@@ -116,12 +116,12 @@ def test_torch_linear_paths(fmt, group, dtype, path):
     assert qw.prepare_torch(dtype) == path
     x = torch.randn(5, 256, generator=g, dtype=torch.float64).to(dtype)
     for j in range(2):
-        ref = x.double() @ ref_dequantize(qw[j]).T
+        ref = x.double() @ reference.dequantize(qw[j]).T
         got = qw[j].linear(x)
         assert got.dtype == dtype and rel_err(got, ref) <= TOL[dtype]
     sliced = qw[1, 32:]
     assert sliced._torch is None
-    assert rel_err(sliced.linear(x), x.double() @ ref_dequantize(qw[1, 32:]).T) <= TOL[dtype]
+    assert rel_err(sliced.linear(x), x.double() @ reference.dequantize(qw[1, 32:]).T) <= TOL[dtype]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -136,7 +136,7 @@ def test_gpu_torch_linear_paths(fmt, group, path):
     assert qw.prepare_torch(torch.bfloat16) == path
     x = torch.randn(5, 512, generator=g, dtype=torch.float64)
     for j in range(2):
-        ref = x @ ref_dequantize(qw[j]).cpu().T
+        ref = x @ reference.dequantize(qw[j]).cpu().T
         got = qw[j].linear(x.to("cuda", torch.bfloat16))
         assert rel_err(got, ref) <= TOL[torch.bfloat16]
 
@@ -209,10 +209,49 @@ def test_bad_model_quantize_arguments(smollm2_gguf_path):
         LlamaD3.random("tiny", quantize="int4", group_size=48)
     with pytest.raises(ValueError, match="group_size must be one of"):
         LlamaD3.random("tiny", group_size=32)  # without quantize
-    with pytest.raises(ValueError, match="group_size 128 does not divide"):
+    with pytest.raises(ValueError, match=r"group_size 128 does not divide hidden_size"):
         LlamaD3.random("tiny", quantize="int4", group_size=128)  # hidden 96
+    # every projection's input size is checked before any weight is quantized
+    odd = PRESETS["tiny"].replace(hidden_size=128, num_heads=8, intermediate_size=160)
+    with pytest.raises(ValueError, match=r"does not divide intermediate_size \(down\) = 160"):
+        LlamaD3.random(odd, quantize="int4", group_size=128)
+    with pytest.raises(ValueError, match="none of"):
+        LlamaD3.random(odd.replace(intermediate_size=100), quantize="int4")
     with pytest.raises(ValueError, match="no float projection weights to quantize"):
         LlamaD3.from_pretrained(smollm2_gguf_path, quantize="int4")
+
+
+def test_from_pretrained_checks_quantize_before_loading(monkeypatch):
+    import d3kernels.loaders
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the checkpoint was read before the arguments were checked")
+
+    monkeypatch.setattr(d3kernels.loaders, "load_checkpoint", no_load)
+    with pytest.raises(ValueError, match="quantize must be one of"):
+        LlamaD3.from_pretrained("smollm2-135m-instruct", quantize="Q4_1")
+    with pytest.raises(ValueError, match="group_size must be one of"):
+        LlamaD3.from_pretrained("smollm2-135m-instruct", quantize="int4", group_size=16)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+def test_tied_model_quantized_head(fmt):
+    """A tied model quantized at load: its head is a quantized copy of the embedding, which
+    stays float; state_dict and dequantized_state_dict both carry that head, so rebuilding
+    from either keeps it (not the float embedding), and all three match the oracle."""
+    cfg = PRESETS["tiny"].replace(tie_word_embeddings=True)
+    weights = {k: v for k, v in LlamaD3.random("tiny", seed=9).state_dict().items()
+               if k != "lm_head.weight"}
+    model = LlamaD3(cfg, weights, quantize=fmt, group_size=32)
+    assert isinstance(model.lm_head, QuantizedWeight) and model.embed is not model.lm_head
+    ids = torch.randint(0, cfg.vocab_size, (1, 11))
+    want = oracle_logits(model, ids)
+    assert rel_err(model.logits(ids), want) <= TOL[torch.float32]
+    for rebuilt in (LlamaD3(cfg, model.state_dict()),
+                    LlamaD3(cfg, model.dequantized_state_dict(torch.float32), quantize=None)):
+        assert rel_err(rebuilt.logits(ids), want) <= TOL[torch.float32]
+    float_model = LlamaD3(cfg, weights)
+    assert float_model.lm_head is float_model.embed  # tied and float: one tensor
 
 
 # ---- the real checkpoint ----------------------------------------------------------------------

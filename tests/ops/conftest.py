@@ -43,8 +43,4 @@ def rand_quantized(*shape, fmt: str, group_size: int, scale: float = 1.0):
     from d3kernels.quant import quantize
 
     w = quantize(torch.randn(*shape, dtype=torch.float64) * scale, fmt, group_size).to(DEVICE)
-    if fmt == "int4":
-        ref = reference.dequantize_int4(w.data, w.scale, w.offset, w.group_size)
-    else:
-        ref = reference.dequantize_int8(w.data, w.scale, w.group_size)
-    return w, ref
+    return w, reference.dequantize(w)

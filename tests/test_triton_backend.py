@@ -63,6 +63,16 @@ def _teacher_forced_cache(model, prompts, steps, schedule):
     return cache.k[:, :B, :, :span].float(), cache.v[:, :B, :, :span].float()
 
 
+def _assert_same_cache(model, ref_model, prompts, steps, schedule, dtype):
+    """The two models' KV caches after the same teacher-forced decode agree on every slot each
+    row wrote, to the tolerance of ``dtype``."""
+    k, v = _teacher_forced_cache(model, prompts, steps, schedule)
+    k_ref, v_ref = _teacher_forced_cache(ref_model, prompts, steps, schedule)
+    for r, n in enumerate(len(p) + len(steps[0]) for p in prompts):
+        assert rel_err(k[:, r, :, :n], k_ref[:, r, :, :n]) <= TOL[dtype]
+        assert rel_err(v[:, r, :, :n], v_ref[:, r, :, :n]) <= TOL[dtype]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16] +
                          ([torch.bfloat16] if CUDA else []))
 def test_kv_cache_matches_float64_torch_backend(tiny_torch64, dtype):
@@ -72,11 +82,7 @@ def test_kv_cache_matches_float64_torch_backend(tiny_torch64, dtype):
     s = DepthSchedule(alpha=0.6, head=2, tail=2, order="upper")
     prompts = [torch.randint(0, 512, (n,)).tolist() for n in (6, 11)]
     steps = [torch.randint(0, 512, (4,)).tolist() for _ in prompts]
-    k, v = _teacher_forced_cache(model, prompts, steps, s)
-    k_ref, v_ref = _teacher_forced_cache(tiny_torch64, prompts, steps, s)
-    for r, n in enumerate(len(p) + 4 for p in prompts):  # slots each row really wrote
-        assert rel_err(k[:, r, :, :n], k_ref[:, r, :, :n]) <= TOL[dtype]
-        assert rel_err(v[:, r, :, :n], v_ref[:, r, :, :n]) <= TOL[dtype]
+    _assert_same_cache(model, tiny_torch64, prompts, steps, s, dtype)
 
 
 def test_fused_sampling(tiny_triton):
@@ -139,11 +145,7 @@ def test_gpu_triton_matches_torch_backend(preset):
     s = DepthSchedule(alpha=0.8, head=1, tail=1)
     prompts = [torch.randint(0, config.vocab_size, (n,)).tolist() for n in (37, 200)]
     steps = [torch.randint(0, config.vocab_size, (6,)).tolist() for _ in prompts]
-    k, v = _teacher_forced_cache(triton_model, prompts, steps, s)
-    k_ref, v_ref = _teacher_forced_cache(torch_model, prompts, steps, s)
-    for r, n in enumerate(len(p) + 6 for p in prompts):
-        assert rel_err(k[:, r, :, :n], k_ref[:, r, :, :n]) <= TOL[torch.bfloat16]
-        assert rel_err(v[:, r, :, :n], v_ref[:, r, :, :n]) <= TOL[torch.bfloat16]
+    _assert_same_cache(triton_model, torch_model, prompts, steps, s, torch.bfloat16)
 
 
 @gpu
@@ -241,11 +243,7 @@ def test_quantized_d3_tokens_match_oracle_and_torch_backend(tiny_quantized):
                                            head=2, tail=1, order="lower")
     assert out.depths[0] == depths and min(depths) < 8 and out.tokens[0] == tokens
     steps = [torch.randint(0, 512, (3,)).tolist() for _ in prompts]
-    k, v = _teacher_forced_cache(model, prompts, steps, s)
-    k_ref, v_ref = _teacher_forced_cache(torch_model, prompts, steps, s)
-    for r, n in enumerate(len(p) + 3 for p in prompts):
-        assert rel_err(k[:, r, :, :n], k_ref[:, r, :, :n]) <= TOL[torch.float32]
-        assert rel_err(v[:, r, :, :n], v_ref[:, r, :, :n]) <= TOL[torch.float32]
+    _assert_same_cache(model, torch_model, prompts, steps, s, torch.float32)
 
 
 def test_quantized_engine_equals_torch_backend(tiny_quantized):
@@ -296,8 +294,4 @@ def test_gpu_quantized_triton_matches_torch_backend(fmt, group):
     s = DepthSchedule(alpha=0.8, head=1, tail=1)
     prompts = [torch.randint(0, config.vocab_size, (n,)).tolist() for n in (37, 100)]
     steps = [torch.randint(0, config.vocab_size, (5,)).tolist() for _ in prompts]
-    k, v = _teacher_forced_cache(triton_model, prompts, steps, s)
-    k_ref, v_ref = _teacher_forced_cache(torch_model, prompts, steps, s)
-    for r, n in enumerate(len(p) + 5 for p in prompts):
-        assert rel_err(k[:, r, :, :n], k_ref[:, r, :, :n]) <= TOL[torch.bfloat16]
-        assert rel_err(v[:, r, :, :n], v_ref[:, r, :, :n]) <= TOL[torch.bfloat16]
+    _assert_same_cache(triton_model, torch_model, prompts, steps, s, torch.bfloat16)

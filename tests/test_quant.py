@@ -305,3 +305,21 @@ def test_int4_default_group_divides_every_projection():
     assert w.group_size == 64  # alone: the largest of 128, 64, 32 dividing its K
     with pytest.raises(ValueError, match="none of"):
         quant.quantize(torch.randn(8, 200), "int4")
+
+
+@pytest.mark.parametrize("backfill", ["propagate", "mask"])
+def test_quantized_chat_matches_oracle(backfill):
+    """Three turns on int4 weights (torch backend, float64 activations: exact), each prefilled
+    after the cached history, == the whole-conversation oracle on the dequantized weights."""
+    from reference.d3_generate import d3_chat
+
+    model = LlamaD3.random("tiny", dtype=torch.float64, seed=7, quantize="int4", group_size=32)
+    s = DepthSchedule(alpha=0.8, head=2, tail=1)
+    g = torch.Generator().manual_seed(3)
+    turns = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (9, 4, 6)]
+    conv = model.chat(schedule=s, stop_tokens=(), backfill=backfill)
+    outs = [conv.send_tokens(t, 8) for t in turns]
+    want = d3_chat(model.dequantized_state_dict(), model.config, turns, 8, alpha=0.8, head=2,
+                   tail=1, order="lower", backfill=backfill)
+    assert [(o.tokens[0], o.depths[0]) for o in outs] == want
+    assert min(min(depths) for _, depths in want) < model.config.num_layers  # layers skipped

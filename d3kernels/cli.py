@@ -1,5 +1,5 @@
-"""``d3kernels generate``, ``chat``, ``eval`` and ``calibrate``: D³ decoding on a real model from
-the shell."""
+"""``d3kernels generate``, ``chat``, ``eval``, ``calibrate`` and ``serve``: D³ decoding on a
+real model from the shell."""
 from __future__ import annotations
 
 import argparse
@@ -93,15 +93,20 @@ def _add_schedule_args(s) -> None:
     s.add_argument("--tail", type=int, default=2, help="top core layers (default: %(default)s)")
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    _add_checkpoint_args(p)
-    s = p.add_argument_group("D³ schedule (design.md §2)")
-    _add_schedule_args(s)
+def _add_schedule_choice_args(s) -> None:
+    """--order, --schedule, --full-depth: what ``_schedule`` reads besides the shared ones."""
     s.add_argument("--order", type=_order, default="lower",
                    help="skip order: lower, upper, or comma-separated flex layers "
                         "(default: %(default)s)")
     s.add_argument("--schedule", metavar="FILE", help="a schedule file; overrides the options above")
     s.add_argument("--full-depth", action="store_true", help="decode every token at full depth")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    _add_checkpoint_args(p)
+    s = p.add_argument_group("D³ schedule (design.md §2)")
+    _add_schedule_args(s)
+    _add_schedule_choice_args(s)
     o = p.add_argument_group("sampling")
     o.add_argument("--max-new-tokens", type=int, default=128, help="(default: %(default)s)")
     o.add_argument("--temperature", type=float, default=0.0,
@@ -439,6 +444,67 @@ def _add_calibrate_args(k: argparse.ArgumentParser) -> None:
     d.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def cmd_serve(args) -> int:
+    try:
+        from d3kernels.serve import run
+    except ImportError as e:
+        print(f"error: serve needs FastAPI and uvicorn: pip install 'd3kernels[serve]' ({e})",
+              file=sys.stderr)
+        return 2
+    # Everything checkable without the model is checked first: a bad option fails fast.
+    for name in ("max_batch", "max_queue", "min_free"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got "
+                             f"{getattr(args, name)}")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    if args.max_seq_len is not None and args.max_seq_len < 2:
+        raise ValueError(f"--max-seq-len must be >= 2, got {args.max_seq_len}")
+    schedule = _schedule(args)
+    model = _load(args)
+    schedule.validate(model.config.num_layers)
+    if model.tokenizer is None:
+        print("error: this checkpoint has no tokenizer; serve needs one", file=sys.stderr)
+        return 2
+    # the cache holds max_batch rows of this many tokens: the model's 8192 would be ~3 GB for
+    # SmolLM2 in float32 at 8 rows
+    max_seq_len = args.max_seq_len or min(model.max_seq_len, 2048)
+    name = args.served_name or Path(str(args.model)).name.removesuffix(".gguf")
+    print(f"d3kernels serve: {name} on http://{args.host}:{args.port}/v1 ({args.max_batch} rows "
+          f"of {max_seq_len} tokens; default schedule "
+          f"{'full depth' if schedule.is_full_depth else json.dumps(schedule.to_dict())})",
+          file=sys.stderr, flush=True)
+    run(model, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout,
+        model_name=name, max_batch=args.max_batch, max_seq_len=max_seq_len, schedule=None if schedule.is_full_depth else schedule, max_queue=args.max_queue,
+        min_free=args.min_free)
+    return 0
+
+
+def _add_serve_args(p: argparse.ArgumentParser) -> None:
+    _add_checkpoint_args(p)
+    s = p.add_argument_group("default D³ schedule (a request's \"d3\" field overrides it)")
+    _add_schedule_args(s)
+    _add_schedule_choice_args(s)
+    h = p.add_argument_group("server")
+    h.add_argument("--host", default="127.0.0.1", help="(default: %(default)s)")
+    h.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
+    h.add_argument("--served-name", default=None,
+                   help="the model id clients ask for (default: --model's file or name)")
+    h.add_argument("--max-batch", type=int, default=8,
+                   help="requests decoded together: KV cache rows (default: %(default)s)")
+    h.add_argument("--max-seq-len", type=int, default=None,
+                   help="tokens per cache row, prompt plus reply (default: the model's, at "
+                        "most 2048)")
+    h.add_argument("--max-queue", type=int, default=64,
+                   help="requests that may wait for a row; more get 429 (default: %(default)s)")
+    h.add_argument("--min-free", type=int, default=1,
+                   help="admit waiting requests once this many rows are free; --max-batch "
+                        "admits in waves (default: %(default)s, continuous batching)")
+    h.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds SIGTERM waits for running replies before cancelling them "
+                        "(default: %(default)s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="d3kernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -462,6 +528,10 @@ def build_parser() -> argparse.ArgumentParser:
                                          "save a schedule with that skip order")
     _add_calibrate_args(k)
     k.set_defaults(func=cmd_calibrate)
+    v = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat) over "
+                                     "the continuous-batching engine")
+    _add_serve_args(v)
+    v.set_defaults(func=cmd_serve)
     return parser
 
 

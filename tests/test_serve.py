@@ -24,11 +24,10 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed")
 pytest.importorskip("uvicorn", reason="the serve extra is not installed")
 openai = pytest.importorskip("openai", reason="the dev extra (openai client) is not installed")
 httpx = pytest.importorskip("httpx", reason="the dev extra is not installed")
-import uvicorn  # noqa: E402
 from tokenizers import pre_tokenizers  # noqa: E402
 
 from d3kernels import DepthSchedule, LlamaD3  # noqa: E402
-from d3kernels.serve import create_app  # noqa: E402
+from d3kernels.serve import BackgroundServer, create_app  # noqa: E402
 from d3kernels.tokenizer import Tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,29 +52,12 @@ def tiny_chat_model(seed: int = 7) -> LlamaD3:
     return model
 
 
-class LiveServer:
-    """uvicorn serving ``app`` on 127.0.0.1 on a free port, in a thread."""
-
-    def __init__(self, app):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self.thread = threading.Thread(
-            target=lambda: asyncio.run(self.server.serve(sockets=[self.sock])), daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert time.monotonic() < deadline, "the server did not start in 20 s"
-            time.sleep(0.02)
-        return self
+class LiveServer(BackgroundServer):
+    """The server on 127.0.0.1, with the test's ways to talk to it."""
 
     def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(20)
-        assert not self.thread.is_alive()
+        super().__exit__(*exc)
+        assert not self._thread.is_alive()
 
     def client(self, **kw):
         return openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0,
@@ -444,3 +426,37 @@ def test_cli_refuses_bad_options_before_loading():
                        capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert r.returncode == 2 and "--max-queue must be >= 1" in r.stderr
     assert "loading" not in r.stderr
+
+
+def test_smollm2_chat_turns_equal_conversation(smollm2_f32):
+    """The real tokenizer and chat template: a two-turn chat through the API (history
+    re-sent as text) gives Conversation's replies token for token."""
+    model = smollm2_f32
+    s = DepthSchedule(alpha=0.95, head=4, tail=2)
+    conv = model.chat(schedule=s, max_seq_len=256)
+    with LiveServer(create_app(model, model_name="smollm2", max_batch=2, max_seq_len=256,
+                               schedule=s)) as live:
+        client, messages = live.client(), []
+        for text in ("Name a color.", "Another one?"):
+            ref = conv.send(text, 8)
+            messages.append({"role": "user", "content": text})
+            r = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=8,
+                                               temperature=0,
+                                               extra_body={"return_token_ids": True})
+            assert r.choices[0].model_extra["token_ids"] == ref.tokens[0]
+            assert r.choices[0].message.content == ref.texts[0]
+            messages.append({"role": "assistant", "content": r.choices[0].message.content})
+        assert not any(t.rebuilt for t in conv.turns)  # the history re-rendered identically
+
+
+def test_serve_bench_smoke(model):
+    from perf.serve_bench import run, table
+
+    rows = run(model, NAME, ["Hi.", "Count to three."], requests=4, concurrencies=[1, 2],
+               max_tokens=4, alpha=0.8, max_batch=2, max_seq_len=64, timeout=60)
+    assert [(r["setting"], r["concurrency"]) for r in rows] == [
+        (s, c) for s in ("full depth", "D³ α 0.8", "D³ α 0.8 waves") for c in (1, 2)]
+    for r in rows:
+        assert r["requests"] == 4 and 4 <= r["tokens"] <= 16 and r["tokens_per_s"] > 0
+        assert 0 < r["ttft_median_s"] <= r["ttft_p95_s"]
+    assert table(rows).count("\n") == len(rows) + 1

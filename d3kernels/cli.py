@@ -475,7 +475,8 @@ def cmd_serve(args) -> int:
           f"{'full depth' if schedule.is_full_depth else json.dumps(schedule.to_dict())})",
           file=sys.stderr, flush=True)
     run(model, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout,
-        model_name=name, max_batch=args.max_batch, max_seq_len=max_seq_len, schedule=None if schedule.is_full_depth else schedule, max_queue=args.max_queue,
+        model_name=name, max_batch=args.max_batch, max_seq_len=max_seq_len,
+        schedule=None if schedule.is_full_depth else schedule, max_queue=args.max_queue,
         min_free=args.min_free)
     return 0
 

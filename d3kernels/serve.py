@@ -274,14 +274,10 @@ class EngineThread:
         except Exception as err:  # noqa: BLE001 - any engine fault fails its requests only
             log.exception("engine step failed; failing %d requests", len(touched))
             for req in touched:
-                job = self._jobs.get(req.id)
                 e.cancel(req)
-                if job is not None:
-                    self._jobs.pop(req.id)
-                    job.finished = True
-                    self.counts["failed"] += 1
-                    job.post("error", 500, f"the engine failed on this request: "
-                                           f"{type(err).__name__}: {err}")
+                if req.id in self._jobs:
+                    self._fail(self._jobs[req.id], f"the engine failed on this request: "
+                                                   f"{type(err).__name__}: {err}")
             return
         for ev in events:
             job = self._jobs.get(ev.row)
@@ -292,11 +288,15 @@ class EngineThread:
                 self._take(job, ev.token)
             except Exception as err:  # noqa: BLE001 - e.g. the tokenizer: this job only
                 log.exception("decoding request %d failed", ev.row)
-                self._jobs.pop(ev.row)
                 e.cancel(job.request)
-                job.finished = True
-                self.counts["failed"] += 1
-                job.post("error", 500, f"{type(err).__name__}: {err}")
+                self._fail(job, f"{type(err).__name__}: {err}")
+
+    def _fail(self, job: Job, message: str) -> None:
+        """End a job whose engine request is already cancelled with a 500."""
+        self._jobs.pop(job.request.id, None)
+        job.finished = True
+        self.counts["failed"] += 1
+        job.post("error", 500, message)
 
     def _take(self, job: Job, token: int) -> None:
         job.text += job.decoder.push(token)
@@ -340,8 +340,7 @@ class EngineThread:
 
     def _snapshot(self) -> dict:
         e, s = self.engine, self.engine.stats
-        return {"running": len(e.running), "waiting": len(e.waiting),
-                "rows_in_use": e.max_batch - e.free_slots, "rows": e.max_batch,
+        return {"running": len(e.running), "rows_in_use": e.max_batch - e.free_slots, "rows": e.max_batch,
                 "generated_tokens": s.generated_tokens, "tokens_per_s": s.tokens_per_s,
                 "layer_ratio": s.layer_ratio, "union_layer_ratio": s.union_layer_ratio,
                 "work_ratio": s.work_ratio, "prefill_tokens": s.prefill_tokens,
@@ -397,7 +396,6 @@ def create_app(model, *, model_name: str = "d3kernels", max_batch: int = 8,
         await asyncio.get_running_loop().run_in_executor(None, worker.stop)
 
     app = FastAPI(title="d3kernels", lifespan=lifespan)
-    app.state.worker = worker
 
     @app.exception_handler(APIError)
     async def _api_error(request, err: APIError):
@@ -582,7 +580,8 @@ def create_app(model, *, model_name: str = "d3kernels", max_batch: int = 8,
 
     @app.get("/metrics")
     async def metrics():
-        # waiting: from the HTTP side, which also counts requests not yet handed to the engine
+        # waiting: counted on the HTTP side, which also sees requests not yet handed to the
+        # engine thread (it takes commands between steps)
         snap = worker.snapshot | {"waiting": sum(not j.admitted for j in jobs)}
         lines = []
         for name, kind, help_, key in _METRICS:

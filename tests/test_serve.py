@@ -324,6 +324,19 @@ def test_engine_fault_fails_its_request_with_500_and_the_server_stays_up(gated):
     assert r.choices[0].model_extra["token_ids"] == ref.tokens[0]
 
 
+def test_disconnect_while_waiting_for_a_plain_reply_cancels_it(gated):
+    live, gate, _ = gated
+    gate.open.clear()  # the reply cannot finish before the client gives up
+    body = {"model": NAME, "prompt": "a", "max_tokens": 200, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(live.url + "/v1/completions", json=body, timeout=0.5)
+    time.sleep(1.5)  # the server looks for a disconnect every 0.5 s
+    gate.open.set()
+    live.wait_metric('d3kernels_requests_finished_total{reason="cancelled"}', 1)
+    live.wait_metric("d3kernels_cache_rows_in_use", 0)
+    assert live.metrics()["d3kernels_generated_tokens_total"] < 10
+
+
 # ---- bad input --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("patch, status, param, words", [

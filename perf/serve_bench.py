@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import time
@@ -142,6 +143,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.requests < 1 or min(args.concurrency) < 1 or args.max_tokens < 2:
         p.error("--requests and --concurrency must be >= 1, --max-tokens >= 2")
+    load_before = os.getloadavg()  # a shared machine's other work shows in every figure
     model = LlamaD3.from_pretrained(args.model, dtype=getattr(torch, args.dtype),
                                     quantize=None if args.quantize == "none" else "auto")
     rows = run(model, Path(str(args.model)).name, load_prompts(None), args.requests,
@@ -151,7 +153,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     meta = {"model": args.model, "dtype": args.dtype, "quantize": args.quantize,
             "max_tokens": args.max_tokens, "max_batch": args.max_batch,
-            "torch_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M")}
+            "torch_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M"),
+            "load_average_before": load_before, "load_average_after": os.getloadavg()}
     (out / "serve_bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     (out / "serve_bench.md").write_text(table(rows) + "\n")
     print(table(rows))

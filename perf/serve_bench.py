@@ -5,7 +5,7 @@ depth vs D³ (continuous admission and waves), through the HTTP API as clients s
     .venv/bin/python -m perf.serve_bench --requests 16 --concurrency 1 8 --out perf/out/serve
 
 For each server setting (full depth; D³ with --alpha, admitted continuously; D³ admitted in
-waves of --max-batch) and each concurrency c, c clients send the prompts of the shipped set
+waves of --max-batch), a ``d3kernels serve`` process of its own; at each concurrency c, c clients send the prompts of the shipped set
 (cycled) one after another, streaming. Per request: time to first token (submit -> first text
 chunk) and per-token latency ((end - first chunk) / (tokens - 1)); per run: throughput (tokens
 generated / wall time), medians and p95s. Every request runs to ``--max-tokens`` or the model's
@@ -19,17 +19,17 @@ import argparse
 import asyncio
 import json
 import os
+import signal
+import socket
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
-import torch
 
-from d3kernels import DepthSchedule, LlamaD3
 from d3kernels.eval import load_prompts
-from d3kernels.serve import BackgroundServer, create_app
 
 
 def _p95(xs: list[float]) -> float:
@@ -88,28 +88,61 @@ def bench_one(url: str, name: str, prompts: list[str], n: int, concurrency: int,
             "per_token_p95_s": _p95(per_token) if per_token else None}
 
 
-def settings(alpha: float, max_batch: int) -> list[tuple[str, DepthSchedule | None, int]]:
-    d3 = DepthSchedule(alpha=alpha, head=4, tail=2, order="lower")
-    return [("full depth", None, 1), (f"D³ α {alpha}", d3, 1),
-            (f"D³ α {alpha} waves", d3, max_batch)]
+def settings(alpha: float, max_batch: int) -> list[tuple[str, list[str]]]:
+    """Each server setting and its ``d3kernels serve`` options."""
+    d3 = ["--alpha", str(alpha), "--head", "4", "--tail", "2", "--order", "lower"]
+    return [("full depth", ["--full-depth"]), (f"D³ α {alpha}", d3),
+            (f"D³ α {alpha} waves", d3 + ["--min-free", str(max_batch)])]
 
 
-def run(model, name: str, prompts: list[str], requests: int, concurrencies: list[int],
-        max_tokens: int, alpha: float, max_batch: int, max_seq_len: int,
-        timeout: float) -> list[dict]:
+class ServerProcess:
+    """``d3kernels serve`` in its own process on a free 127.0.0.1 port (the clients' JSON and
+    SSE work stays out of its GIL), stopped with SIGTERM on exit."""
+
+    def __init__(self, options: list[str], startup_timeout: float = 300):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.cmd = [sys.executable, "-m", "d3kernels", "serve", "--port", str(port), *options]
+        self.startup_timeout = startup_timeout
+
+    def __enter__(self) -> "ServerProcess":
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + self.startup_timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited: {self.proc.stderr.read()}")
+            if time.monotonic() > deadline:
+                self.__exit__()
+                raise RuntimeError(f"the server did not start in {self.startup_timeout} s")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                time.sleep(0.2)
+
+    def __exit__(self, *exc) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def run(url: str, name: str, label: str, prompts: list[str], requests: int,
+        concurrencies: list[int], max_tokens: int, timeout: float) -> list[dict]:
+    """One server setting at each concurrency, after a warm-up (first calls pay one-time
+    costs: allocations, lazy inits)."""
+    bench_one(url, name, prompts, 2, 2, 4, timeout)
     rows = []
-    for label, schedule, min_free in settings(alpha, max_batch):
-        app = create_app(model, model_name=name, max_batch=max_batch, max_seq_len=max_seq_len,
-                         schedule=schedule, min_free=min_free, max_queue=requests)
-        with BackgroundServer(app) as server:
-            # warm-up: first calls pay one-time costs (allocations, lazy inits)
-            bench_one(server.url, name, prompts, 2, 2, 4, timeout)
-            for c in concurrencies:
-                row = {"setting": label, "min_free": min_free,
-                       **bench_one(server.url, name, prompts, requests, c, max_tokens, timeout)}
-                print(f"  {label:22s} c={c}: {row['tokens_per_s']:.1f} tok/s", file=sys.stderr,
-                      flush=True)
-                rows.append(row)
+    for c in concurrencies:
+        rows.append({"setting": label, **bench_one(url, name, prompts, requests, c, max_tokens,
+                                                    timeout)})
+        print(f"  {label:22s} c={c}: {rows[-1]['tokens_per_s']:.1f} tok/s", file=sys.stderr,
+              flush=True)
     return rows
 
 
@@ -130,8 +163,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="perf.serve_bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--quantize", default="none", choices=["none", "auto"],
-                   help="none: float weights in --dtype; auto: the checkpoint's own format")
+    p.add_argument("--quantize", default="none", choices=["none", "auto", "int8", "int4"],
+                   help="as in d3kernels serve (default: float weights in --dtype)")
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8])
     p.add_argument("--max-tokens", type=int, default=32)
@@ -144,16 +177,20 @@ def main(argv=None) -> int:
     if args.requests < 1 or min(args.concurrency) < 1 or args.max_tokens < 2:
         p.error("--requests and --concurrency must be >= 1, --max-tokens >= 2")
     load_before = os.getloadavg()  # a shared machine's other work shows in every figure
-    model = LlamaD3.from_pretrained(args.model, dtype=getattr(torch, args.dtype),
-                                    quantize=None if args.quantize == "none" else "auto")
-    rows = run(model, Path(str(args.model)).name, load_prompts(None), args.requests,
-               args.concurrency, args.max_tokens, args.alpha, args.max_batch,
-               args.max_seq_len, args.timeout)
+    name = "bench"
+    common = ["--model", args.model, "--dtype", args.dtype, "--quantize", args.quantize,
+              "--max-batch", str(args.max_batch), "--max-seq-len", str(args.max_seq_len),
+              "--max-queue", str(args.requests), "--served-name", name]
+    rows = []
+    for label, options in settings(args.alpha, args.max_batch):
+        with ServerProcess(common + options) as server:
+            rows += run(server.url, name, label, load_prompts(None), args.requests,
+                        args.concurrency, args.max_tokens, args.timeout)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"model": args.model, "dtype": args.dtype, "quantize": args.quantize,
             "max_tokens": args.max_tokens, "max_batch": args.max_batch,
-            "torch_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M"),
+            "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M"),
             "load_average_before": load_before, "load_average_after": os.getloadavg()}
     (out / "serve_bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     (out / "serve_bench.md").write_text(table(rows) + "\n")

@@ -462,11 +462,22 @@ def test_smollm2_chat_turns_equal_conversation(smollm2_f32):
         assert not any(t.rebuilt for t in conv.turns)  # the history re-rendered identically
 
 
-def test_serve_bench_smoke(model):
-    from perf.serve_bench import run, table
+def test_serve_bench_smoke(live):
+    """The bench's measurement on the tiny server (each setting's rows measure the same
+    server here: the settings' options are only checked to parse), and its server process
+    reporting a server that cannot start."""
+    from d3kernels.cli import build_parser
+    from perf.serve_bench import ServerProcess, run, settings, table
 
-    rows = run(model, NAME, ["Hi.", "Count to three."], requests=4, concurrencies=[1, 2],
-               max_tokens=4, alpha=0.8, max_batch=2, max_seq_len=64, timeout=60)
+    with pytest.raises(RuntimeError, match="--max-queue must be >= 1"):
+        with ServerProcess(["--max-queue", "0"], startup_timeout=60):
+            pass
+    rows = []
+    for label, options in settings(0.8, 2):
+        args = build_parser().parse_args(["serve", *options])
+        assert args.full_depth or (args.alpha, args.min_free) in ((0.8, 1), (0.8, 2))
+        rows += run(live.url, NAME, label, ["Hi.", "Count to three."], requests=4,
+                    concurrencies=[1, 2], max_tokens=4, timeout=60)
     assert [(r["setting"], r["concurrency"]) for r in rows] == [
         (s, c) for s in ("full depth", "D³ α 0.8", "D³ α 0.8 waves") for c in (1, 2)]
     for r in rows:

@@ -2,7 +2,8 @@
 
 Weights are stacked per kind ([L, ...] tensors), so a layer is an index and a run of layers a
 slice; the KV cache is static and written by index. ``prefill`` and ``decode_step`` are separate;
-``generate`` (d3kernels.generation) drives them with a DepthSchedule.
+``generate`` (d3kernels.generation) drives them with a DepthSchedule. The passes themselves run
+in a backend (d3kernels.backend): d3kernels.torch_backend or d3kernels.triton_backend.
 """
 from __future__ import annotations
 
@@ -12,15 +13,16 @@ import os
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from d3kernels import quant
+from d3kernels.backend import Backend
 from d3kernels.config import PRESETS, LlamaConfig
 from d3kernels.kv_cache import KVCache
 from d3kernels.quant import QuantizedWeight
 from d3kernels.sampling import Sampling
 from d3kernels.schedule import DepthSchedule, skipped_runs
 from d3kernels.stats import WeightBytes
+from d3kernels.torch_backend import TorchBackend
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BACKENDS = ("auto", "torch", "triton")
@@ -127,15 +129,12 @@ def _layer_bits(layers: tuple[int, ...]) -> int:
     return sum(1 << j for j in layers)
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
-
-
 class LlamaD3:
-    """A Llama decoder for D³ generation. Build it with ``from_pretrained``, ``from_hf`` or ``random``.
+    """A Llama decoder for D³ generation. Build it with ``from_pretrained``, ``from_hf`` or
+    ``random``.
 
-    Stacked weights (L layers, H hidden, I intermediate, Q = heads·head_dim, K = kv_heads·head_dim):
+    Stacked weights (L layers, H hidden, I intermediate, Q = heads·head_dim,
+    K = kv_heads·head_dim):
     ``attn_norm`` [L, H], ``w_qkv`` [L, Q+2K, H], ``w_o`` [L, H, Q], ``mlp_norm`` [L, H],
     ``w_gate_up`` [L, 2I, H], ``w_down`` [L, H, I], ``embed`` and ``lm_head`` [V, H] (one tensor
     when tied), ``final_norm`` [H]; all in ``dtype`` on ``device``, except that the projections
@@ -145,8 +144,15 @@ class LlamaD3:
     Q4_0/Q4_1/Q8_0 stay quantized, floats stay float); ``None`` dequantizes everything to
     ``dtype``; ``"int8"``/``"int4"`` quantize the float projections and LM head at load (int4
     asymmetric per group of ``group_size``, default the largest of 128, 64, 32 dividing every
-    projection's input size; int8 symmetric per row, or per group of ``group_size``). Embeddings and norms stay in ``dtype`` (a tied LM head is quantized
-    beside a float embedding). ``dtype`` is the activations' dtype.
+    projection's input size; int8 symmetric per row, or per group of ``group_size``).
+    Embeddings and norms stay in ``dtype`` (a tied LM head is quantized beside a float
+    embedding). ``dtype`` is the activations' dtype.
+
+    backend: ``"torch"`` (:class:`d3kernels.torch_backend.TorchBackend`, torch's own ops),
+    ``"triton"`` (:class:`d3kernels.triton_backend.TritonBackend`, the fused kernels) or
+    ``"auto"`` (triton on CUDA, torch elsewhere). The model checks every call's arguments and
+    keeps the bookkeeping both share (``written`` marks, deferred-backfill debts, byte counts),
+    then its backend runs the pass (the interface: :class:`d3kernels.backend.Backend`).
 
     backfill: what a skipped layer leaves in the KV cache (design.md §2). ``"propagate"``
     (default): its K/V at that position are computed from the residual stream as it reaches
@@ -260,11 +266,13 @@ class LlamaD3:
         self.rope_cos, self.rope_sin = rope_tables(config, self.max_seq_len, dtype, self.device)
         self.cache: KVCache | None = None
         self._marks: dict[tuple[int, ...], torch.Tensor] = {}
-        self._triton = None
-        if backend == "triton":
+        # the torch passes also make logits() and eval's masked recompute on either backend
+        self._torch = TorchBackend(self)
+        self._backend: Backend = self._torch
+        if backend == "triton":  # imported here: triton is only needed by this backend
             from d3kernels.triton_backend import TritonBackend
 
-            self._triton = TritonBackend(self, cuda_graphs)
+            self._backend = TritonBackend(self, cuda_graphs)
 
     @staticmethod
     def _sources(weights: dict) -> set[str]:
@@ -414,104 +422,22 @@ class LlamaD3:
         return {k: quant.as_float(v, dtype).to("cpu", dtype)
                 for k, v in self.state_dict().items()}
 
-    # ---- building blocks ----------------------------------------------------------------------
+    # ---- the torch building blocks, on either backend ----------------------------------------
 
-    def _norm(self, x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), weight, self.config.rms_norm_eps)
-
+    # d3kernels.eval.masked_logits builds its masked recompute from these (TorchBackend's)
     def _qkv(self, j: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """Layer j's normed Q, K, V with RoPE. x [B, T, H] -> [B, heads, T, D] each.
-
-        cos/sin broadcast against [B, T, heads, D]; Q and K are rotated in one op.
-        """
-        cfg = self.config
-        B, T, _ = x.shape
-        qkv = quant.linear(self._norm(x, self.attn_norm[j]), self.w_qkv[j])
-        qkv = qkv.view(B, T, cfg.num_heads + 2 * cfg.num_kv_heads, cfg.head_dim)
-        qk = _rope(qkv[:, :, :cfg.num_heads + cfg.num_kv_heads], cos, sin)
-        q, k = qk.transpose(1, 2).split([cfg.num_heads, cfg.num_kv_heads], dim=1)
-        return q, k, qkv[:, :, cfg.num_heads + cfg.num_kv_heads:].transpose(1, 2)
+        """:meth:`TorchBackend.qkv`: layer j's Q, K, V [B, heads, T, D] from x [B, T, H]."""
+        return self._torch.qkv(j, x, cos, sin)
 
     def _finish_layer(self, j: int, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        """Output projection + residual, then the SwiGLU MLP + residual. attn [B, heads, T, D]."""
-        B, _, T, _ = attn.shape
-        x = x + quant.linear(attn.transpose(1, 2).reshape(B, T, -1), self.w_o[j])
-        gate, up = quant.linear(self._norm(x, self.mlp_norm[j]), self.w_gate_up[j]).chunk(2, -1)
-        return x + quant.linear(F.silu(gate) * up, self.w_down[j])
+        """:meth:`TorchBackend.finish_layer`: O projection, MLP, residuals; x [B, T, H]."""
+        return self._torch.finish_layer(j, x, attn)
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
-        """Final norm + vocab projection. x [..., H] -> logits [..., V], float32 at least."""
-        logits = quant.linear(self._norm(x, self.final_norm), self.lm_head)
-        return logits.to(torch.promote_types(logits.dtype, torch.float32))
+        """:meth:`TorchBackend.head`: logits [..., V] from x [..., H]."""
+        return self._torch.head(x)
 
-    # ---- passes -------------------------------------------------------------------------------
-
-    def _forward_full(self, ids: torch.Tensor, lengths: list[int], cache: KVCache | None,
-                      start: list[int] | None = None, mask_mode: bool = False,
-                      rows: torch.Tensor | None = None):
-        """All layers over right-padded ids [B, T]; row b holds lengths[b] real tokens.
-
-        start: None (every row begins at position 0) or the cache position of ids[b, 0] per
-        row, for a chunk that extends a cache already holding positions 0..start[b]-1: the
-        chunk attends to that history and causally within itself. Writes K/V of the real tokens
-        into ``cache`` when given (with a start > 0 a cache is required). Returns the residual
-        stream after the last layer, [B, T, H]. mask_mode: history entries that ``cache.written``
-        marks missing (``mask`` backfill) are excluded from attention. rows: None (batch row b
-        is cache row b) or a long tensor [B] of the cache row of each batch row.
-        """
-        if start is not None and any(start):
-            return self._forward_chunk(ids, lengths, cache, start, mask_mode, rows)
-        B, T = ids.shape
-        crows = slice(None, B) if rows is None else rows
-        cos, sin = self.rope_cos[:T, None], self.rope_sin[:T, None]
-        mask = None
-        if min(lengths) != T:  # padded rows: causal and key < length
-            idx = torch.arange(T, device=self.device)
-            valid = idx[None, :] < torch.tensor(lengths, device=self.device)[:, None]
-            mask = (idx[None, :, None] >= idx[None, None, :]) & valid[:, None, :]
-            mask = mask[:, None]
-        x = self.embed[ids]
-        for j in range(self.config.num_layers):
-            q, k, v = self._qkv(j, x, cos, sin)
-            if cache is not None:
-                cache.k[j, crows, :, :T] = k
-                cache.v[j, crows, :, :T] = v
-            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                                  enable_gqa=True)
-            x = self._finish_layer(j, x, attn)
-        return x
-
-    def _forward_chunk(self, ids: torch.Tensor, lengths: list[int], cache: KVCache,
-                       start: list[int], mask_mode: bool = False,
-                       rows: torch.Tensor | None = None) -> torch.Tensor:
-        """_forward_full for a chunk at positions start[b]..start[b]+lengths[b]-1 of each row,
-        on top of the history already in ``cache``: K/V of the real tokens go to those slots,
-        and each query attends to cache slots 0..its own position."""
-        B, T = ids.shape
-        dev = self.device
-        st = torch.tensor(start, device=dev)
-        pos = st[:, None] + torch.arange(T, device=dev)  # [B, T]
-        valid = torch.arange(T, device=dev)[None, :] < torch.tensor(lengths, device=dev)[:, None]
-        rope_pos = pos.clamp(max=self.max_seq_len - 1)  # padded tokens may run past the table
-        cos, sin = self.rope_cos[rope_pos][:, :, None], self.rope_sin[rope_pos][:, :, None]
-        crows = slice(None, B) if rows is None else rows
-        real, cols = valid.nonzero(as_tuple=True)  # the real tokens: row, index in the chunk
-        slots = pos[real, cols]
-        real_rows = real if rows is None else rows[real]  # their cache rows
-        span = max(s + n for s, n in zip(start, lengths))
-        mask = (torch.arange(span, device=dev)[None, None, :] <= pos[:, :, None])[:, None]
-        x = self.embed[ids]
-        for j in range(self.config.num_layers):
-            q, k, v = self._qkv(j, x, cos, sin)
-            cache.k[j][real_rows, :, slots] = k[real, :, cols]
-            cache.v[j][real_rows, :, slots] = v[real, :, cols]
-            # mask mode: the chunk's own slots are marked written (prefill), history may not be
-            mask_j = mask & cache.written[j, crows, None, None, :span] if mask_mode else mask
-            attn = F.scaled_dot_product_attention(q, cache.k[j, crows, :, :span],
-                                                  cache.v[j, crows, :, :span], attn_mask=mask_j,
-                                                  enable_gqa=True)
-            x = self._finish_layer(j, x, attn)
-        return x
+    # ---- passes: checks and shared bookkeeping here, the computing in self._backend ---------
 
     @torch.inference_mode()
     def logits(self, input_ids) -> torch.Tensor:
@@ -526,8 +452,7 @@ class LlamaD3:
         if ids.shape[1] > self.max_seq_len:
             raise ValueError(f"input_ids: {ids.shape[1]} tokens exceed max_seq_len "
                              f"{self.max_seq_len}")
-        x = self._forward_full(ids, [ids.shape[1]] * ids.shape[0], cache=None)
-        return self._head(x)
+        return self._torch.logits(ids)
 
     def _check_ids(self, ids: torch.Tensor, what: str) -> None:
         lo, hi = int(ids.min()), int(ids.max())
@@ -578,12 +503,7 @@ class LlamaD3:
             raise ValueError(f"start + lengths exceeds the cache ({cache.seq_len} slots, "
                              f"max_seq_len {self.max_seq_len})")
         self._begin_prefill(cache, lengths, start, rows)
-        if self._triton is not None:
-            return self._triton.prefill(ids, lengths, cache, sampling, start, mode, rows)
-        x = self._forward_full(ids, lengths, cache, start, mode == "mask",
-                               None if rows is None else torch.tensor(rows, device=self.device))
-        last = torch.tensor(lengths, device=self.device) - 1
-        return sampling(self._head(x[torch.arange(ids.shape[0], device=self.device), last]))
+        return self._backend.prefill(ids, lengths, cache, sampling, start, mode, rows)
 
     def decode_step(self, tokens: torch.Tensor, positions: list[int], kept: tuple[int, ...],
                     cache: KVCache, sampling: Sampling, *, backfill: str | None = None,
@@ -628,56 +548,8 @@ class LlamaD3:
                     cache.defer(b, p, runs, owed)
             else:
                 cache.backfill_bytes += skipped * self.weight_bytes.backfill_layer
-        if self._triton is not None:  # its first launch writes the marks
-            return self._triton.decode_step(tokens, positions, kept, cache, sampling, deferred,
-                                            mode, mark)
-        uniform = min(positions) == max(positions)
-        if uniform:
-            p = positions[0]
-            cache.written[:, :B, p] = mark[:, None]
-            cos, sin = self.rope_cos[p], self.rope_sin[p]
-            span, mask = p + 1, None
-        else:
-            rows = torch.arange(B, device=self.device)
-            pos = torch.tensor(positions, device=self.device)
-            cache.written[:, rows, pos] = mark[:, None]
-            cos, sin = self.rope_cos[pos][:, None, None], self.rope_sin[pos][:, None, None]
-            span = max(positions) + 1
-            mask = (torch.arange(span, device=self.device) <= pos[:, None])[:, None, None]
-        x = self.embed[tokens][:, None]  # [B, 1, H]
-        runs = iter(enumerate(runs))
-        run = next(runs, None)
-
-        def fill(s, run):  # s: the run's ordinal in this step, its row of the stash
-            if not deferred:
-                self._backfill(run, x, cos, sin, positions, cache)
-            elif uniform:
-                cache.stash[s, :B, p] = x[:, 0]
-            else:
-                cache.stash[s][rows, pos] = x[:, 0]
-
-        for j in kept:
-            while run is not None and run[1][0] < j:  # skipped layers below j see this residual
-                fill(*run)
-                run = next(runs, None)
-            q, k, v = self._qkv(j, x, cos, sin)
-            if uniform:
-                cache.k[j, :B, :, p] = k[:, :, 0]
-                cache.v[j, :B, :, p] = v[:, :, 0]
-            else:
-                cache.k[j, :B][rows, :, pos] = k[:, :, 0]
-                cache.v[j, :B][rows, :, pos] = v[:, :, 0]
-            # mask mode: written[j] is False past each row's position and where layer j was
-            # skipped, so it is the whole mask
-            mask_j = cache.written[j, :B, None, None, :span] if mode == "mask" else mask
-            attn = F.scaled_dot_product_attention(q, cache.k[j, :B, :, :span],
-                                                  cache.v[j, :B, :, :span], attn_mask=mask_j,
-                                                  enable_gqa=True)
-            x = self._finish_layer(j, x, attn)
-        while run is not None:
-            fill(*run)
-            run = next(runs, None)
-        return sampling(self._head(x[:, 0]))
+        return self._backend.decode_step(tokens, positions, kept, cache, sampling, deferred,
+                                         mode, mark)
 
     def decode_rows(self, tokens: list[int] | torch.Tensor, rows: list[int], positions: list[int],
                     kept: list[tuple[int, ...]], cache: KVCache, sampling, *,
@@ -686,19 +558,18 @@ class LlamaD3:
         """One decode pass over a batch whose rows run different layer sets (continuous
         batching: each request is at its own step i, so at its own depth).
 
-        tokens: the newest token of each request (R ints, checked on the host, as the engine
-        passes them; or a long tensor [R], whose ids are checked with a device->host read), at
-        slot positions[r] of cache row rows[r] (distinct); kept[r]: the ascending layers
-        request r runs; sampling: a Sampling, or a :class:`d3kernels.sampling.RowSampling` when requests pick their tokens
-        differently. Layer j runs (QKV, attention, MLP) only on the rows that keep it; the
-        others' residual passes through and, in ``propagate`` mode, their K/V at j come from
-        it: eager fills them now, deferred (backfill_timing None: the model's) stashes the
-        residual entering each of the row's skipped runs for :meth:`flush_backfill` (the
-        engine drops what a row owes when it releases the row: nothing reads it); ``mask``
-        writes nothing for them. Owed entries a row's pass would read or overwrite are
-        settled first, as in :meth:`decode_step`. Returns the next tokens [R] (long; on the
-        triton backend a view of a buffer the next call overwrites: read or copy it first). Bad
-        arguments raise ValueError before anything runs.
+        tokens: the newest token of each request (R ints, checked on the host, as the engine passes
+        them; or a long tensor [R], whose ids are checked with a device->host read), at slot
+        positions[r] of cache row rows[r] (distinct); kept[r]: the ascending layers request r runs;
+        sampling: a Sampling, or a :class:`d3kernels.sampling.RowSampling` when requests pick their
+        tokens differently. Layer j runs (QKV, attention, MLP) only on the rows that keep it; the
+        others' residual passes through and, in ``propagate`` mode, their K/V at j come from it:
+        eager fills them now, deferred (backfill_timing None: the model's) stashes the residual
+        entering each of the row's skipped runs for :meth:`flush_backfill` (the engine drops what a
+        row owes when it releases the row: nothing reads it); ``mask`` writes nothing for them. Owed
+        entries a row's pass would read or overwrite are settled first, as in :meth:`decode_step`.
+        Returns the next tokens [R] (long; on the triton backend a view of a buffer the next call
+        overwrites: read or copy it first). Bad arguments raise ValueError before anything runs.
 
         Both backends: the torch one gathers the rows that run a layer and scatters the result
         back; the triton one passes them to every kernel as ``rows=`` in the cache-row layout
@@ -706,7 +577,7 @@ class LlamaD3:
         """
         mode, timing = self.resolve_backfill(backfill, backfill_timing)
         deferred = mode == "propagate" and timing == "deferred"
-        cfg, dev, L = self.config, self.device, self.config.num_layers
+        cfg, L = self.config, self.config.num_layers
         rows, positions, kept = list(rows), list(positions), [tuple(k) for k in kept]
         R = len(rows)
         if isinstance(tokens, (list, tuple)):
@@ -761,51 +632,8 @@ class LlamaD3:
         elif mode == "propagate":  # one backfill per layer that any row skips
             cache.backfill_bytes += sum(any(j not in k for k in keeps) for j in range(L)) \
                 * self.weight_bytes.backfill_layer
-        if self._triton is not None:  # its uploaded tables carry the marks
-            return self._triton.decode_rows(tokens, rows, positions, kept, cache, sampling, mode,
-                                            starts, marks)
-        row_t, pos = torch.tensor(rows, device=dev), torch.tensor(positions, device=dev)
-        cache.written[:, row_t, pos] = torch.tensor(marks, device=dev)
-        cos, sin = self.rope_cos[pos][:, None, None], self.rope_sin[pos][:, None, None]
-        span = max(positions) + 1
-        causal = (torch.arange(span, device=dev) <= pos[:, None])[:, None, None]  # [R,1,1,span]
-        x = self.embed[torch.as_tensor(tokens, device=dev)][:, None]  # [R, 1, H]
-
-        def pick(t, idx):  # rows idx of t, without a copy when idx is every row
-            return t if idx is None else t[idx]
-
-        for j in range(L):
-            run = [r for r in range(R) if j in keeps[r]]
-            if deferred:
-                for s, stashed in starts.get(j, {}).items():
-                    t = torch.tensor(stashed, device=dev)
-                    cache.stash[s][row_t[t], pos[t]] = x[t, 0]
-            elif mode == "propagate" and len(run) < R:
-                skip = [r for r in range(R) if j not in keeps[r]]
-                s_idx = torch.tensor(skip, device=dev)
-                self._backfill((j, j + 1), x[s_idx], cos[s_idx], sin[s_idx],
-                               [positions[r] for r in skip], cache, row_t[s_idx])
-            if not run:
-                continue
-            r_idx = None if len(run) == R else torch.tensor(run, device=dev)
-            crow = pick(row_t, r_idx)
-            xr = pick(x, r_idx)
-            q, k, v = self._qkv(j, xr, pick(cos, r_idx), pick(sin, r_idx))
-            # two advanced indices split by a slice: [n, kv_heads, D]
-            cache.k[j, crow, :, pick(pos, r_idx)] = k[:, :, 0]
-            cache.v[j, crow, :, pick(pos, r_idx)] = v[:, :, 0]
-            mask = pick(causal, r_idx)
-            if mode == "mask":
-                mask = mask & cache.written[j, crow, None, None, :span]
-            attn = F.scaled_dot_product_attention(q, cache.k[j, crow, :, :span],
-                                                  cache.v[j, crow, :, :span], attn_mask=mask,
-                                                  enable_gqa=True)
-            out = self._finish_layer(j, xr, attn)
-            if r_idx is None:
-                x = out
-            else:
-                x[r_idx] = out
-        return sampling(self._head(x[:, 0]))
+        return self._backend.decode_rows(tokens, rows, positions, kept, cache, sampling, mode,
+                                         starts, marks)
 
     def _begin_prefill(self, cache: KVCache, lengths: list[int], start: list[int] | None,
                        rows: list[int] | None = None):
@@ -857,7 +685,7 @@ class LlamaD3:
         already taken out of the cache."""
         if not owed:
             return 0
-        cfg, dev = self.config, self.device
+        dev = self.device
         per_layer = self.weight_bytes.backfill_layer
         entries: dict[tuple, list[tuple[int, int, int]]] = {}  # run -> [(ordinal, row, slot)]
         for r, runs in owed.items():
@@ -874,47 +702,12 @@ class LlamaD3:
         for runs, layers in groups.items():
             src, rows, pos = (torch.tensor(c, device=dev)
                               for c in zip(*(e for run in runs for e in entries[run])))
-            states = cache.stash[src, rows, pos]  # [M, H]
             n, M = len(layers), len(src)
-            if self._triton is not None:
-                self._triton.backfill_states(states, layers, pos, rows, cache)
-            else:
-                lid = torch.tensor(layers, device=dev)
-                normed = self._norm(states, None) * self.attn_norm[lid, None, :]  # [n, M, H]
-                w_kv = quant.as_float(self.w_qkv[lid, cfg.q_size:], normed.dtype)
-                kv = torch.matmul(normed, w_kv.transpose(1, 2))
-                k, v = kv.view(n, M, 2, cfg.num_kv_heads, cfg.head_dim).unbind(2)
-                cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]
-                # indices split by a slice: the broadcast [n, M] dims come first
-                cache.k[lid[:, None], rows[None], :, pos[None]] = _rope(k, cos, sin)
-                cache.v[lid[:, None], rows[None], :, pos[None]] = v
+            self._backend.backfill_states(cache.stash[src, rows, pos], layers, pos, rows, cache)
             cache.written[torch.tensor(layers, device=dev)[:, None], rows[None], pos[None]] = True
             cache.backfill_bytes += n * per_layer
             filled += n * M
         return filled
-
-    def _backfill(self, run: tuple[int, int], x: torch.Tensor, cos, sin, positions: list[int],
-                  cache: KVCache, rows: torch.Tensor | None = None) -> None:
-        """K/V of skipped layers [a, b) at the rows' slots, from their shared input x [B, 1, H].
-        rows: None (batch row b is cache row b, cos/sin as decode_step makes them) or the
-        cache row of each batch row (cos/sin [B, 1, 1, D])."""
-        cfg = self.config
-        a, b = run
-        B = x.shape[0]
-        normed = self._norm(x[:, 0], None) * self.attn_norm[a:b, None, :]  # [n, B, H]
-        w_kv = quant.as_float(self.w_qkv[a:b, cfg.q_size:], normed.dtype)
-        kv = torch.matmul(normed, w_kv.transpose(1, 2))  # [n, B, 2K]
-        k, v = kv.view(b - a, B, 2, cfg.num_kv_heads, cfg.head_dim).unbind(2)
-        if rows is None and min(positions) == max(positions):
-            p = positions[0]
-            cache.k[a:b, :B, :, p] = _rope(k, cos, sin)
-            cache.v[a:b, :B, :, p] = v
-        else:
-            pos = torch.tensor(positions, device=self.device)
-            rows = torch.arange(B, device=self.device) if rows is None else rows
-            # advanced indices split by a slice put the row dim first: [B, n, kv_heads, D]
-            cache.k[a:b][:, rows, :, pos] = _rope(k, cos[:, 0], sin[:, 0]).transpose(0, 1)
-            cache.v[a:b][:, rows, :, pos] = v.transpose(0, 1)
 
     def new_cache(self, batch_size: int, seq_len: int) -> KVCache:
         """A cache for batch_size rows of up to seq_len tokens, reusing the last one if it fits.

@@ -1,4 +1,5 @@
-"""LlamaD3's triton backend: prefill and decode steps on the fused kernels of d3kernels.ops.
+"""LlamaD3's triton backend: its passes (d3kernels.backend.Backend) on the fused kernels of
+d3kernels.ops; d3kernels.torch_backend runs the same passes with torch's own ops.
 
 A decode step is ``decode_embed`` (embedding, context lengths, the step's ``written`` marks),
 five launches per kept layer — QKV+RoPE+cache write with the input RMSNorm in its prologue,
@@ -23,6 +24,7 @@ import torch
 
 from dataclasses import dataclass, field
 
+from d3kernels.backend import Backend
 from d3kernels.kv_cache import KVCache
 from d3kernels.ops.attention import (DecodeWorkspace, attention_decode, attention_decode_splits,
                                      attention_decode_workspace, attention_prefill)
@@ -68,8 +70,8 @@ class _StepBuffers:
     host_pos: list[int] | None = None
 
 
-class TritonBackend:
-    """Runs a LlamaD3's passes on Triton kernels; holds no weights of its own."""
+class TritonBackend(Backend):
+    """Runs a LlamaD3's passes on Triton kernels; holds no weights of its own (``self.m``'s)."""
 
     def __init__(self, model, cuda_graphs: bool):
         self.m = model
@@ -171,8 +173,8 @@ class TritonBackend:
     # ---- passes -------------------------------------------------------------------------------
 
     def prefill(self, ids: torch.Tensor, lengths: list[int], cache: KVCache,
-                sampling: Sampling | RowSampling, start: list[int] | None = None,
-                mode: str = "propagate", rows: list[int] | None = None) -> torch.Tensor:
+                sampling: Sampling | RowSampling, start: list[int] | None, mode: str,
+                rows: list[int] | None) -> torch.Tensor:
         """Full-depth pass over right-padded ids [B, T] (long); fills cache slots start[b]..
         start[b]+T-1 (start None: 0), attending to the history already cached before them
         (mode ``"mask"``: only to the entries ``cache.written`` marks). Returns the next token
@@ -222,7 +224,8 @@ class TritonBackend:
 
     def backfill_states(self, states: torch.Tensor, layers: list[int], pos: torch.Tensor,
                         rows: torch.Tensor, cache: KVCache) -> None:
-        """K/V of ``layers`` at (rows[m], pos[m]) from residual states [M, H]: one launch."""
+        """Backend.backfill_states: K/V of ``layers`` at (rows[m], pos[m]) from residual
+        states [M, H], in one ``kv_backfill`` launch."""
         m, cfg = self.m, self.m.config
         layer_ids = torch.tensor(layers, dtype=torch.int32, device=m.device)
         kv_backfill(states.contiguous(), layer_ids, m.attn_norm, m.w_qkv, m.rope_cos,

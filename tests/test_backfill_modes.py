@@ -366,7 +366,7 @@ def test_triton_deferred_equals_eager(monkeypatch):
     c_e, c_d = (KVCache(model.config, 2, 8, model.dtype, model.device) for _ in range(2))
     out_e = model.generate(prompts, 4, s, stop_tokens=(), cache=c_e, past_lengths=[0, 0],
                            backfill_timing="eager")
-    backend, captured = model._triton, []
+    backend, captured = model._backend, []
 
     def capture(bufs, step):
         stash, zero = c_d.stash, torch.zeros(1, dtype=torch.int64, device=DEVICE)

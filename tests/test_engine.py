@@ -297,7 +297,7 @@ def test_triton_engine_graphs_serve_every_row_set(tiny_triton, monkeypatch):
         return [r.tokens for r in reqs], engine.stats.decode_steps
 
     plain, steps = run()
-    backend, captured = tiny_triton._triton, []
+    backend, captured = tiny_triton._backend, []
 
     def capture(bufs, step):
         zero = torch.zeros(1, dtype=torch.int64, device=DEVICE)

@@ -106,7 +106,7 @@ def test_wide_top_k_sizes_the_greedy_scratch(tiny_triton):
     s = DepthSchedule(alpha=0.5, head=1, tail=1)
     tiny_triton.generate([3, 1, 4], 2, s, temperature=0.8, top_k=MAX_FUSED_TOP_K + 1, seed=1,
                          stop_tokens=())
-    held = {k for b in tiny_triton._triton._buffers.values() for k in b.scratch}
+    held = {k for b in tiny_triton._backend._buffers.values() for k in b.scratch}
     assert None in held and MAX_FUSED_TOP_K + 1 not in held
 
 
@@ -159,7 +159,7 @@ def test_gpu_cuda_graph_replay_equals_eager():
         a = graphed.generate(prompts, 24, s, stop_tokens=(), **sampling)
         b = eager.generate(prompts, 24, s, stop_tokens=(), **sampling)
         assert a.tokens == b.tokens
-    assert len(graphed._triton._graphs) > 1  # one graph per distinct depth was captured
+    assert len(graphed._backend._graphs) > 1  # one graph per distinct depth was captured
 
 
 @pytest.mark.parametrize("backfill, order", [("propagate", "lower"), ("propagate", (4, 2, 6, 3)),
@@ -213,7 +213,7 @@ def test_gpu_engine_graphs_equal_ungraphed():
             list(engine.run())
             outs.append(([r.tokens for r in reqs], engine.stats.decode_steps))
         assert outs[0][0] == outs[1][0]
-        rows_graphs = [k for k in models[0]._triton._graphs if k[0] == "rows"]
+        rows_graphs = [k for k in models[0]._backend._graphs if k[0] == "rows"]
         assert 0 < len(rows_graphs) < outs[0][1]
 
 

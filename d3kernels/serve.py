@@ -444,7 +444,7 @@ def create_app(model, *, model_name: str = "d3kernels", max_batch: int = 8,
             raise APIError(400, f"this server's context is {seq_len} tokens (max_seq_len): the "
                                 f"prompt's {len(ids)} tokens plus max_tokens={max_tokens} exceed "
                                 "it", param="max_tokens", code="context_length_exceeded")
-        waiting = sum(not j.admitted for j in jobs)
+        waiting = sum(not (j.admitted or j.finished) for j in jobs)
         if waiting >= max_queue:
             rejected[0] += 1
             raise APIError(429, f"the queue is full ({waiting} requests waiting for "
@@ -456,7 +456,12 @@ def create_app(model, *, model_name: str = "d3kernels", max_batch: int = 8,
                   asyncio.get_running_loop())
         jobs.add(job)
         worker.submit(job)
-        first = await job.events.get()
+        try:
+            first = await job.events.get()
+        except BaseException:  # the handler was cancelled (the client left): drop the job
+            jobs.discard(job)
+            worker.cancel(job)
+            raise
         if first[0] == "error":
             jobs.discard(job)
             raise APIError(first[1], first[2])
@@ -582,7 +587,7 @@ def create_app(model, *, model_name: str = "d3kernels", max_batch: int = 8,
     async def metrics():
         # waiting: counted on the HTTP side, which also sees requests not yet handed to the
         # engine thread (it takes commands between steps)
-        snap = worker.snapshot | {"waiting": sum(not j.admitted for j in jobs)}
+        snap = worker.snapshot | {"waiting": sum(not (j.admitted or j.finished) for j in jobs)}
         lines = []
         for name, kind, help_, key in _METRICS:
             lines += [f"# HELP d3kernels_{name} {help_}", f"# TYPE d3kernels_{name} {kind}",

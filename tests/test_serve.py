@@ -42,7 +42,9 @@ def tiny_chat_model(seed: int = 7) -> LlamaD3:
     byte symbols, <|im_start|> and <|im_end|> (EOS) and user-defined ``<uN>`` up to 512."""
     model = LlamaD3.random("tiny", dtype=torch.float32, seed=seed, backend="torch")
     n = model.config.vocab_size
-    tokens = list(pre_tokenizers.ByteLevel.alphabet()) + ["<|im_start|>", "<|im_end|>"]
+    # alphabet() comes in a different order each call: sorted, every instance (the server's
+    # and the tests' reference) encodes alike
+    tokens = sorted(pre_tokenizers.ByteLevel.alphabet()) + ["<|im_start|>", "<|im_end|>"]
     tokens += [f"<u{i}>" for i in range(len(tokens), n)]
     model.tokenizer = Tokenizer.from_gguf_fields({
         "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "default",
@@ -81,8 +83,11 @@ def model():
 
 
 @pytest.fixture(scope="module")
-def live(model):
-    with LiveServer(create_app(model, model_name=NAME, max_batch=4, schedule=D3)) as s:
+def live():
+    """The server runs a model of its own (same seed, same weights as ``model``): the tests'
+    reference generate calls never share a model with the engine thread."""
+    with LiveServer(create_app(tiny_chat_model(), model_name=NAME, max_batch=4,
+                               schedule=D3)) as s:
         yield s
 
 

@@ -114,11 +114,11 @@ def masked_logits(model, input_ids, keep: torch.Tensor | None = None) -> torch.T
     cos, sin = model.rope_cos[:T, None], model.rope_sin[:T, None]
     x = model.embed[ids]
     for j in range(L):
-        q, k, v = model._qkv(j, x, cos, sin)
+        q, k, v = model._torch.qkv(j, x, cos, sin)
         attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        out = model._finish_layer(j, x, attn)
+        out = model._torch.finish_layer(j, x, attn)
         x = out if keep is None else torch.where(keep[:, :, j, None], out, x)
-    return model._head(x)
+    return model._torch.head(x)
 
 
 def reply_keep(schedule: DepthSchedule, num_layers: int, prefix_len: int, total_len: int,

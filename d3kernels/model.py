@@ -425,18 +425,6 @@ class LlamaD3:
     # ---- the torch building blocks, on either backend ----------------------------------------
 
     # d3kernels.eval.masked_logits builds its masked recompute from these (TorchBackend's)
-    def _qkv(self, j: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """:meth:`TorchBackend.qkv`: layer j's Q, K, V [B, heads, T, D] from x [B, T, H]."""
-        return self._torch.qkv(j, x, cos, sin)
-
-    def _finish_layer(self, j: int, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        """:meth:`TorchBackend.finish_layer`: O projection, MLP, residuals; x [B, T, H]."""
-        return self._torch.finish_layer(j, x, attn)
-
-    def _head(self, x: torch.Tensor) -> torch.Tensor:
-        """:meth:`TorchBackend.head`: logits [..., V] from x [..., H]."""
-        return self._torch.head(x)
-
     # ---- passes: checks and shared bookkeeping here, the computing in self._backend ---------
 
     @torch.inference_mode()

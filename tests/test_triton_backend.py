@@ -132,14 +132,17 @@ def test_backend_choice_and_errors(monkeypatch):
 
 
 @gpu
-@pytest.mark.parametrize("preset", ["smollm2-135m", "llama-2-7b", "llama-3-8b"])
-def test_gpu_triton_matches_torch_backend(preset):
+@pytest.mark.parametrize("preset, quantize, group", [
+    ("smollm2-135m", None, None), ("llama-2-7b", None, None), ("llama-3-8b", None, None),
+    ("llama-2-7b", "int4", 128), ("llama-2-7b", "int8", None)])
+def test_gpu_triton_matches_torch_backend(preset, quantize, group):
     """Real layer shapes, 6 layers deep: bf16 rounding compounds with depth, and each layer's
-    kernels are what is under test (the whole-depth behaviour is tested on the tiny model)."""
+    kernels are what is under test (the whole-depth behaviour is tested on the tiny model).
+    With int4/int8 weights the torch backend (fp32) runs the same quantized weights."""
     torch.manual_seed(0)
     config = PRESETS[preset].replace(num_layers=6)
     triton_model = LlamaD3.random(config, dtype=torch.bfloat16, device="cuda", backend="triton",
-                                  max_seq_len=1024)
+                                  max_seq_len=1024, quantize=quantize, group_size=group)
     torch_model = LlamaD3(config, triton_model.state_dict(), dtype=torch.float32, device="cuda",
                           backend="torch", max_seq_len=1024)
     s = DepthSchedule(alpha=0.8, head=1, tail=1)
@@ -278,20 +281,3 @@ def test_quantized_decode_step_launch_budget(tiny_quantized):
         with count_launches() as launches:
             model.decode_step(nxt, [4], kept, cache, Sampling())
     assert sum(launches.values()) == 5 * len(kept) + 3
-
-
-@gpu
-@pytest.mark.parametrize("fmt, group", [("int4", 128), ("int8", None)])
-def test_gpu_quantized_triton_matches_torch_backend(fmt, group):
-    """bf16 activations on int4/int8 weights at Llama-2-7B layer shapes, 4 layers: the KV cache
-    of the triton backend vs the torch backend in fp32 on the same quantized weights."""
-    torch.manual_seed(0)
-    config = PRESETS["llama-2-7b"].replace(num_layers=4)
-    triton_model = LlamaD3.random(config, dtype=torch.bfloat16, device="cuda", backend="triton",
-                                  max_seq_len=512, quantize=fmt, group_size=group)
-    torch_model = LlamaD3(config, triton_model.state_dict(), dtype=torch.float32, device="cuda",
-                          backend="torch", max_seq_len=512)
-    s = DepthSchedule(alpha=0.8, head=1, tail=1)
-    prompts = [torch.randint(0, config.vocab_size, (n,)).tolist() for n in (37, 100)]
-    steps = [torch.randint(0, config.vocab_size, (5,)).tolist() for _ in prompts]
-    _assert_same_cache(triton_model, torch_model, prompts, steps, s, torch.bfloat16)

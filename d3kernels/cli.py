@@ -102,11 +102,16 @@ def _add_schedule_choice_args(s) -> None:
     s.add_argument("--full-depth", action="store_true", help="decode every token at full depth")
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_checkpoint_and_schedule_args(p: argparse.ArgumentParser, schedule_title: str) -> None:
+    """The model's options and a group of every schedule option (generate, chat, serve)."""
     _add_checkpoint_args(p)
-    s = p.add_argument_group("D³ schedule (design.md §2)")
+    s = p.add_argument_group(schedule_title)
     _add_schedule_args(s)
     _add_schedule_choice_args(s)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    _add_checkpoint_and_schedule_args(p, "D³ schedule (design.md §2)")
     o = p.add_argument_group("sampling")
     o.add_argument("--max-new-tokens", type=int, default=128, help="(default: %(default)s)")
     o.add_argument("--temperature", type=float, default=0.0,
@@ -482,10 +487,8 @@ def cmd_serve(args) -> int:
 
 
 def _add_serve_args(p: argparse.ArgumentParser) -> None:
-    _add_checkpoint_args(p)
-    s = p.add_argument_group("default D³ schedule (a request's \"d3\" field overrides it)")
-    _add_schedule_args(s)
-    _add_schedule_choice_args(s)
+    _add_checkpoint_and_schedule_args(
+        p, "default D³ schedule (a request's \"d3\" field overrides it)")
     h = p.add_argument_group("server")
     h.add_argument("--host", default="127.0.0.1", help="(default: %(default)s)")
     h.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")

@@ -10,11 +10,12 @@ from reference.d3_generate import d3_generate
 from reference.llama import llama_forward
 from reference.lm_head import lm_head
 from reference.mlp import swiglu_mlp
+from reference.paged_cache import gather_pages, scatter_pages
 from reference.quant import dequantize, dequantize_gguf, dequantize_int4, dequantize_int8
 from reference.rmsnorm import rms_norm
 from reference.rope import apply_rope, rope_inv_freq
 from reference.schedule import depth_at, kept_layers, skip_order
 
 __all__ = ["apply_rope", "causal_gqa_attention", "d3_generate", "depth_at", "dequantize",
-           "dequantize_gguf", "dequantize_int4", "dequantize_int8", "kept_layers",
-           "llama_forward", "lm_head", "rms_norm", "rope_inv_freq", "skip_order", "swiglu_mlp"]
+           "dequantize_gguf", "dequantize_int4", "dequantize_int8", "gather_pages", "kept_layers",
+           "llama_forward", "lm_head", "scatter_pages", "rms_norm", "rope_inv_freq", "skip_order", "swiglu_mlp"]

@@ -18,4 +18,5 @@ from reference.schedule import depth_at, kept_layers, skip_order
 
 __all__ = ["apply_rope", "causal_gqa_attention", "d3_generate", "depth_at", "dequantize",
            "dequantize_gguf", "dequantize_int4", "dequantize_int8", "gather_pages", "kept_layers",
-           "llama_forward", "lm_head", "scatter_pages", "rms_norm", "rope_inv_freq", "skip_order", "swiglu_mlp"]
+           "llama_forward", "lm_head", "rms_norm", "rope_inv_freq", "scatter_pages", "skip_order",
+           "swiglu_mlp"]

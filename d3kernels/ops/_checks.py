@@ -61,3 +61,37 @@ def check_launchable(t: torch.Tensor) -> None:
     raise ValueError(f"Triton kernels need CUDA tensors (got {t.device}); on a machine without a "
                      "GPU set TRITON_INTERPRET=1 before importing triton to run them in Triton's "
                      "interpreter, or use backend='torch'")
+
+
+def check_page_size(name: str, cache: torch.Tensor, dim: int = 1) -> int:
+    """Page size S = ``cache.shape[dim]`` of a paged KV cache ([P, S, Hkv, D], or [L, P, S, Hkv,
+    D] with ``dim=2``); it must be a power of two (1 allowed), so the kernels split a position
+    into page and offset with a shift and a mask. Returns S."""
+    page_size = cache.shape[dim]
+    if page_size < 1 or page_size & (page_size - 1):
+        raise ValueError(f"{name}: page_size (dim {dim}) must be a power of two, got {page_size}")
+    return page_size
+
+
+def check_block_table(block_table, batch: int, num_pages: int, device: torch.device) -> None:
+    """``block_table``: int32 [batch, NP] on ``device``, last dim dense; entry [b, i] is the page
+    (of a cache with ``num_pages`` pages) holding positions i*S..(i+1)*S-1 of row b, -1 for none.
+
+    Values are checked to lie in [-1, num_pages) with one host sync (min and max read together),
+    because an out-of-range page index reads and writes outside the cache. The check is skipped
+    while a CUDA graph is being captured on ``device``: a sync there would break the capture, and
+    captured steps replay tables the caller built (and checked) on the host.
+    """
+    check_tensor("block_table", block_table, ndim=2, dtype=torch.int32, device=device)
+    if block_table.shape[0] != batch:
+        raise ValueError(f"block_table must have one row per batch row ({batch}), got shape "
+                         f"{list(block_table.shape)}")
+    if block_table.numel() == 0:
+        return
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return
+    lo, hi = torch.stack(torch.aminmax(block_table)).tolist()  # one device-to-host copy
+    if lo < -1 or hi >= num_pages:
+        bad = f"max {hi}" if hi >= num_pages else f"min {lo}"
+        raise ValueError(f"block_table: entries must be in [-1, P={num_pages}) (page indices of "
+                         f"k_cache, -1 for none), got {bad}")

@@ -2,7 +2,8 @@
 
 One launch computes ``x @ w_qkv.T`` for every token of the active rows (optionally RMS-normalizing
 x on load, so the layer's input norm needs no launch of its own), rotates Q and K, returns Q and
-stores K and V at each token's cache position. The rotation pairs column i of a head with
+stores K and V at each token's slot of the paged cache (its page looked up in the row's block
+table, one index load per token). The rotation pairs column i of a head with
 column i + D/2, so a program owns matching column blocks of both halves of one head (two
 accumulators) and can rotate them without seeing any other program's output. The weight may be
 float or weight-only int8/int4, dequantized tile by tile in registers (d3kernels/ops/_quant.py).
@@ -15,7 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from d3kernels.ops._checks import FLOAT_DTYPES, check_launchable, check_rows, check_tensor
+from d3kernels.ops._checks import (FLOAT_DTYPES, check_block_table, check_launchable,
+                                   check_page_size, check_rows, check_tensor)
 from d3kernels.ops._quant import load_weight_tile, weight_operand
 from d3kernels.ops._tuning import (HALF_HEAD_CONFIGS, autotune, dot_precision, m_bucket,
                                    prune_half_head)
@@ -47,12 +49,13 @@ def rope_rotate_half(acc_lo, acc_hi, cos_ptr, sin_ptr, pos, cols, stride_cos, st
 @triton.jit
 def _qkv_rope_kernel(
     x_ptr, nw_ptr, w_ptr, ws_ptr, wo_ptr, cos_ptr, sin_ptr, start_ptr, rows_ptr, q_ptr, k_ptr,
-    v_ptr,
+    v_ptr, bt_ptr,
     M, T, H, HALF, POS_LIMIT, eps,
     M_BUCKET,  # read only by the autotuner's key
     stride_xb, stride_xt, stride_wn, stride_sn, stride_cos, stride_sin,
     stride_qb, stride_qt, stride_qh,
-    stride_cb, stride_ch, stride_ct,
+    stride_cp, stride_cs, stride_ch, stride_btb,
+    PAGE_SIZE: tl.constexpr,  # a power of two: page and offset are a shift and a mask
     NUM_HEADS: tl.constexpr, NUM_KV: tl.constexpr, HAS_ROWS: tl.constexpr,
     HAS_NORM: tl.constexpr, DOT_PRECISION: tl.constexpr, WFMT: tl.constexpr,
     GROUP: tl.constexpr,
@@ -100,7 +103,7 @@ def _qkv_rope_kernel(
 
     # RoPE on Q and K heads; V heads pass through.
     # A position past the cache or the tables is the caller's bug; masking keeps memory safe.
-    tile_mask = m_mask[:, None] & col_mask[None, :] & (pos < POS_LIMIT)[:, None]
+    tile_mask = m_mask[:, None] & col_mask[None, :] & ((pos >= 0) & (pos < POS_LIMIT))[:, None]
     rot_lo, rot_hi = rope_rotate_half(acc_lo, acc_hi, cos_ptr, sin_ptr, pos, cols, stride_cos,
                                       stride_sin, HALF, tile_mask)
     is_v = head >= NUM_HEADS + NUM_KV
@@ -110,9 +113,13 @@ def _qkv_rope_kernel(
     if head < NUM_HEADS:
         dst = q_ptr + (b * stride_qb + t * stride_qt + head * stride_qh)[:, None] + cols[None, :]
     else:
+        # the token's page: block_table[b, pos // S]; -1 (no page) drops the write
+        in_cache = m_mask & (pos >= 0) & (pos < POS_LIMIT)
+        page = tl.load(bt_ptr + b * stride_btb + pos // PAGE_SIZE, mask=in_cache, other=-1)
+        tile_mask = tile_mask & (page >= 0)[:, None]
         kv_head = (head - NUM_HEADS) % NUM_KV
-        offs = (b * stride_cb + kv_head * stride_ch + pos.to(tl.int64) * stride_ct)[:, None] \
-            + cols[None, :]
+        offs = (page.to(tl.int64) * stride_cp + (pos % PAGE_SIZE).to(tl.int64) * stride_cs
+                + kv_head * stride_ch)[:, None] + cols[None, :]
         if is_v:
             dst = v_ptr + offs
         else:
@@ -121,8 +128,8 @@ def _qkv_rope_kernel(
     tl.store(dst + HALF, out_hi.to(dst.dtype.element_ty), mask=tile_mask)
 
 
-def _launch(x, w_qkv, w_scale, w_offset, group, wfmt, cos, sin, start, k_cache, v_cache, q_out,
-            rows, num_heads, num_kv_heads, norm_weight, eps):
+def _launch(x, w_qkv, w_scale, w_offset, group, wfmt, cos, sin, start, k_cache, v_cache,
+            block_table, q_out, rows, num_heads, num_kv_heads, norm_weight, eps):
     B, T, H = x.shape
     R = B if rows is None else rows.shape[0]
     M = R * T
@@ -134,13 +141,14 @@ def _launch(x, w_qkv, w_scale, w_offset, group, wfmt, cos, sin, start, k_cache, 
                          * triton.cdiv(head_dim // 2, meta["BLOCK_HALF"]))
     _qkv_rope_kernel[grid](
         x, norm_weight, w_qkv, w_scale, w_offset, cos, sin, start,
-        start if rows is None else rows, q_out, k_cache, v_cache,
-        M, T, H, head_dim // 2, min(k_cache.shape[2], cos.shape[0]), eps, m_bucket(M, cap=256),
+        start if rows is None else rows, q_out, k_cache, v_cache, block_table,
+        M, T, H, head_dim // 2, min(block_table.shape[1] * k_cache.shape[1], cos.shape[0]), eps,
+        m_bucket(M, cap=256),
         x.stride(0), x.stride(1), w_qkv.stride(0), w_scale.stride(0), cos.stride(0),
         sin.stride(0),
         q_out.stride(0), q_out.stride(1), q_out.stride(2),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        NUM_HEADS=num_heads, NUM_KV=num_kv_heads, HAS_ROWS=rows is not None,
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
+        PAGE_SIZE=k_cache.shape[1], NUM_HEADS=num_heads, NUM_KV=num_kv_heads, HAS_ROWS=rows is not None,
         HAS_NORM=norm_weight is not None, DOT_PRECISION=dot_precision(x.dtype), WFMT=wfmt,
         GROUP=group,
     )
@@ -150,23 +158,24 @@ def _launch(x, w_qkv, w_scale, w_offset, group, wfmt, cos, sin, start, k_cache, 
 def _qkv_rope_op(x: torch.Tensor, w_qkv: torch.Tensor, w_scale: torch.Tensor,
                  w_offset: torch.Tensor, group: int, wfmt: int, cos: torch.Tensor,
                  sin: torch.Tensor, start: torch.Tensor, k_cache: torch.Tensor,
-                 v_cache: torch.Tensor, q_out: torch.Tensor, rows: Optional[torch.Tensor],
-                 num_heads: int, num_kv_heads: int, norm_weight: Optional[torch.Tensor],
-                 eps: float) -> None:
+                 v_cache: torch.Tensor, block_table: torch.Tensor, q_out: torch.Tensor,
+                 rows: Optional[torch.Tensor], num_heads: int, num_kv_heads: int,
+                 norm_weight: Optional[torch.Tensor], eps: float) -> None:
     """w_qkv, w_scale, w_offset, group, wfmt: the weight as ``weight_operand`` splits it."""
-    _launch(x, w_qkv, w_scale, w_offset, group, wfmt, cos, sin, start, k_cache, v_cache, q_out,
-            rows, num_heads, num_kv_heads, norm_weight, eps)
+    _launch(x, w_qkv, w_scale, w_offset, group, wfmt, cos, sin, start, k_cache, v_cache,
+            block_table, q_out, rows, num_heads, num_kv_heads, norm_weight, eps)
 
 
 @_qkv_rope_op.register_fake
-def _(x, w_qkv, w_scale, w_offset, group, wfmt, cos, sin, start, k_cache, v_cache, q_out, rows,
-      num_heads, num_kv_heads, norm_weight, eps):
+def _(x, w_qkv, w_scale, w_offset, group, wfmt, cos, sin, start, k_cache, v_cache, block_table,
+      q_out, rows, num_heads, num_kv_heads, norm_weight, eps):
     return None
 
 
 def qkv_rope(x: torch.Tensor, w_qkv: torch.Tensor | QuantizedWeight, cos: torch.Tensor,
              sin: torch.Tensor, start: torch.Tensor, k_cache: torch.Tensor,
-             v_cache: torch.Tensor, *, num_heads: int, num_kv_heads: int,
+             v_cache: torch.Tensor, block_table: torch.Tensor, *, num_heads: int,
+             num_kv_heads: int,
              rows: torch.Tensor | None = None,
              q_out: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
              eps: float = 1e-5) -> torch.Tensor:
@@ -182,10 +191,15 @@ def qkv_rope(x: torch.Tensor, w_qkv: torch.Tensor | QuantizedWeight, cos: torch.
         cos, sin: [T_max', D] float RoPE tables (``d3kernels.model.rope_tables``; llama3 scaling
             already folded in), rows indexed by cache position.
         start: int32 [B], cache position of x[b, 0]; token t of row b sits at start[b] + t.
-        k_cache, v_cache: [B, num_kv_heads, T_max, D], x's dtype, one layer of the stacked cache
-            (a strided view is fine; both must have the same strides). K (rotated) and V of every
-            processed token are written at [b, :, start[b] + t]; nothing else is touched.
-            Positions must be < min(T_max, T_max'): tokens past that are not written.
+        k_cache, v_cache: [P, S, num_kv_heads, D], x's dtype, one layer of the stacked paged
+            cache (``cache.k[j]``; a strided view is fine, the last dim dense; both must have
+            the same strides); S, the page size, a power of two. K (rotated) and V of token t
+            of row b (position p = start[b] + t) are written at
+            ``[block_table[b, p // S], p % S]``; nothing else is touched. Positions must be
+            < min(NP*S, T_max'): tokens past that, or behind a -1 page, are not written.
+        block_table: int32 [B, NP], on x's device: row b's pages in position order, -1 for
+            none (values checked in [-1, P) with one host sync, except while a CUDA graph is
+            being captured). Rows may share pages; two tokens must not write the same slot.
         num_heads, num_kv_heads: head counts (GQA allowed); D = k_cache.shape[-1], even.
         rows: None (all rows) or int32 [R] of distinct batch rows to process; other rows of the
             cache and of ``q_out`` are left as they were.
@@ -210,7 +224,8 @@ def qkv_rope(x: torch.Tensor, w_qkv: torch.Tensor | QuantizedWeight, cos: torch.
     D = k_cache.shape[-1]
     if D % 2:
         raise ValueError(f"k_cache: head_dim must be even for RoPE, got {D}")
-    check_tensor("k_cache", k_cache, shape=(B, num_kv_heads, None, D))
+    check_tensor("k_cache", k_cache, shape=(None, None, num_kv_heads, D))
+    check_page_size("k_cache", k_cache)
     check_tensor("v_cache", v_cache, shape=tuple(k_cache.shape), dtype=dt, device=dev)
     if v_cache.stride() != k_cache.stride():
         raise ValueError(f"v_cache must have k_cache's strides {list(k_cache.stride())}, got "
@@ -221,11 +236,12 @@ def qkv_rope(x: torch.Tensor, w_qkv: torch.Tensor | QuantizedWeight, cos: torch.
     check_tensor("start", start, shape=(B,), dtype=torch.int32, device=dev)
     check_rows(rows, B, dev)
     check_norm(norm_weight, eps, H, dt, dev)
+    check_block_table(block_table, B, k_cache.shape[0], dev)
     if q_out is None:
         q_out = torch.empty((B, T, num_heads, D), dtype=dt, device=dev)
     else:
         check_tensor("q_out", q_out, shape=(B, T, num_heads, D), dtype=dt, device=dev)
     check_launchable(x)
-    _qkv_rope_op(x, *wq, cos, sin, start, k_cache, v_cache, q_out, rows, num_heads,
-                 num_kv_heads, norm_weight, float(eps))
+    _qkv_rope_op(x, *wq, cos, sin, start, k_cache, v_cache, block_table, q_out, rows,
+                 num_heads, num_kv_heads, norm_weight, float(eps))
     return q_out

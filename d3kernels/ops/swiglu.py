@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from d3kernels.ops._checks import FLOAT_DTYPES, check_launchable, check_rows, check_tensor
+from d3kernels.ops._checks import (FLOAT_DTYPES, check_block_table, check_launchable,
+                                   check_page_size, check_rows, check_tensor)
 from d3kernels.ops._quant import load_weight_tile, weight_operand
 from d3kernels.ops._tuning import autotune, dot_precision, m_bucket
 from d3kernels.ops.rms_norm import check_norm, load_rows, rms_rstd
@@ -116,13 +117,14 @@ def _gate_up_kernel(x_ptr, nw_ptr, w_ptr, ws_ptr, wo_ptr, out_ptr, rows_ptr, R, 
           restore_value=["res_ptr"])
 @triton.jit
 def _down_residual_kernel(h_ptr, w_ptr, ws_ptr, wo_ptr, res_ptr, rows_ptr, stash_ptr, sidx_ptr,
-                          pos_ptr, R, N, K, M_BUCKET, stride_h, stride_w, stride_s, stride_res,
-                          stride_ss, stride_sb, stride_st,
-                          HAS_ROWS: tl.constexpr, HAS_STASH: tl.constexpr,
+                          pos_ptr, bt_ptr, R, N, K, M_BUCKET, stride_h, stride_w, stride_s,
+                          stride_res, stride_ss, stride_sp, stride_st, stride_bt,
+                          PAGE: tl.constexpr, HAS_ROWS: tl.constexpr, HAS_STASH: tl.constexpr,
                           DOT_PRECISION: tl.constexpr, WFMT: tl.constexpr, GROUP: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # res[row, n] += h[row] · w[n] for the R active rows (HAS_STASH: the sum also goes to
-    # stash[sidx[row], row, pos[row], n] where sidx[row] >= 0).
+    # stash[sidx[row], page, pos[row] % PAGE, n] where sidx[row] >= 0, page the block table's
+    # entry for pos[row]; none behind a -1 page).
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -153,10 +155,13 @@ def _down_residual_kernel(h_ptr, w_ptr, ws_ptr, wo_ptr, res_ptr, rows_ptr, stash
     tl.store(res_ptrs, new, mask=mask)
     if HAS_STASH:
         s = tl.load(sidx_ptr + row, mask=m_mask, other=-1).to(tl.int64)
-        slot = tl.load(pos_ptr + row, mask=m_mask & (s >= 0), other=0).to(tl.int64)
-        tl.store(stash_ptr + s[:, None] * stride_ss + row[:, None] * stride_sb
-                 + slot[:, None] * stride_st + offs_n[None, :], new,
-                 mask=mask & (s >= 0)[:, None])
+        pos = tl.load(pos_ptr + row, mask=m_mask & (s >= 0), other=0)
+        page = tl.load(bt_ptr + row * stride_bt + pos // PAGE, mask=m_mask & (s >= 0),
+                       other=-1).to(tl.int64)
+        keep = (s >= 0) & (page >= 0)
+        tl.store(stash_ptr + s[:, None] * stride_ss + page[:, None] * stride_sp
+                 + (pos % PAGE).to(tl.int64)[:, None] * stride_st + offs_n[None, :], new,
+                 mask=mask & keep[:, None])
 
 
 def _m_bucket(n_rows: int) -> int:
@@ -194,8 +199,8 @@ def _(x, w_gate_up, w_scale, w_offset, group, wfmt, rows, out, norm_weight, eps)
 def _down_residual_op(h: torch.Tensor, w_down: torch.Tensor, w_scale: torch.Tensor,
                       w_offset: torch.Tensor, group: int, wfmt: int, residual: torch.Tensor,
                       rows: Optional[torch.Tensor], stash: Optional[torch.Tensor],
-                      stash_index: Optional[torch.Tensor],
-                      positions: Optional[torch.Tensor]) -> None:
+                      stash_index: Optional[torch.Tensor], positions: Optional[torch.Tensor],
+                      block_table: Optional[torch.Tensor]) -> None:
     """w_down, w_scale, w_offset, group, wfmt: the weight as ``weight_operand`` splits it."""
     n_rows = h.shape[0] if rows is None else rows.numel()
     hidden, inter = residual.shape[1], h.shape[1]
@@ -203,16 +208,18 @@ def _down_residual_op(h: torch.Tensor, w_down: torch.Tensor, w_scale: torch.Tens
         return
     has_stash = stash is not None
     _down_residual_kernel[_grid(n_rows, hidden)](
-        h, w_down, w_scale, w_offset, residual, rows, stash, stash_index, positions, n_rows,
-        hidden, inter, _m_bucket(n_rows), h.stride(0), w_down.stride(0), w_scale.stride(0),
-        residual.stride(0), *(stash.stride()[:3] if has_stash else (0, 0, 0)),
+        h, w_down, w_scale, w_offset, residual, rows, stash, stash_index, positions, block_table,
+        n_rows, hidden, inter, _m_bucket(n_rows), h.stride(0), w_down.stride(0),
+        w_scale.stride(0), residual.stride(0),
+        *(stash.stride()[:3] if has_stash else (0, 0, 0)),
+        block_table.stride(0) if has_stash else 0, PAGE=stash.shape[2] if has_stash else 1,
         HAS_ROWS=rows is not None, HAS_STASH=has_stash, DOT_PRECISION=dot_precision(h.dtype),
         WFMT=wfmt, GROUP=group)
 
 
 @_down_residual_op.register_fake
 def _(h, w_down, w_scale, w_offset, group, wfmt, residual, rows, stash, stash_index,
-      positions) -> None:
+      positions, block_table) -> None:
     return None
 
 
@@ -255,7 +262,8 @@ def swiglu_gate_up(x: torch.Tensor, w_gate_up: torch.Tensor | QuantizedWeight, *
 def down_residual(h: torch.Tensor, w_down: torch.Tensor | QuantizedWeight,
                   residual: torch.Tensor, *, rows: torch.Tensor | None = None,
                   stash: torch.Tensor | None = None, stash_index: torch.Tensor | None = None,
-                  positions: torch.Tensor | None = None) -> None:
+                  positions: torch.Tensor | None = None,
+                  block_table: torch.Tensor | None = None) -> None:
     """In place: ``residual += h @ w_down.T``, added in fp32 and stored in residual's dtype.
 
     h: [M, I] fp32/fp16/bf16; residual: [M, H], h's dtype (rows of h and residual may be
@@ -263,10 +271,12 @@ def down_residual(h: torch.Tensor, w_down: torch.Tensor | QuantizedWeight,
     (int8/int4) on h's device, dequantized in registers and rounded to h's dtype before each
     dot. rows: None or int32 [R] of distinct row indices: only those rows of h are read and of
     residual updated; the others are left untouched.
-    stash: optional [S, M, T, H] in h's dtype (outer dims may be strided, e.g. KVCache.stash),
-    with stash_index and positions, int32 [M]: the updated residual row b is also stored at
-    ``stash[stash_index[b], b, positions[b]]`` where stash_index[b] >= 0 (the deferred
-    backfill's copy of the residual entering a skipped run, without a launch of its own).
+    stash: optional [R, P, S, H] in h's dtype, paged like the KV cache (outer dims may be
+    strided, e.g. KVCache.stash), with stash_index and positions, int32 [M], and block_table,
+    int32 [M, NP] (docs/design.md §10): the updated residual row b is also stored at
+    ``stash[stash_index[b], block_table[b, p // S], p % S]`` (p = positions[b]) where
+    stash_index[b] >= 0 and that page is not -1 (the deferred backfill's copy of the residual
+    entering a skipped run, without a launch of its own).
     Allocates nothing (CUDA-graph capturable). fp32 inputs multiply in IEEE fp32 (no tf32).
     """
     check_tensor("h", h, ndim=2, dtype=FLOAT_DTYPES)
@@ -275,13 +285,17 @@ def down_residual(h: torch.Tensor, w_down: torch.Tensor | QuantizedWeight,
     check_tensor("residual", residual, shape=(M, w_down.shape[0]), dtype=h.dtype,
                  device=h.device)
     check_rows(rows, M, h.device)
-    if not (stash is None) == (stash_index is None) == (positions is None):
-        raise ValueError("stash, stash_index and positions go together: pass all or none")
+    if len({stash is None, stash_index is None, positions is None, block_table is None}) > 1:
+        raise ValueError("stash, stash_index, positions and block_table go together: pass all "
+                         "or none")
     if stash is not None:
-        check_tensor("stash", stash, shape=(None, M, None, w_down.shape[0]), dtype=h.dtype,
+        check_tensor("stash", stash, shape=(None, None, None, w_down.shape[0]), dtype=h.dtype,
                      device=h.device)
+        check_page_size("stash", stash, dim=2)
+        check_block_table(block_table, M, stash.shape[1], h.device)
         check_tensor("stash_index", stash_index, shape=(M,), dtype=torch.int32,
                      device=h.device)
         check_tensor("positions", positions, shape=(M,), dtype=torch.int32, device=h.device)
     check_launchable(h)
-    torch.ops.d3kernels.down_residual(h, *wq, residual, rows, stash, stash_index, positions)
+    torch.ops.d3kernels.down_residual(h, *wq, residual, rows, stash, stash_index, positions,
+                                      block_table)

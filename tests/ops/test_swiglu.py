@@ -13,6 +13,7 @@ from d3kernels.ops.swiglu import (_down_residual_kernel, _gate_up_kernel, down_r
 from d3kernels.quant import quantize
 from tests.ops.conftest import (CUDA, DEVICE, DTYPES, assert_close, gpu, poisoned, rand_quantized,
                                 randn)
+from tests.ops.paged import shuffled_block_table
 
 EPS = 1e-5
 
@@ -175,34 +176,38 @@ def test_down_residual_rows(dtype):
 
 
 def _check_down_stash(dtype, H, inter, seed, quant=None):
-    """The updated residual also lands at stash[stash_index[b], b, positions[b]] for the
-    processed rows whose stash_index is >= 0, and nowhere else; a -1 slot of rows is skipped
-    and an unlisted row keeps its residual."""
-    M, T, S = 5, 7, 3
+    """The updated residual also lands at stash[stash_index[b], page, p % S] (p = positions[b],
+    page its block-table entry) for the processed rows whose stash_index is >= 0 and whose page
+    is not -1, and nowhere else; a -1 slot of rows is skipped and an unlisted row keeps its
+    residual."""
+    M, runs, PS, NP, P = 5, 3, 2, 4, 23
     torch.manual_seed(seed)
     h = randn(M, inter, dtype=dtype)
     w_down, w_ref = _weight(H, inter, dtype, quant)
     residual = randn(M, H, dtype=dtype)
     start = residual.clone()
-    big = poisoned((S, M, T + 2, H + 8), dtype)  # strided slots and rows, as KVCache.stash
-    stash = big[:, :, 1:T + 1, :H]
+    big = poisoned((runs, P + 2, PS, H + 8), dtype)  # strided pages and rows, as KVCache.stash
+    stash = big[:, 1:P + 1, :, :H]
     positions = torch.tensor([3, 0, 6, 1, 2], dtype=torch.int32, device=DEVICE)
     stash_index = torch.tensor([2, -1, 0, 1, -1], dtype=torch.int32, device=DEVICE)
     rows = torch.tensor([4, 0, -1, 2, 1], dtype=torch.int32, device=DEVICE)
+    table = shuffled_block_table([NP] * M, NP, P, seed)
+    table[2, 3] = -1  # row 2's position 6: no page, nothing stored
     down_residual(h, w_down, residual, rows=rows, stash=stash, stash_index=stash_index,
-                  positions=positions)
+                  positions=positions, block_table=table)
     ref = start.double().cpu() + h.double().cpu() @ w_ref.T
     assert torch.equal(residual[3], start[3]), "a row not listed must keep its residual"
-    written = torch.zeros(S, M, T, dtype=torch.bool)
+    written = torch.zeros(runs, P, PS, dtype=torch.bool)
     for b in (4, 0, 2, 1):
         assert_close(residual[b], ref[b], dtype)
-        s = int(stash_index[b])
-        if s >= 0:  # the stored sum, bit for bit
-            assert torch.equal(stash[s, b, positions[b]], residual[b])
-            written[s, b, int(positions[b])] = True
-    assert written.sum() == 2  # rows 0 and 2: row 4's index is -1, row 3 is not processed
+        s, p = int(stash_index[b]), int(positions[b])
+        page = int(table[b, p // PS])
+        if s >= 0 and page >= 0:  # the stored sum, bit for bit
+            assert torch.equal(stash[s, page, p % PS], residual[b])
+            written[s, page, p % PS] = True
+    assert written.sum() == 1  # row 0: row 4's index is -1, row 2 has no page, 3 not processed
     assert stash.isnan().all(dim=-1).cpu().eq(~written).all()  # nothing else stored
-    assert big[:, :, 0].isnan().all() and big[:, :, T + 1].isnan().all()
+    assert big[:, 0].isnan().all() and big[:, P + 1].isnan().all()
     assert big[..., H:].isnan().all()
 
 
@@ -254,17 +259,28 @@ def test_swiglu_bad_input():
         (dict(residual=residual[:2]), "residual"),
         (dict(residual=residual.half()), "residual"),
         (dict(rows=torch.zeros(4, dtype=torch.int32, device=DEVICE)), "rows"),
-        (dict(stash=randn(1, 3, 5, 96)), "stash, stash_index and positions"),
-        (dict(stash=randn(1, 3, 5, 95), stash_index=i32z(3), positions=i32z(3)), "stash"),
-        (dict(stash=randn(1, 3, 5, 96), stash_index=i32z(2), positions=i32z(3)),
-         "stash_index"),
-        (dict(stash=randn(1, 3, 5, 96), stash_index=i32z(3),
-              positions=torch.zeros(3, device=DEVICE)), "positions"),
+        (dict(stash=randn(1, 3, 4, 96)), "stash, stash_index, positions and block_table"),
     ]
+    table = torch.zeros(3, 2, dtype=torch.int32, device=DEVICE)
+    stashed = dict(stash=poisoned((1, 3, 4, 96), torch.float32), stash_index=i32z(3),
+                   positions=i32z(3),
+                   block_table=table)
+    down_cases += [(stashed | bad, name) for bad, name in [
+        (dict(stash=randn(1, 3, 4, 95)), "stash"),
+        (dict(stash=randn(1, 3, 6, 96)), "stash"),  # page size not a power of two
+        (dict(stash_index=i32z(2)), "stash_index"),
+        (dict(positions=torch.zeros(3, device=DEVICE)), "positions"),
+        (dict(block_table=table.long()), "block_table"),
+        (dict(block_table=table[:2]), "block_table"),
+        (dict(block_table=table + 3), "block_table"),  # page 3 of a 3-page stash
+        (dict(block_table=table - 2), "block_table"),
+    ]]
+    before = residual.clone()
     for override, name in down_cases:
         args = dict(h=h, w_down=w_down, residual=residual, rows=None) | override
         with pytest.raises(ValueError, match=rf"^{name}\b"):
             down_residual(args.pop("h"), args.pop("w_down"), args.pop("residual"), **args)
+    assert torch.equal(residual, before) and stashed["stash"].isnan().all()  # nothing stored
 
 
 @pytest.mark.parametrize("quant", [None, ("int4", 32), ("int8", None)])
@@ -281,9 +297,11 @@ def test_swiglu_opcheck(quant):
                               (x, *w_gate_up, r, torch.empty(3, 160), norm, EPS),
                               test_utils=utils)
         torch.library.opcheck(torch.ops.d3kernels.down_residual.default,
-                              (randn(3, 160), *w_down, randn(3, 96), r, randn(2, 3, 4, 96),
+                              (randn(3, 160), *w_down, randn(3, 96), r, randn(2, 5, 2, 96),
                                torch.tensor([1, -1, 0], dtype=torch.int32, device=DEVICE),
-                               torch.tensor([1, 3, 0], dtype=torch.int32, device=DEVICE)),
+                               torch.tensor([1, 3, 0], dtype=torch.int32, device=DEVICE),
+                               torch.tensor([[4, 0], [1, 2], [3, -1]], dtype=torch.int32,
+                                            device=DEVICE)),
                               test_utils=utils)
 
 

@@ -1,5 +1,16 @@
-"""Static KV cache: preallocated once per generation, written by index, never resized mid-step."""
+"""Paged KV cache: fixed-size pages in one preallocated pool, addressed through block tables.
+
+Every op that reads or writes K/V (d3kernels.ops, both backends) takes the pool and a block
+table, so a stack that keeps its own pages (vLLM, FlashInfer users) can call them with its own
+tables (docs/design.md §10). A contiguous per-row cache is the case where each row owns its pages
+from the start (``num_pages=None``); the engine instead allocates pages as its requests grow.
+"""
 from __future__ import annotations
+
+import hashlib
+import math
+from array import array
+from typing import Iterable
 
 import torch
 
@@ -9,37 +20,81 @@ from d3kernels.config import LlamaConfig
 RunKey = tuple[int, int, int]
 
 
+class CacheFull(RuntimeError):
+    """Raised before any work when a pass needs more free pages than the pool has; nothing was
+    allocated or written. The engine preempts a request and retries; elsewhere it means the
+    pool (``num_pages``) is too small for what was asked."""
+
+
 class KVCache:
-    """k, v: [L, batch_size, kv_heads, seq_len, head_dim] in the model's dtype.
+    """k, v: [L, P, S, kv_heads, head_dim] in the model's dtype: P pages of S (``page_size``, a
+    power of two) token slots per layer. One stacked tensor per kind, so a run of layers is a
+    slice (one write for many layers). Zero-filled: attention masks unused slots, and zeros keep
+    a masked product finite.
 
-    One stacked tensor per kind, so a run of layers is a slice (one write for many layers).
-    Zero-filled: attention masks unused slots, and zeros keep a masked product finite.
+    block_table: int32 [batch_size, NP] on the cache's device (NP = ceil(seq_len / S) pages per
+    row): position t of row r is slot ``t % S`` of page ``block_table[r, t // S]``; -1 means no
+    page. A host mirror (``table``) is the allocator's truth; the device tensor is updated in
+    place, so CUDA graphs that read it stay valid. ``num_pages`` None: P = batch_size · NP and
+    row r owns pages r·NP .. r·NP + NP - 1 for the cache's life (``generate``, ``Conversation``);
+    an int: pages are taken from a free list as rows grow (:meth:`reserve`) and given back by
+    :meth:`release` (the engine). Reference counts let rows share full pages (the engine's
+    prefix sharing); a write into a shared page first copies it (copy-on-write).
 
-    written: bool [L, batch_size, seq_len], which (layer, row, slot) entries hold K/V of the
-    current sequence. Every write sets it: a prefill sets all layers of its slots (and clears
-    the row's slots after them), a decode step sets its kept layers, an eager ``propagate``
-    backfill its skipped ones. In ``mask`` mode skipped layers stay False and attention at
-    layer j ignores them; a deferred backfill leaves them False until it is flushed.
+    written: bool [L, P, S], which (layer, page slot) entries hold K/V of their sequence. Every
+    write sets it: a prefill sets all layers of its slots (and clears the row's slots after
+    them), a decode step sets its kept layers, an eager ``propagate`` backfill its skipped ones.
+    In ``mask`` mode skipped layers stay False and attention at layer j ignores them; a deferred
+    backfill leaves them False until it is flushed.
 
     Deferred ``propagate`` backfill (``backfill_timing="deferred"``, the default): a run of
     consecutive skipped layers [a, b) at one position is filled from one residual, the one
     entering the run, so a step stashes one hidden vector per skipped run. ``stash``
-    [S, batch_size, seq_len, H] (allocated on first use): ``stash[s, row, slot]`` is the
-    residual that entered the s-th skipped run of the pass at (row, slot); S is the most runs
-    any step on this cache has skipped so far (1 for the ``lower`` and ``upper`` orders).
-    ``deferred`` maps each cache row to what it still owes: {(a, b, s): [slot, ...]}.
-    ``LlamaD3.flush_backfill`` fills it, one launch per group of layers owed by the same
-    entries; a pass that reads a row's history settles that row first. ``backfill_bytes``:
-    weight bytes read by backfills into this cache so far.
+    [R, P, S, H] (allocated on first use): ``stash[s, page, slot]`` is the residual that entered
+    the s-th skipped run of the pass at that page slot; R is the most runs any step on this cache
+    has skipped so far (1 for the ``lower`` and ``upper`` orders). ``deferred`` maps each cache
+    row to what it still owes, by logical position: {(a, b, s): [position, ...]}.
+    ``LlamaD3.flush_backfill`` fills it, one launch per group of layers owed by the same entries;
+    a pass that reads a row's history settles that row first. ``backfill_bytes``: weight bytes
+    read by backfills into this cache so far.
     """
 
     def __init__(self, config: LlamaConfig, batch_size: int, seq_len: int, dtype: torch.dtype,
-                 device: torch.device):
-        shape = (config.num_layers, batch_size, config.num_kv_heads, seq_len, config.head_dim)
+                 device: torch.device, *, page_size: int = 16, num_pages: int | None = None):
+        for name, value, low in (("batch_size", batch_size, 1), ("seq_len", seq_len, 1),
+                                 ("page_size", page_size, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        if page_size & (page_size - 1):
+            raise ValueError(f"page_size must be a power of two, got {page_size}")
+        per_row = math.ceil(seq_len / page_size)
+        static = num_pages is None
+        if static:
+            num_pages = batch_size * per_row
+        elif isinstance(num_pages, bool) or not isinstance(num_pages, int) or num_pages < 1:
+            raise ValueError(f"num_pages must be an int >= 1 or None, got {num_pages!r}")
+        L = config.num_layers
+        shape = (L, num_pages, page_size, config.num_kv_heads, config.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.written = torch.zeros(shape[:2] + (seq_len,), dtype=torch.bool, device=device)
+        self.written = torch.zeros(shape[:3], dtype=torch.bool, device=device)
+        self.seq_len = seq_len
         self.hidden_size = config.hidden_size
+        self.static = static
+        self.table: list[list[int]] = [[-1] * per_row for _ in range(batch_size)]
+        self.refs = [0] * num_pages
+        self._free = list(range(num_pages - 1, -1, -1))  # popped from the end: lowest first
+        self.block_table = torch.full((batch_size, per_row), -1, dtype=torch.int32,
+                                      device=device)
+        # prefix sharing (the engine): digest of a full page's tokens and all before it -> page,
+        # for pages a full-depth prefill wrote; ``_key`` is the inverse
+        self._prefix: dict[bytes, int] = {}
+        self._key: dict[int, bytes] = {}
+        self.peak_pages = 0
+        if static:
+            for r in range(batch_size):
+                self._assign(r, 0, list(range(r * per_row, (r + 1) * per_row)))
+            self._free = []
         self.stash: torch.Tensor | None = None
         self.deferred: dict[int, dict[RunKey, list[int]]] = {}
         # per owing row: bitmask of the layers it owes, and 1 + its highest owed slot (host
@@ -48,17 +103,32 @@ class KVCache:
         self._owed_end: dict[int, int] = {}
         self.backfill_bytes = 0
 
+    # ---- shape --------------------------------------------------------------------------------
+
     @property
     def batch_size(self) -> int:
+        return self.block_table.shape[0]
+
+    @property
+    def page_size(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def num_pages(self) -> int:
         return self.k.shape[1]
 
     @property
-    def seq_len(self) -> int:
-        return self.k.shape[3]
+    def pages_per_row(self) -> int:
+        return self.block_table.shape[1]
+
+    @property
+    def page_bytes(self) -> int:
+        """Bytes of K and V one page holds over all layers."""
+        return 2 * self.k[:, 0].numel() * self.k.element_size()
 
     @property
     def kv_bytes(self) -> int:
-        """Bytes of the K and V tensors."""
+        """Bytes of the K and V pools."""
         return 2 * self.k.numel() * self.k.element_size()
 
     @property
@@ -66,14 +136,177 @@ class KVCache:
         """Bytes of the deferred-backfill stash (0 until a deferred step needs it)."""
         return 0 if self.stash is None else self.stash.numel() * self.stash.element_size()
 
+    # ---- pages --------------------------------------------------------------------------------
+
+    @property
+    def free_pages(self) -> int:
+        return len(self._free)
+
+    @property
+    def pages_in_use(self) -> int:
+        return self.num_pages - len(self._free)
+
+    def _assign(self, row: int, first: int, pages: list[int]) -> None:
+        """Point row's page entries first, first+1, ... at ``pages`` (one device write)."""
+        self.table[row][first:first + len(pages)] = pages
+        for p in pages:
+            self.refs[p] += 1
+        self.block_table[row, first:first + len(pages)] = torch.tensor(pages, dtype=torch.int32)
+        self.peak_pages = max(self.peak_pages, self.pages_in_use)
+
+    def _unref(self, page: int) -> None:
+        self.refs[page] -= 1
+        if self.refs[page] == 0:
+            key = self._key.pop(page, None)
+            if key is not None:
+                del self._prefix[key]
+            self._free.append(page)
+
+    def pages_needed(self, row: int, end: int, start: int = 0) -> int:
+        """Free pages a write of positions start..end-1 of ``row`` takes: pages not yet
+        allocated, and shared pages it would copy first."""
+        S, t = self.page_size, self.table[row]
+        return sum(t[i] < 0 or self.refs[t[i]] > 1 for i in range(start // S, -(-end // S)))
+
+    def reserve(self, writes: Iterable[tuple[int, int, int]]) -> None:
+        """Make every (row, start, end) writable at positions start..end-1: allocate the pages
+        it lacks and copy shared ones it would write into (copy-on-write); a written page
+        leaves the prefix index. Raises :class:`CacheFull` before changing anything when the
+        free pages do not cover it all, ValueError when end passes the row's capacity."""
+        writes = list(writes)
+        S = self.page_size
+        for row, start, end in writes:
+            if end > self.pages_per_row * S:
+                raise ValueError(f"position {end - 1} is past the cache's {self.pages_per_row} "
+                                 f"pages of {S} per row")
+        need = sum(self.pages_needed(r, e, s) for r, s, e in writes)
+        if need > len(self._free):
+            raise CacheFull(f"the pass needs {need} free KV pages but {len(self._free)} of "
+                            f"{self.num_pages} are free")
+        for row, start, end in writes:
+            t = self.table[row]
+            for i in range(start // S, -(-end // S)):
+                page = t[i]
+                if page >= 0 and self.refs[page] > 1:
+                    fresh = self._free.pop()
+                    self._copy_page(page, fresh)
+                    self.refs[page] -= 1  # still held by another row
+                    self._assign(row, i, [fresh])
+                elif page < 0:
+                    fresh = self._free.pop()
+                    self.written[:, fresh] = False  # a previous owner's marks
+                    self._assign(row, i, [fresh])
+                elif page in self._key:  # rewritten: no longer the prefix it was indexed as
+                    del self._prefix[self._key.pop(page)]
+
+    def _copy_page(self, src: int, dst: int) -> None:
+        self.k[:, dst] = self.k[:, src]
+        self.v[:, dst] = self.v[:, src]
+        self.written[:, dst] = self.written[:, src]
+        if self.stash is not None:
+            self.stash[:, dst] = self.stash[:, src]
+
+    def release(self, row: int) -> None:
+        """Give back row's pages (a shared page stays while another row holds it) and forget
+        what it owes: nothing reads a released row. No-op for a static cache."""
+        self.drop_backfill([row])
+        if self.static:
+            return
+        pages = [p for p in self.table[row] if p >= 0]
+        for p in pages:
+            self._unref(p)
+        self.table[row] = [-1] * self.pages_per_row
+        self.block_table[row] = -1
+
+    # ---- prefix sharing -----------------------------------------------------------------------
+
+    def _digests(self, tokens: list[int], pages: int) -> list[bytes]:
+        """Digest of tokens[:S·(i+1)] for each of the first ``pages`` full pages."""
+        S, h, out = self.page_size, hashlib.blake2b(digest_size=16), []
+        for i in range(pages):
+            h.update(array("q", tokens[i * S:(i + 1) * S]).tobytes())
+            out.append(h.copy().digest())
+        return out
+
+    def share_prefix(self, row: int, tokens: list[int]) -> int:
+        """Point an empty row's first pages at indexed pages holding the same leading tokens
+        (full pages only, and never the page of the last token: a prefill must still run it
+        to get the next token). Returns the positions covered (a multiple of page_size)."""
+        hits = []
+        for key in self._digests(tokens, (len(tokens) - 1) // self.page_size):
+            page = self._prefix.get(key)
+            if page is None:
+                break
+            hits.append(page)
+        if hits:
+            self._assign(row, 0, hits)
+        return len(hits) * self.page_size
+
+    def shared_pages(self, tokens: list[int]) -> int:
+        """How many of tokens' leading full pages :meth:`share_prefix` would share now."""
+        n = 0
+        for key in self._digests(tokens, (len(tokens) - 1) // self.page_size):
+            if key not in self._prefix:
+                break
+            n += 1
+        return n
+
+    def index_prefix(self, row: int, tokens: list[int]) -> None:
+        """Index row's full pages holding ``tokens`` (written at every layer by a prefill) for
+        :meth:`share_prefix`. Decode-written pages are never indexed: with layers skipped their
+        K/V differ from what a prefill of the same tokens writes (docs/design.md §10)."""
+        for i, key in enumerate(self._digests(tokens, len(tokens) // self.page_size)):
+            page = self.table[row][i]
+            if key not in self._prefix and page not in self._key:
+                self._prefix[key], self._key[page] = page, key
+
+    # ---- addressing ---------------------------------------------------------------------------
+
+    def slots(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Flat page-slot indices (page · S + position % S, long) of positions of rows (long
+        tensors that broadcast), read from the device block table; a position behind no page
+        maps to slot 0 (callers mask it)."""
+        S = self.page_size
+        page = self.block_table[rows, positions // S].long().clamp(min=0)
+        return page * S + positions % S
+
+    def flat(self, t: torch.Tensor) -> torch.Tensor:
+        """k, v [L, P, S, ...], written [L, P, S] or stash [R, P, S, H] viewed with their page
+        slots flattened: [L, P·S, ...]."""
+        return t.flatten(1, 2)
+
+    def gather_row(self, t: torch.Tensor, row: int, end: int | None = None) -> torch.Tensor:
+        """A copy of t (k, v, written or stash) at positions 0..end-1 (None: the row's
+        capacity) of ``row`` in order: [L (or R), end, ...]; positions behind no page read
+        page slot 0."""
+        end = self.pages_per_row * self.page_size if end is None else end
+        dev = self.k.device
+        return self.flat(t)[:, self.slots(torch.tensor(row, device=dev),
+                                          torch.arange(end, device=dev))]
+
+    def clear_rows(self, rows: list[int], first: list[int]) -> None:
+        """Mark row rows[i]'s positions from first[i] on not written (stale contents); pages
+        another row shares are left alone (a write there copies them first)."""
+        S, pages = self.page_size, []
+        for r, f in zip(rows, first):
+            t, i = self.table[r], f // S
+            if f % S and i < len(t) and t[i] >= 0 and self.refs[t[i]] == 1:
+                self.written[:, t[i], f % S:] = False
+            i += f % S > 0
+            pages += [p for p in t[i:] if p >= 0 and self.refs[p] == 1]
+        if pages:
+            self.written[:, torch.tensor(pages, device=self.k.device)] = False
+
+    # ---- deferred backfill --------------------------------------------------------------------
+
     def get_stash(self, runs: int = 1) -> torch.Tensor:
         """The stash with room for ``runs`` skipped runs per step. Grown only when a step
         skips more runs than any before it (what it holds is copied over): a new tensor, so
         CUDA graphs that hold the old address must be re-captured (TritonBackend checks)."""
         held = 0 if self.stash is None else self.stash.shape[0]
         if runs > held:
-            _, B, _, T, _ = self.k.shape
-            grown = torch.zeros(runs, B, T, self.hidden_size, dtype=self.k.dtype,
+            _, P, S, _, _ = self.k.shape
+            grown = torch.zeros(runs, P, S, self.hidden_size, dtype=self.k.dtype,
                                 device=self.k.device)
             if held:
                 grown[:held] = self.stash

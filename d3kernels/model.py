@@ -490,6 +490,8 @@ class LlamaD3:
         if any(x + n > min(cache.seq_len, self.max_seq_len) for x, n in zip(first, lengths)):
             raise ValueError(f"start + lengths exceeds the cache ({cache.seq_len} slots, "
                              f"max_seq_len {self.max_seq_len})")
+        cache.reserve((b, f, f + n) for b, f, n in zip(range(B) if rows is None else rows,
+                                                         first, lengths))
         self._begin_prefill(cache, lengths, start, rows)
         return self._backend.prefill(ids, lengths, cache, sampling, start, mode, rows)
 
@@ -517,6 +519,7 @@ class LlamaD3:
         B = tokens.shape[0]
         deferred = mode == "propagate" and timing == "deferred"
         skipped = L - len(kept)
+        cache.reserve((b, p, p + 1) for b, p in enumerate(positions))
         if cache.deferred:
             settle = cache.must_settle(range(B), positions, [_layer_bits(kept)] * B)
             if settle:
@@ -596,6 +599,7 @@ class LlamaD3:
                 _is_int(j) and 0 <= j < L for j in k) for k in kept):
             raise ValueError(f"kept must hold one ascending tuple of distinct layers in "
                              f"[0, {L}) per row, got {kept}")
+        cache.reserve((r, p, p + 1) for r, p in zip(rows, positions))
         if cache.deferred:
             settle = cache.must_settle(rows, positions, [_layer_bits(k) for k in kept])
             if settle:
@@ -634,9 +638,10 @@ class LlamaD3:
         first = [0] * B if start is None else list(start)
         if cache.deferred:
             self._settle_backfill(cache, rows, first)
-        for b, f, n in zip(rows, first, lengths):
-            cache.written[:, b, f:] = False
-            cache.written[:, b, f:f + n] = True
+        cache.clear_rows(rows, first)
+        pos = [(b, p) for b, f, n in zip(rows, first, lengths) for p in range(f, f + n)]
+        row_t, pos_t = torch.tensor(pos, device=self.device).unbind(1)
+        cache.flat(cache.written)[:, cache.slots(row_t, pos_t)] = True
 
     def _settle_backfill(self, cache: KVCache, rows: list[int], first: list[int]) -> None:
         """Before a pass on cache row rows[i] that reads its slots below first[i] and writes
@@ -691,8 +696,10 @@ class LlamaD3:
             src, rows, pos = (torch.tensor(c, device=dev)
                               for c in zip(*(e for run in runs for e in entries[run])))
             n, M = len(layers), len(src)
-            self._backend.backfill_states(cache.stash[src, rows, pos], layers, pos, rows, cache)
-            cache.written[torch.tensor(layers, device=dev)[:, None], rows[None], pos[None]] = True
+            slots = cache.slots(rows, pos)
+            self._backend.backfill_states(cache.flat(cache.stash)[src, slots], layers, pos, rows,
+                                          cache)
+            cache.flat(cache.written)[torch.tensor(layers, device=dev)[:, None], slots[None]] = True
             cache.backfill_bytes += n * per_layer
             filled += n * M
         return filled

@@ -4,9 +4,11 @@
 weight-only quantized projection: torch's own int4/int8 kernels where
 ``QuantizedWeight.prepare_torch`` found one, else the dequantized weight): the CPU path and the
 eager baseline on a GPU. A decode step gathers the rows that run a layer and scatters the result
-back; skipped layers' K/V come from one batched matmul per run of layers. Its building blocks
-(:meth:`TorchBackend.qkv`, :meth:`~TorchBackend.finish_layer`, :meth:`~TorchBackend.head`) also
-make ``LlamaD3.logits`` and ``d3kernels.eval.masked_logits`` on either backend.
+back; skipped layers' K/V come from one batched matmul per run of layers. K/V live in the
+cache's pages: a pass writes through the block table and gathers its rows' context per layer.
+Its building blocks (:meth:`TorchBackend.qkv`, :meth:`~TorchBackend.finish_layer`,
+:meth:`~TorchBackend.head`) also make ``LlamaD3.logits`` and ``d3kernels.eval.masked_logits`` on
+either backend.
 """
 from __future__ import annotations
 
@@ -85,33 +87,56 @@ class TorchBackend(Backend):
         start: None (every row begins at position 0) or the cache position of ids[b, 0] per
         row, for a chunk that extends a cache already holding positions 0..start[b]-1: the
         chunk attends to that history and causally within itself. Writes K/V of the real tokens
-        into ``cache`` when given (with a start > 0 a cache is required). Returns the residual
-        stream after the last layer, [B, T, H]. mask_mode: history entries that ``cache.written``
-        marks missing (``mask`` backfill) are excluded from attention. rows: None (batch row b
-        is cache row b) or a long tensor [B] of the cache row of each batch row.
+        into ``cache`` when given (with a start > 0 a cache is required; its pages must be
+        reserved). Returns the residual stream after the last layer, [B, T, H]. mask_mode:
+        history entries that ``cache.written`` marks missing (``mask`` backfill) are excluded
+        from attention. rows: None (batch row b is cache row b) or a long tensor [B] of the
+        cache row of each batch row.
         """
         if start is not None and any(start):
             return self._forward_chunk(ids, lengths, cache, start, mask_mode, rows)
         m = self.m
         B, T = ids.shape
-        crows = slice(None, B) if rows is None else rows
+        dev = m.device
         cos, sin = m.rope_cos[:T, None], m.rope_sin[:T, None]
         mask = None
+        real = torch.arange(T, device=dev)[None, :] < torch.tensor(lengths, device=dev)[:, None]
         if min(lengths) != T:  # padded rows: causal and key < length
-            idx = torch.arange(T, device=m.device)
-            valid = idx[None, :] < torch.tensor(lengths, device=m.device)[:, None]
-            mask = (idx[None, :, None] >= idx[None, None, :]) & valid[:, None, :]
-            mask = mask[:, None]
+            idx = torch.arange(T, device=dev)
+            mask = ((idx[None, :, None] >= idx[None, None, :]) & real[:, None, :])[:, None]
+        if cache is not None:  # the real tokens' page slots: padding must not touch pages
+            b_idx, cols = real.nonzero(as_tuple=True)
+            slots = cache.slots(b_idx if rows is None else rows[b_idx], cols)
+            kf, vf = cache.flat(cache.k), cache.flat(cache.v)
         x = m.embed[ids]
         for j in range(m.config.num_layers):
             q, k, v = self.qkv(j, x, cos, sin)
             if cache is not None:
-                cache.k[j, crows, :, :T] = k
-                cache.v[j, crows, :, :T] = v
+                kf[j, slots] = k[b_idx, :, cols]
+                vf[j, slots] = v[b_idx, :, cols]
             attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                   enable_gqa=True)
             x = self.finish_layer(j, x, attn)
         return x
+
+    @staticmethod
+    def _context(cache: KVCache, rows: torch.Tensor, span: int) -> torch.Tensor:
+        """Page-slot indices [R, span] of positions 0..span-1 of cache rows ``rows`` (long
+        [R]): one gather per layer then reads their K/V (positions behind no page land on a
+        slot the caller's causal mask excludes)."""
+        return cache.slots(rows[:, None], torch.arange(span, device=rows.device)[None, :])
+
+    @staticmethod
+    def _attend(cache: KVCache, j: int, q: torch.Tensor, ctx: torch.Tensor,
+                mask: torch.Tensor | None, mask_mode: bool) -> torch.Tensor:
+        """SDPA of q [R, heads, Tq, D] against layer j's K/V at page slots ctx [R, span]; in
+        mask mode only the entries ``cache.written`` marks count."""
+        if mask_mode:
+            written = cache.flat(cache.written)[j, ctx][:, None, None, :]
+            mask = written if mask is None else mask & written
+        return F.scaled_dot_product_attention(q, cache.flat(cache.k)[j, ctx].transpose(1, 2),
+                                              cache.flat(cache.v)[j, ctx].transpose(1, 2),
+                                              attn_mask=mask, enable_gqa=True)
 
     def _forward_chunk(self, ids: torch.Tensor, lengths: list[int], cache: KVCache,
                        start: list[int], mask_mode: bool = False,
@@ -127,23 +152,20 @@ class TorchBackend(Backend):
         valid = torch.arange(T, device=dev)[None, :] < torch.tensor(lengths, device=dev)[:, None]
         rope_pos = pos.clamp(max=m.max_seq_len - 1)  # padded tokens may run past the table
         cos, sin = m.rope_cos[rope_pos][:, :, None], m.rope_sin[rope_pos][:, :, None]
-        crows = slice(None, B) if rows is None else rows
+        crows = torch.arange(B, device=dev) if rows is None else rows
         real, cols = valid.nonzero(as_tuple=True)  # the real tokens: row, index in the chunk
-        slots = pos[real, cols]
-        real_rows = real if rows is None else rows[real]  # their cache rows
+        slots = cache.slots(crows[real], pos[real, cols])
         span = max(s + n for s, n in zip(start, lengths))
+        ctx = self._context(cache, crows, span)
         mask = (torch.arange(span, device=dev)[None, None, :] <= pos[:, :, None])[:, None]
+        kf, vf = cache.flat(cache.k), cache.flat(cache.v)
         x = m.embed[ids]
         for j in range(m.config.num_layers):
             q, k, v = self.qkv(j, x, cos, sin)
-            cache.k[j][real_rows, :, slots] = k[real, :, cols]
-            cache.v[j][real_rows, :, slots] = v[real, :, cols]
+            kf[j, slots] = k[real, :, cols]
+            vf[j, slots] = v[real, :, cols]
             # mask mode: the chunk's own slots are marked written (prefill), history may not be
-            mask_j = mask & cache.written[j, crows, None, None, :span] if mask_mode else mask
-            attn = F.scaled_dot_product_attention(q, cache.k[j, crows, :, :span],
-                                                  cache.v[j, crows, :, :span], attn_mask=mask_j,
-                                                  enable_gqa=True)
-            x = self.finish_layer(j, x, attn)
+            x = self.finish_layer(j, x, self._attend(cache, j, q, ctx, mask, mask_mode))
         return x
 
     def prefill(self, ids: torch.Tensor, lengths: list[int], cache: KVCache,
@@ -160,56 +182,45 @@ class TorchBackend(Backend):
     def decode_step(self, tokens: torch.Tensor, positions: list[int], kept: tuple[int, ...],
                     cache: KVCache, sampling: Sampling, deferred: bool, mode: str,
                     mark: torch.Tensor) -> torch.Tensor:
-        """Backend.decode_step. Positions all equal (a batch of prompts of one length) index the
-        cache with that slot and need no attention mask; otherwise each row gets its own
-        slot and causal mask."""
+        """Backend.decode_step. Positions all equal (a batch of prompts of one length) need no
+        causal mask; otherwise each row gets its own."""
         m = self.m
         B = tokens.shape[0]
+        dev = m.device
         deferred = deferred and mode == "propagate"
         runs = skipped_runs(kept, m.config.num_layers) if mode == "propagate" else ()
-        uniform = min(positions) == max(positions)
-        if uniform:
-            p = positions[0]
-            cache.written[:, :B, p] = mark[:, None]
-            cos, sin = m.rope_cos[p], m.rope_sin[p]
-            span, mask = p + 1, None
+        rows = torch.arange(B, device=dev)
+        pos = torch.tensor(positions, device=dev)
+        slot = cache.slots(rows, pos)  # [B]: each row's page slot for this token
+        cache.flat(cache.written)[:, slot] = mark[:, None]
+        span = max(positions) + 1
+        ctx = self._context(cache, rows, span)
+        if min(positions) == max(positions):
+            cos, sin = m.rope_cos[positions[0]], m.rope_sin[positions[0]]
+            mask = None
         else:
-            rows = torch.arange(B, device=m.device)
-            pos = torch.tensor(positions, device=m.device)
-            cache.written[:, rows, pos] = mark[:, None]
             cos, sin = m.rope_cos[pos][:, None, None], m.rope_sin[pos][:, None, None]
-            span = max(positions) + 1
-            mask = (torch.arange(span, device=m.device) <= pos[:, None])[:, None, None]
+            mask = (torch.arange(span, device=dev) <= pos[:, None])[:, None, None]
         x = m.embed[tokens][:, None]  # [B, 1, H]
+        kf, vf = cache.flat(cache.k), cache.flat(cache.v)
         runs = iter(enumerate(runs))
         run = next(runs, None)
 
         def fill(s, run):  # s: the run's ordinal in this step, its row of the stash
-            if not deferred:
-                self._backfill(run, x, cos, sin, positions, cache)
-            elif uniform:
-                cache.stash[s, :B, p] = x[:, 0]
+            if deferred:
+                cache.flat(cache.stash)[s, slot] = x[:, 0]
             else:
-                cache.stash[s][rows, pos] = x[:, 0]
+                self._backfill(run, x, cos, sin, slot, cache)
 
         for j in kept:
             while run is not None and run[1][0] < j:  # skipped layers below j see this residual
                 fill(*run)
                 run = next(runs, None)
             q, k, v = self.qkv(j, x, cos, sin)
-            if uniform:
-                cache.k[j, :B, :, p] = k[:, :, 0]
-                cache.v[j, :B, :, p] = v[:, :, 0]
-            else:
-                cache.k[j, :B][rows, :, pos] = k[:, :, 0]
-                cache.v[j, :B][rows, :, pos] = v[:, :, 0]
-            # mask mode: written[j] is False past each row's position and where layer j was
-            # skipped, so it is the whole mask
-            mask_j = cache.written[j, :B, None, None, :span] if mode == "mask" else mask
-            attn = F.scaled_dot_product_attention(q, cache.k[j, :B, :, :span],
-                                                  cache.v[j, :B, :, :span], attn_mask=mask_j,
-                                                  enable_gqa=True)
-            x = self.finish_layer(j, x, attn)
+            kf[j, slot] = k[:, :, 0]
+            vf[j, slot] = v[:, :, 0]
+            # mask mode: written[j] is False where layer j was skipped
+            x = self.finish_layer(j, x, self._attend(cache, j, q, ctx, mask, mode == "mask"))
         while run is not None:
             fill(*run)
             run = next(runs, None)
@@ -226,11 +237,14 @@ class TorchBackend(Backend):
         R = len(rows)
         keeps = [frozenset(k) for k in kept]
         row_t, pos = torch.tensor(rows, device=dev), torch.tensor(positions, device=dev)
-        cache.written[:, row_t, pos] = torch.tensor(marks, device=dev)
+        slot = cache.slots(row_t, pos)
+        cache.flat(cache.written)[:, slot] = torch.tensor(marks, device=dev)
         cos, sin = m.rope_cos[pos][:, None, None], m.rope_sin[pos][:, None, None]
         span = max(positions) + 1
+        ctx = self._context(cache, row_t, span)
         causal = (torch.arange(span, device=dev) <= pos[:, None])[:, None, None]  # [R,1,1,span]
         x = m.embed[torch.as_tensor(tokens, device=dev)][:, None]  # [R, 1, H]
+        kf, vf = cache.flat(cache.k), cache.flat(cache.v)
 
         def pick(t, idx):  # rows idx of t, without a copy when idx is every row
             return t if idx is None else t[idx]
@@ -240,27 +254,19 @@ class TorchBackend(Backend):
             if starts is not None:
                 for s, stashed in starts.get(j, {}).items():
                     t = torch.tensor(stashed, device=dev)
-                    cache.stash[s][row_t[t], pos[t]] = x[t, 0]
+                    cache.flat(cache.stash)[s, slot[t]] = x[t, 0]
             elif mode == "propagate" and len(run) < R:
-                skip = [r for r in range(R) if j not in keeps[r]]
-                s_idx = torch.tensor(skip, device=dev)
-                self._backfill((j, j + 1), x[s_idx], cos[s_idx], sin[s_idx],
-                               [positions[r] for r in skip], cache, row_t[s_idx])
+                s_idx = torch.tensor([r for r in range(R) if j not in keeps[r]], device=dev)
+                self._backfill((j, j + 1), x[s_idx], cos[s_idx], sin[s_idx], slot[s_idx], cache)
             if not run:
                 continue
             r_idx = None if len(run) == R else torch.tensor(run, device=dev)
-            crow = pick(row_t, r_idx)
             xr = pick(x, r_idx)
             q, k, v = self.qkv(j, xr, pick(cos, r_idx), pick(sin, r_idx))
-            # two advanced indices split by a slice: [n, kv_heads, D]
-            cache.k[j, crow, :, pick(pos, r_idx)] = k[:, :, 0]
-            cache.v[j, crow, :, pick(pos, r_idx)] = v[:, :, 0]
-            mask = pick(causal, r_idx)
-            if mode == "mask":
-                mask = mask & cache.written[j, crow, None, None, :span]
-            attn = F.scaled_dot_product_attention(q, cache.k[j, crow, :, :span],
-                                                  cache.v[j, crow, :, :span], attn_mask=mask,
-                                                  enable_gqa=True)
+            kf[j, pick(slot, r_idx)] = k[:, :, 0]
+            vf[j, pick(slot, r_idx)] = v[:, :, 0]
+            attn = self._attend(cache, j, q, pick(ctx, r_idx), pick(causal, r_idx),
+                                mode == "mask")
             out = self.finish_layer(j, xr, attn)
             if r_idx is None:
                 x = out
@@ -275,25 +281,17 @@ class TorchBackend(Backend):
         lid = torch.tensor(layers, device=m.device)
         k, v = self._kv(lid, states)
         cos, sin = m.rope_cos[pos][:, None], m.rope_sin[pos][:, None]
-        # indices split by a slice: the broadcast [n, M] dims come first
-        cache.k[lid[:, None], rows[None], :, pos[None]] = _rope(k, cos, sin)
-        cache.v[lid[:, None], rows[None], :, pos[None]] = v
+        slots = cache.slots(rows, pos)
+        cache.flat(cache.k)[lid[:, None], slots[None]] = _rope(k, cos, sin)
+        cache.flat(cache.v)[lid[:, None], slots[None]] = v
 
-    def _backfill(self, run: tuple[int, int], x: torch.Tensor, cos, sin, positions: list[int],
-                  cache: KVCache, rows: torch.Tensor | None = None) -> None:
-        """Eager backfill: K/V of skipped layers [a, b) at the rows' slots, from their shared
-        input x [B, 1, H]. rows: None (batch row b is cache row b, cos/sin as decode_step makes
-        them) or the cache row of each batch row (cos/sin [B, 1, 1, D])."""
+    def _backfill(self, run: tuple[int, int], x: torch.Tensor, cos, sin,
+                  slots: torch.Tensor, cache: KVCache) -> None:
+        """Eager backfill: K/V of skipped layers [a, b) at page slots ``slots`` [B] from their
+        shared input x [B, 1, H]; cos/sin [D] (one position) or [B, 1, 1, D]."""
         a, b = run
-        B = x.shape[0]
         k, v = self._kv(slice(a, b), x[:, 0])  # [n, B, kv_heads, D]
-        if rows is None and min(positions) == max(positions):
-            p = positions[0]
-            cache.k[a:b, :B, :, p] = _rope(k, cos, sin)
-            cache.v[a:b, :B, :, p] = v
-        else:
-            pos = torch.tensor(positions, device=self.m.device)
-            rows = torch.arange(B, device=self.m.device) if rows is None else rows
-            # advanced indices split by a slice put the row dim first: [B, n, kv_heads, D]
-            cache.k[a:b][:, rows, :, pos] = _rope(k, cos[:, 0], sin[:, 0]).transpose(0, 1)
-            cache.v[a:b][:, rows, :, pos] = v.transpose(0, 1)
+        if cos.dim() > 1:
+            cos, sin = cos[:, 0], sin[:, 0]  # [B, 1, D] against [n, B, kv_heads, D]
+        cache.flat(cache.k)[a:b, slots] = _rope(k, cos, sin)
+        cache.flat(cache.v)[a:b, slots] = v

@@ -104,7 +104,7 @@ def test_mask_cache_marks_skipped_entries_unwritten(tiny64):
     s = schedule_of(SCHEDULES[0], "lower")
     L = tiny64.config.num_layers
     out = tiny64.generate([1, 2, 3], 6, s, stop_tokens=(), backfill="mask")
-    written = tiny64.cache.written[:, 0]
+    written = tiny64.cache.gather_row(tiny64.cache.written, 0)
     assert written[:, :3].all()  # the prompt, full depth
     for i, depth in enumerate(out.depths[0][1:], start=1):  # slot 2 + i holds T_{i-1}
         kept = s.kept_layers(depth, L)
@@ -178,7 +178,7 @@ def test_triton_mask_matches_oracle(tiny_triton_mask):
         assert out.tokens[r] == tokens and out.depths[r] == depths
     assert min(out.depths[0]) < L and out.stats.backfill_bytes == 0
     for r, prompt in enumerate(prompts):
-        written = model.cache.written[:, r]
+        written = model.cache.gather_row(model.cache.written, r)
         assert written[:, :len(prompt)].all()
         for i, depth in enumerate(out.depths[r][1:], start=1):  # slot n-1+i holds T_{i-1}
             kept = s.kept_layers(depth, L)
@@ -202,9 +202,10 @@ def test_triton_mask_two_turn_chat_matches_oracle(tiny_triton_mask):
 
 def _used_slots_equal(a: KVCache, b: KVCache, ends: list[int], tol: float):
     for r, n in enumerate(ends):
-        assert a.written[:, r, :n].all() and b.written[:, r, :n].all()
-        for x, y in ((a.k, b.k), (a.v, b.v)):
-            assert rel_err(x[:, r, :, :n], y[:, r, :, :n]) <= tol
+        assert a.gather_row(a.written, r, n).all() and b.gather_row(b.written, r, n).all()
+        for kind in ("k", "v"):
+            x, y = a.gather_row(getattr(a, kind), r, n), b.gather_row(getattr(b, kind), r, n)
+            assert rel_err(x, y) <= tol
 
 
 def test_deferred_cache_equals_eager_after_flush(tiny64):
@@ -220,16 +221,17 @@ def test_deferred_cache_equals_eager_after_flush(tiny64):
                             backfill_timing="deferred")
     assert out_d.tokens == out_e.tokens == eager.tokens
     ends = [len(p) + n - 1 for p in prompts]  # the last token is not in the cache
-    assert c_def.pending_backfill > 0 and not c_def.written[:, 0, :ends[0]].all()
+    assert c_def.pending_backfill > 0 and not c_def.gather_row(c_def.written, 0, ends[0]).all()
     assert out_d.stats.backfill_bytes == 0  # nothing filled yet
-    # one skipped run per step (upper order): one hidden vector per (row, slot)
-    assert c_def.stash.shape == (1, 3, 32, tiny64.config.hidden_size)
+    # one skipped run per step (upper order): one hidden vector per page slot (3 rows of 2
+    # pages of 16)
+    assert c_def.stash.shape == (1, 6, 16, tiny64.config.hidden_size)
     assert c_def.stash_bytes == 3 * 32 * tiny64.config.hidden_size * 8 < c_def.kv_bytes
     assert c_eager.stash is None and c_eager.stash_bytes == 0
     filled = tiny64.flush_backfill(c_def)
     assert filled > 0 and c_def.pending_backfill == 0 and tiny64.flush_backfill(c_def) == 0
     _used_slots_equal(c_def, c_eager, ends, 1e-12)
-    assert not c_def.written[:, 0, ends[0]:].any()
+    assert not c_def.gather_row(c_def.written, 0)[:, ends[0]:].any()
 
 
 def test_deferred_reads_fewer_backfill_bytes(tiny64):
@@ -284,8 +286,9 @@ def test_rebuild_drops_what_it_overwrites(tiny64):
     out = tiny64.generate([4, 5], 8, s, stop_tokens=(), cache=cache, past_lengths=[0],
                           backfill_timing="deferred", flush_backfill=True)
     assert out.tokens == tiny64.generate([4, 5], 8, s, stop_tokens=()).tokens
-    assert cache.pending_backfill == 0 and cache.written[:, 0, :2 + 7].all()
-    assert not cache.written[:, 0, 2 + 7:].any()
+    written = cache.gather_row(cache.written, 0)
+    assert cache.pending_backfill == 0 and written[:, :2 + 7].all()
+    assert not written[:, 2 + 7:].any()
 
 
 def test_a_plain_reply_pays_no_backfill(tiny64):
@@ -321,7 +324,7 @@ def test_several_skipped_runs_grow_the_stash(tiny64):
     runs = [0 if c_d.stash is None else c_d.stash.shape[0] for e in stream if e.row == 0]
     assert runs == [0, 1, 2, 2, 2, 2, 2, 2]  # after the prefill, then after each step
     assert stream.output.tokens == out_e.tokens and out_e.depths[0][:4] == [8, 7, 6, 5]
-    assert c_d.stash_bytes == 2 * 2 * 24 * tiny64.config.hidden_size * 8
+    assert c_d.stash_bytes == 2 * 2 * 32 * tiny64.config.hidden_size * 8  # 2 pages of 16 a row
     assert tiny64.flush_backfill(c_d) > 0
     _used_slots_equal(c_d, c_e, [len(p) + 7 for p in prompts], 1e-12)
 

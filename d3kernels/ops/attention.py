@@ -1,16 +1,28 @@
-"""Attention over the static KV cache: causal flash prefill and split-KV flash-decoding.
+"""Attention over the paged KV cache: causal flash prefill and split-KV flash-decoding.
 
-Both read keys/values only from the per-layer cache ``k_cache, v_cache [B, kv_heads, T_max, D]``
-(any outer strides, e.g. the view ``cache.k[j]`` of the stacked ``[L, B, kv_heads, T_max, D]``
-cache); the QKV op has already written the current tokens' K/V there. Keys of positions
-0..n-1 of batch row b live at ``k_cache[b, :, 0:n]``. GQA: query head h reads kv head
+Both read keys/values only from one layer's paged cache ``k_cache, v_cache [P, S, kv_heads, D]``
+(P pages of S slots, vLLM/FlashInfer "NHD" pages; any outer strides, k and v alike, e.g. the
+view ``cache.k[j]`` of the stacked ``[L, P, S, kv_heads, D]`` cache) through an int32
+``block_table [B, NP]``: position t of batch row b lives in page ``block_table[b, t // S]`` at
+slot ``t % S``, so a row holds up to T_max = NP * S positions; pages may be shared by rows and
+lie in any order. A -1 entry is no page: the keys behind it are excluded and never read. The
+QKV op has already written the current tokens' K/V. GQA: query head h reads kv head
 h // (Hq // kv_heads). Scale 1/sqrt(D), online softmax in base 2 with fp32 accumulation.
 
-Per-row context lengths are read on the device (no host sync, CUDA-graph capturable), and
-``rows`` restricts a launch to the listed batch rows; other rows of ``out`` are left untouched.
-``valid`` (optional bool [B, T_max], e.g. ``cache.written[j]`` of the ``mask`` backfill mode)
-excludes the cache entries it marks False, on top of the causal / context-length limits; those
-entries are never read. Without it the kernels are compiled without the mask (HAS_VALID=False).
+Page gathers: key tiles of BLOCK_N positions start at multiples of BLOCK_N, and S and BLOCK_N
+are powers of two, so when BLOCK_N <= S a tile lies in one page and the kernels load ONE page
+index per tile (a contiguous cache, S >= T_max, costs one scalar load per tile); when
+BLOCK_N > S they gather the page index of every key (BLOCK_N / S distinct entries, broadcast
+within a warp), and each key's D values stay one contiguous row. Addresses are int64. The page
+size is a constexpr and part of the autotune keys: it decides which of the two a tile size takes.
+
+Per-row context lengths and the block table are read on the device (CUDA-graph capturable; the
+wrappers' one host sync, the range check of the table's values, is skipped while capturing),
+and ``rows`` restricts a launch to the listed batch rows; other rows of ``out`` are left
+untouched. ``valid`` (optional bool [P, S] per page slot, e.g. ``cache.written[j]`` of the
+``mask`` backfill mode) excludes the cache entries it marks False, on top of the causal /
+context-length limits; those entries are never read. Without it the kernels are compiled
+without the mask (HAS_VALID=False).
 
 Each op is one kernel launch; decode merges its KV splits inside that launch (the last split of
 each row and kv head to finish does it, counted by atomics in the caller's workspace).
@@ -25,7 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
-from d3kernels.ops._checks import FLOAT_DTYPES, check_launchable, check_rows, check_tensor
+from d3kernels.ops._checks import (FLOAT_DTYPES, check_block_table, check_launchable,
+                                   check_page_size, check_rows, check_tensor)
 from d3kernels.ops._tuning import autotune, dot_precision
 
 _LOG2E = 1.4426950408889634
@@ -61,61 +74,63 @@ _PREFILL_CONFIGS = [
 
 
 @triton.jit
-def _prefill_inner(acc, l_i, m_i, q, k_base, v_base, sk_t, sv_t, valid_base, q_pos, lo, hi,
-                   qk_scale, offs_d, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-                   HAS_VALID: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Online-softmax update over keys [lo, hi). MASKED: the causal diagonal / ragged tail.
-    HAS_VALID: keys whose ``valid`` entry is 0 are neither read nor attended to."""
+def _page_slots(bt_row, n0, hi, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys offs_n = n0 + [0, BLOCK_N) of one batch row (n0 a multiple of BLOCK_N, n0 < hi):
+    their page (int64; a scalar when the tile lies in one page, else one per key), slot in the
+    page (int64) and ``ok``: below ``hi`` and behind a page (not -1). Nothing is read for the
+    others, so the table is never read past the row's T_max (hi <= T_max)."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    slot = (offs_n % PAGE_SIZE).to(tl.int64)
+    if BLOCK_N <= PAGE_SIZE:  # the aligned tile is inside one page: one index per tile
+        page = tl.load(bt_row + n0 // PAGE_SIZE).to(tl.int64)
+        ok = offs_n < tl.where(page >= 0, hi, n0)  # no page: no key of the tile
+    else:
+        live = offs_n < hi
+        page = tl.load(bt_row + offs_n // PAGE_SIZE, mask=live, other=-1).to(tl.int64)
+        ok = live & (page >= 0)
+    return offs_n, page, slot, ok
+
+
+@triton.jit
+def _prefill_inner(acc, l_i, m_i, q, k_head, v_head, bt_row, valid_ptr, sc_p, sc_s, sval_p,
+                   q_pos, lo, hi, qk_scale, offs_d, PAGE_SIZE: tl.constexpr,
+                   BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_VALID: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):
+    """Online-softmax update over keys [lo, hi). MASKED: the causal diagonal (keys past some
+    query). Keys behind a -1 page, and with HAS_VALID those whose ``valid`` entry is 0, are
+    neither read nor attended to."""
     for n0 in range(lo, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        k_ptrs = k_base + offs_n[:, None] * sk_t + offs_d[None, :]
-        v_ptrs = v_base + offs_n[:, None] * sv_t + offs_d[None, :]
+        offs_n, page, slot, ok = _page_slots(bt_row, n0, hi, PAGE_SIZE, BLOCK_N)
         if HAS_VALID:
-            if MASKED:
-                in_range = offs_n < hi
-                ok = (tl.load(valid_base + offs_n, mask=in_range, other=0) != 0) & in_range
-            else:
-                ok = tl.load(valid_base + offs_n) != 0
-            k = tl.load(k_ptrs, mask=ok[:, None], other=0.0)
-        elif MASKED:
-            in_range = offs_n < hi
-            k = tl.load(k_ptrs, mask=in_range[:, None], other=0.0)
-        else:
-            k = tl.load(k_ptrs)
+            ok = ok & (tl.load(valid_ptr + page * sval_p + slot, mask=ok, other=0) != 0)
+        kv_off = (page * sc_p + slot * sc_s)[:, None] + offs_d[None, :]
+        k = tl.load(k_head + kv_off, mask=ok[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        if HAS_VALID:
-            if MASKED:
-                visible = (offs_n[None, :] <= q_pos[:, None]) & ok[None, :]
-            else:
-                visible = ok[None, :]
-            s = tl.where(visible, s, float("-inf"))
-        elif MASKED:
-            visible = (offs_n[None, :] <= q_pos[:, None]) & in_range[None, :]
-            s = tl.where(visible, s, float("-inf"))
+        if MASKED:
+            visible = (offs_n[None, :] <= q_pos[:, None]) & ok[None, :]
+        else:
+            visible = ok[None, :]
+        s = tl.where(visible, s, float("-inf"))
         # A fully excluded tile leaves m_i as it was (finite), so p = 0 and alpha = 1: no NaN.
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        if HAS_VALID:
-            v = tl.load(v_ptrs, mask=ok[:, None], other=0.0)
-        elif MASKED:
-            v = tl.load(v_ptrs, mask=in_range[:, None], other=0.0)
-        else:
-            v = tl.load(v_ptrs)
+        v = tl.load(v_head + kv_off, mask=ok[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
 
-@autotune(_PREFILL_CONFIGS, key=["HEAD_DIM"], prune_configs_by={"early_config_prune": _prune_fp32})
+@autotune(_PREFILL_CONFIGS, key=["HEAD_DIM", "PAGE_SIZE"],
+          prune_configs_by={"early_config_prune": _prune_fp32})
 @triton.jit
-def _prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, start_ptr, len_ptr, rows_ptr, valid_ptr,
-                    sq_b, sq_t, sq_h, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, so_b, so_t, so_h,
-                    sval_b, T, t_max, qk_scale,
+def _prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, start_ptr, len_ptr, rows_ptr, valid_ptr,
+                    sq_b, sq_t, sq_h, sc_p, sc_s, sc_h, sbt_b, so_b, so_t, so_h, sval_p, T,
+                    t_max, qk_scale,
                     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    HAS_ROWS: tl.constexpr, HAS_VALID: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    PAGE_SIZE: tl.constexpr, HAS_ROWS: tl.constexpr, HAS_VALID: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Last query tiles have the most keys: launch them first so the tail of the grid is short.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -140,27 +155,24 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, start_ptr, len_ptr, rows_ptr, va
     q_pos = start + offs_m
 
     # Keys [0, hi) are visible to some valid query of this tile; keys [0, diag) to all of its
-    # queries (padded ones included), so those full tiles need no mask.
+    # queries (padded ones included), so those tiles need no causal mask.
     m_end = tl.minimum(m0 + BLOCK_M, n_q)
     hi = tl.where(m_end > m0, tl.minimum(start + m_end, t_max), 0)
     diag = tl.minimum(start + m0, hi) // BLOCK_N * BLOCK_N
 
-    k_base = k_ptr + row * sk_b + kvh * sk_h
-    v_base = v_ptr + row * sv_b + kvh * sv_h
-    if HAS_VALID:
-        valid_base = valid_ptr + row * sval_b
-    else:
-        valid_base = valid_ptr
+    k_head = k_ptr + kvh * sc_h
+    v_head = v_ptr + kvh * sc_h
+    bt_row = bt_ptr + row * sbt_b
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     # Finite start value: a fully masked row then gives p = 0 and alpha = 1, never NaN.
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
-    acc, l_i, m_i = _prefill_inner(acc, l_i, m_i, q, k_base, v_base, sk_t, sv_t, valid_base,
-                                   q_pos, 0, diag, qk_scale, offs_d, BLOCK_N, False, HAS_VALID,
-                                   DOT_PRECISION)
-    acc, l_i, m_i = _prefill_inner(acc, l_i, m_i, q, k_base, v_base, sk_t, sv_t, valid_base,
-                                   q_pos, diag, hi, qk_scale, offs_d, BLOCK_N, True, HAS_VALID,
-                                   DOT_PRECISION)
+    acc, l_i, m_i = _prefill_inner(acc, l_i, m_i, q, k_head, v_head, bt_row, valid_ptr, sc_p,
+                                   sc_s, sval_p, q_pos, 0, diag, qk_scale, offs_d, PAGE_SIZE,
+                                   BLOCK_N, False, HAS_VALID, DOT_PRECISION)
+    acc, l_i, m_i = _prefill_inner(acc, l_i, m_i, q, k_head, v_head, bt_row, valid_ptr, sc_p,
+                                   sc_s, sval_p, q_pos, diag, hi, qk_scale, offs_d, PAGE_SIZE,
+                                   BLOCK_N, True, HAS_VALID, DOT_PRECISION)
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o = tl.where(q_valid[:, None], o, 0.0)  # padded queries are written as zeros
@@ -170,27 +182,29 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, start_ptr, len_ptr, rows_ptr, va
 
 @torch.library.custom_op("d3kernels::attention_prefill", mutates_args=("out",))
 def _attention_prefill_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                          start: torch.Tensor, lengths: torch.Tensor, rows: Optional[torch.Tensor],
-                          valid: Optional[torch.Tensor], out: torch.Tensor) -> None:
+                          block_table: torch.Tensor, start: torch.Tensor, lengths: torch.Tensor,
+                          rows: Optional[torch.Tensor], valid: Optional[torch.Tensor],
+                          out: torch.Tensor) -> None:
     B, T, Hq, D = q.shape
-    kv_heads, t_max = k_cache.shape[1], k_cache.shape[2]
+    page_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
     R = B if rows is None else rows.numel()
     if R == 0 or T == 0:
         return
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), R * Hq)  # noqa: E731
     _prefill_kernel[grid](
-        q, k_cache, v_cache, out, start, lengths, rows, _as_bytes(valid),
+        q, k_cache, v_cache, out, block_table, start, lengths, rows, _as_bytes(valid),
         q.stride(0), q.stride(1), q.stride(2),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
         out.stride(0), out.stride(1), out.stride(2),
-        0 if valid is None else valid.stride(0), T, t_max, _LOG2E / math.sqrt(D),
-        NUM_HEADS=Hq, GROUP=Hq // kv_heads, HEAD_DIM=D, HAS_ROWS=rows is not None,
-        HAS_VALID=valid is not None, DOT_PRECISION=dot_precision(q.dtype))
+        0 if valid is None else valid.stride(0), T, block_table.shape[1] * page_size,
+        _LOG2E / math.sqrt(D),
+        NUM_HEADS=Hq, GROUP=Hq // kv_heads, HEAD_DIM=D, PAGE_SIZE=page_size,
+        HAS_ROWS=rows is not None, HAS_VALID=valid is not None,
+        DOT_PRECISION=dot_precision(q.dtype))
 
 
 @_attention_prefill_op.register_fake
-def _(q, k_cache, v_cache, start, lengths, rows, valid, out) -> None:
+def _(q, k_cache, v_cache, block_table, start, lengths, rows, valid, out) -> None:
     return None
 
 
@@ -231,16 +245,16 @@ def _merge_splits(po_ptr, plse_ptr, o_ptr, row, kvh, spo_b, spo_h, spo_s, spl_b,
         tl.store(o_ptr + row * so_b + h * so_h + offs_d, o.to(o_ptr.dtype.element_ty))
 
 
-@autotune(_DECODE_CONFIGS, key=["HEAD_DIM", "GROUP_PAD", "NUM_SPLITS"],
+@autotune(_DECODE_CONFIGS, key=["HEAD_DIM", "GROUP_PAD", "NUM_SPLITS", "PAGE_SIZE"],
           prune_configs_by={"early_config_prune": _prune_fp32})
 @triton.jit
-def _decode_kernel(q_ptr, k_ptr, v_ptr, ctx_ptr, rows_ptr, valid_ptr, o_ptr, po_ptr, plse_ptr,
-                   cnt_ptr, sq_b, sq_h, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, so_b, so_h,
-                   spo_b, spo_h, spo_s, spl_b, spl_h, scnt_b, sval_b, t_max, qk_scale,
+def _decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, rows_ptr, valid_ptr, o_ptr, po_ptr,
+                   plse_ptr, cnt_ptr, sq_b, sq_h, sc_p, sc_s, sc_h, sbt_b, so_b, so_h,
+                   spo_b, spo_h, spo_s, spl_b, spl_h, scnt_b, sval_p, t_max, qk_scale,
                    KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-                   HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
-                   HAS_ROWS: tl.constexpr, HAS_VALID: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                   BLOCK_N: tl.constexpr):
+                   HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                   SPLITS_PAD: tl.constexpr, HAS_ROWS: tl.constexpr, HAS_VALID: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program = (row, kv head, split); all GROUP query heads of that kv head share each K/V
     tile (a [GROUP_PAD, D] x [D, BLOCK_N] dot), so K/V is read once per kv head. With one split
     the program writes ``out``; with more, each writes its partial output and LSE, and the last
@@ -268,28 +282,26 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ctx_ptr, rows_ptr, valid_ptr, o_ptr, po_
     heads = kvh * GROUP + offs_g
     q = tl.load(q_ptr + row * sq_b + heads[:, None] * sq_h + offs_d[None, :],
                 mask=g_valid[:, None], other=0.0)
-    k_base = k_ptr + row * sk_b + kvh * sk_h
-    v_base = v_ptr + row * sv_b + kvh * sv_h
+    k_head = k_ptr + kvh * sc_h
+    v_head = v_ptr + kvh * sc_h
+    bt_row = bt_ptr + row * sbt_b
 
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
     m_i = tl.full([GROUP_PAD], -1.0e30, dtype=tl.float32)
-    for n0 in range(lo, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        in_range = offs_n < hi
+    for n0 in range(lo, hi, BLOCK_N):  # lo is a multiple of BLOCK_N, as _page_slots needs
+        offs_n, page, slot, ok = _page_slots(bt_row, n0, hi, PAGE_SIZE, BLOCK_N)
         if HAS_VALID:  # excluded entries are never read; a fully excluded tile leaves m_i, l_i
-            in_range = in_range & (tl.load(valid_ptr + row * sval_b + offs_n, mask=in_range,
-                                           other=0) != 0)
-        k = tl.load(k_base + offs_n[:, None] * sk_t + offs_d[None, :], mask=in_range[:, None],
-                    other=0.0)
+            ok = ok & (tl.load(valid_ptr + page * sval_p + slot, mask=ok, other=0) != 0)
+        kv_off = (page * sc_p + slot * sc_s)[:, None] + offs_d[None, :]
+        k = tl.load(k_head + kv_off, mask=ok[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        s = tl.where(in_range[None, :], s, float("-inf"))
+        s = tl.where(ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_n[:, None] * sv_t + offs_d[None, :], mask=in_range[:, None],
-                    other=0.0)
+        v = tl.load(v_head + kv_off, mask=ok[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -325,53 +337,61 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, ctx_ptr, rows_ptr, valid_ptr, o_ptr, po_
 @torch.library.custom_op("d3kernels::attention_decode",
                          mutates_args=("out", "partial_out", "partial_lse", "counters"))
 def _attention_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         context_lens: torch.Tensor, rows: Optional[torch.Tensor],
-                         valid: Optional[torch.Tensor], out: torch.Tensor,
-                         partial_out: torch.Tensor, partial_lse: torch.Tensor,
+                         block_table: torch.Tensor, context_lens: torch.Tensor,
+                         rows: Optional[torch.Tensor], valid: Optional[torch.Tensor],
+                         out: torch.Tensor, partial_out: torch.Tensor, partial_lse: torch.Tensor,
                          counters: torch.Tensor) -> None:
     B, Hq, D = q.shape
-    kv_heads, t_max = k_cache.shape[1], k_cache.shape[2]
+    page_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
     num_splits = partial_lse.shape[2]
     R = B if rows is None else rows.numel()
     if R == 0:
         return
     group = Hq // kv_heads
     _decode_kernel[(R * kv_heads, num_splits)](
-        q, k_cache, v_cache, context_lens, rows, _as_bytes(valid), out, partial_out, partial_lse,
-        counters, q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
+        q, k_cache, v_cache, block_table, context_lens, rows, _as_bytes(valid), out, partial_out,
+        partial_lse, counters, q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
+        out.stride(0), out.stride(1),
         partial_out.stride(0), partial_out.stride(1), partial_out.stride(2),
         partial_lse.stride(0), partial_lse.stride(1), counters.stride(0),
-        0 if valid is None else valid.stride(0), t_max, _LOG2E / math.sqrt(D),
+        0 if valid is None else valid.stride(0), block_table.shape[1] * page_size,
+        _LOG2E / math.sqrt(D),
         KV_HEADS=kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
-        HEAD_DIM=D, NUM_SPLITS=num_splits, SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)),
+        HEAD_DIM=D, PAGE_SIZE=page_size, NUM_SPLITS=num_splits,
+        SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)),
         HAS_ROWS=rows is not None, HAS_VALID=valid is not None,
         DOT_PRECISION=dot_precision(q.dtype))
 
 
 @_attention_decode_op.register_fake
-def _(q, k_cache, v_cache, context_lens, rows, valid, out, partial_out, partial_lse,
+def _(q, k_cache, v_cache, block_table, context_lens, rows, valid, out, partial_out, partial_lse,
       counters) -> None:
     return None
 
 
 # ---- public API ---------------------------------------------------------------------------------
 
-def _check_cache(q: torch.Tensor, k_cache, v_cache) -> None:
+def _check_cache(q: torch.Tensor, k_cache, v_cache, block_table) -> int:
+    """The paged cache [P, S, Hkv, D] (k and v alike, strides included) and its block table
+    [B, NP] for q [B, ..., Hq, D] (values checked with one host sync, see check_block_table).
+    Returns T_max = NP * S."""
     check_tensor("k_cache", k_cache, ndim=4, dtype=q.dtype, device=q.device)
-    B, Hkv, t_max, D = k_cache.shape
+    P, S, Hkv, D = k_cache.shape
+    page_size = check_page_size("k_cache", k_cache)
     check_tensor("v_cache", v_cache, shape=tuple(k_cache.shape), dtype=q.dtype, device=q.device)
-    if B != q.shape[0]:
-        raise ValueError(f"k_cache has batch {B} but q has batch {q.shape[0]}")
+    if v_cache.stride() != k_cache.stride():  # the kernels address k and v with one offset
+        raise ValueError(f"v_cache must have k_cache's strides {list(k_cache.stride())}, got "
+                         f"{list(v_cache.stride())}")
     if D != q.shape[-1]:
         raise ValueError(f"k_cache has head_dim {D} but q has head_dim {q.shape[-1]}")
-    if Hkv == 0 or t_max == 0:
-        raise ValueError(f"k_cache must have kv_heads >= 1 and T_max >= 1, got shape "
-                         f"{list(k_cache.shape)}")
+    if Hkv == 0:
+        raise ValueError(f"k_cache must have kv_heads >= 1, got shape {list(k_cache.shape)}")
     if q.shape[-2] == 0 or q.shape[-2] % Hkv:
         raise ValueError(f"q has {q.shape[-2]} heads, which must be a positive multiple of the "
                          f"{Hkv} kv heads of k_cache")
+    check_block_table(block_table, q.shape[0], P, q.device)
+    return block_table.shape[1] * page_size
 
 
 def _check_q(q, ndim: int) -> None:
@@ -388,46 +408,50 @@ def _check_out(out, q: torch.Tensor) -> None:
 
 
 def _check_valid(valid, k_cache: torch.Tensor) -> None:
-    """``valid``: None or bool/uint8 [B, T_max] on the cache's device, last dimension dense."""
+    """``valid``: None or bool/uint8 [P, S] (per page slot) on the cache's device, last
+    dimension dense."""
     if valid is not None:
-        B, _, t_max, _ = k_cache.shape
-        check_tensor("valid", valid, shape=(B, t_max), dtype=(torch.bool, torch.uint8),
-                     device=k_cache.device)
+        check_tensor("valid", valid, shape=tuple(k_cache.shape[:2]),
+                     dtype=(torch.bool, torch.uint8), device=k_cache.device)
 
 
 def attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      start: torch.Tensor, lengths: torch.Tensor, *,
+                      block_table: torch.Tensor, start: torch.Tensor, lengths: torch.Tensor, *,
                       rows: torch.Tensor | None = None,
                       valid: torch.Tensor | None = None,
                       out: torch.Tensor | None = None) -> torch.Tensor:
-    """Causal GQA flash attention of a chunk of queries against the KV cache.
+    """Causal GQA flash attention of a chunk of queries against the paged KV cache.
 
     Args:
         q: [B, T, Hq, D] fp32/fp16/bf16, RoPE applied; D a power of two in [16, 256].
-        k_cache, v_cache: [B, kv_heads, T_max, D], q's dtype, Hq a multiple of kv_heads; any
-            outer strides. K/V of this chunk must already be in the cache.
+        k_cache, v_cache: [P, S, kv_heads, D] pages, q's dtype, S a power of two, Hq a multiple
+            of kv_heads; any outer strides, the same for both. K/V of this chunk must already
+            be in the cache.
+        block_table: int32 [B, NP] on q's device: position t of row b is at slot t % S of page
+            block_table[b, t // S]; -1 = no page (those keys are excluded, never read). Pages
+            may be shared between rows. T_max = NP * S.
         start: int32 [B], position of q[b, 0] (0 for a fresh prompt, > 0 for a chunk that
             extends an existing cache).
-        lengths: int32 [B], valid queries of row b (rows right-padded to T).
+        lengths: int32 [B], valid queries of row b (rows right-padded to T, T <= T_max).
             Query t of row b sits at position start[b] + t and attends to cache positions
             0..start[b] + t; the caller guarantees start[b] + lengths[b] <= T_max.
-        rows: None or int32 [R] of distinct batch rows to compute; other rows of ``out`` are
-            left untouched.
-        valid: None or bool (or uint8) [B, T_max]: cache entries marked False (0) are excluded
-            from attention and never read (e.g. ``cache.written[j]`` in ``mask`` backfill
-            mode). The caller keeps each query's own chunk entries valid; a query left with
-            no valid key gets zeros.
+        rows: None or int32 [R] of distinct batch rows to compute (-1 entries are padding,
+            skipped); other rows of ``out`` are left untouched.
+        valid: None or bool (or uint8) [P, S] per page slot: cache entries marked False (0)
+            are excluded from attention and never read (e.g. ``cache.written[j]`` in ``mask``
+            backfill mode). The caller keeps each query's own chunk entries valid; a query
+            left with no valid key gets zeros.
         out: optional [B, T, Hq, D] output buffer in q's dtype (no allocation when given).
 
     Returns ``out`` [B, T, Hq, D]: padded queries (t >= lengths[b]) are zeros; rows not in
     ``rows`` keep their previous contents (zeros if ``out`` was allocated here).
     """
     _check_q(q, 4)
-    _check_cache(q, k_cache, v_cache)
+    t_max = _check_cache(q, k_cache, v_cache, block_table)
     B, T = q.shape[:2]
-    if T > k_cache.shape[2]:
-        raise ValueError(f"q has {T} query positions but the cache holds only T_max="
-                         f"{k_cache.shape[2]}")
+    if T > t_max:
+        raise ValueError(f"q has {T} query positions but block_table holds only T_max = NP * S "
+                         f"= {t_max}")
     check_tensor("start", start, shape=(B,), dtype=torch.int32, device=q.device)
     check_tensor("lengths", lengths, shape=(B,), dtype=torch.int32, device=q.device)
     check_rows(rows, B, q.device)
@@ -435,7 +459,7 @@ def attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     _check_out(out, q)
     if out is None:
         out = torch.empty_like(q) if rows is None else torch.zeros_like(q)
-    _attention_prefill_op(q, k_cache, v_cache, start, lengths, rows, valid, out)
+    _attention_prefill_op(q, k_cache, v_cache, block_table, start, lengths, rows, valid, out)
     return out
 
 
@@ -488,43 +512,50 @@ def attention_decode_workspace(batch: int, num_heads: int, head_dim: int, num_sp
 
 
 def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     context_lens: torch.Tensor, *, rows: torch.Tensor | None = None,
+                     block_table: torch.Tensor, context_lens: torch.Tensor, *,
+                     rows: torch.Tensor | None = None,
                      valid: torch.Tensor | None = None,
                      out: torch.Tensor | None = None, num_splits: int | None = None,
                      workspace: DecodeWorkspace | None = None) -> torch.Tensor:
-    """Single-token GQA attention against the KV cache by split-KV flash-decoding, in one
+    """Single-token GQA attention against the paged KV cache by split-KV flash-decoding, in one
     kernel launch: the last split of each (row, kv head) to finish merges the splits' partials.
 
     Args:
         q: [B, Hq, D] fp32/fp16/bf16, one query per row at position context_lens[b] - 1 (its K/V
             already in the cache); D a power of two in [16, 256].
-        k_cache, v_cache: [B, kv_heads, T_max, D], q's dtype, Hq a multiple of kv_heads; any
-            outer strides.
+        k_cache, v_cache: [P, S, kv_heads, D] pages, q's dtype, S a power of two, Hq a multiple
+            of kv_heads; any outer strides, the same for both.
+        block_table: int32 [B, NP] on q's device: position t of row b is at slot t % S of page
+            block_table[b, t // S]; -1 = no page (those keys are excluded, never read). Pages
+            may be shared between rows. T_max = NP * S. Read on the device.
         context_lens: int32 [B], keys row b attends (1..T_max; read on the device).
-        rows: None or int32 [R] of distinct batch rows to compute; other rows of ``out`` are
-            left untouched. (A repeated row would also leave the workspace counters nonzero.)
-        valid: None or bool (or uint8) [B, T_max]: cache entries marked False (0) are excluded
-            from attention and never read (e.g. ``cache.written[j]`` in ``mask`` backfill
-            mode); read on the device, so a captured graph follows later changes to it. The
+        rows: None or int32 [R] of distinct batch rows to compute (-1 entries are padding,
+            skipped); other rows of ``out`` are left untouched. (A repeated row would also leave
+            the workspace counters nonzero.)
+        valid: None or bool (or uint8) [P, S] per page slot: cache entries marked False (0)
+            are excluded from attention and never read (e.g. ``cache.written[j]`` in ``mask``
+            backfill mode); read on the device, so a captured graph follows later changes to it. The
             caller keeps the query's own entry (context_lens[b] - 1) valid; splits whose keys
             are all excluded get zero weight in the merge.
         out: optional [B, Hq, D] output buffer in q's dtype.
         num_splits: KV splits per row (1..MAX_SPLITS); None: ``attention_decode_splits`` of the
-            active rows, kv heads and T_max, or the workspace's split count when one is given.
+            active rows, kv heads and T_max = NP * S, or the workspace's split count when one
+            is given.
         workspace: optional ``attention_decode_workspace(B, Hq, D, num_splits, device)``, not
             used by another launch in flight at the same time.
 
-    With ``out`` and ``workspace`` given the call allocates nothing, never syncs and is exactly
-    one kernel launch, so it can be captured in a CUDA graph and replayed with new
-    ``context_lens`` values. Without them, the allocations depend on shapes only (capturable
-    too, from the graph's private pool), and zeroing a fresh workspace's counters is one more
-    small launch.
+    With ``out`` and ``workspace`` given the call allocates nothing and is exactly one kernel
+    launch; its one host sync, the check of the block table's values, is skipped while a CUDA
+    graph is being captured, so it can be captured and replayed with new ``context_lens`` and
+    ``block_table`` values written in place. Without them, the allocations depend on shapes
+    only (capturable too, from the graph's private pool), and zeroing a fresh workspace's
+    counters is one more small launch.
 
     Returns ``out`` [B, Hq, D]; rows not in ``rows`` keep their previous contents (zeros if
     ``out`` was allocated here).
     """
     _check_q(q, 3)
-    _check_cache(q, k_cache, v_cache)
+    t_max = _check_cache(q, k_cache, v_cache, block_table)
     B, Hq, D = q.shape
     check_tensor("context_lens", context_lens, shape=(B,), dtype=torch.int32, device=q.device)
     check_rows(rows, B, q.device)
@@ -536,7 +567,7 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if workspace is None:
         if num_splits is None:
             num_splits = attention_decode_splits(B if rows is None else rows.numel(),
-                                                 k_cache.shape[1], k_cache.shape[2], q.device)
+                                                 k_cache.shape[2], t_max, q.device)
         workspace = attention_decode_workspace(B, Hq, D, num_splits, q.device)
     else:
         if not isinstance(workspace, (tuple, list)) or len(workspace) != 3:
@@ -556,5 +587,6 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             raise ValueError(f"num_splits={num_splits} but the workspace holds {S} splits")
     if out is None:
         out = torch.empty_like(q) if rows is None else torch.zeros_like(q)
-    _attention_decode_op(q, k_cache, v_cache, context_lens, rows, valid, out, *workspace)
+    _attention_decode_op(q, k_cache, v_cache, block_table, context_lens, rows, valid, out,
+                         *workspace)
     return out

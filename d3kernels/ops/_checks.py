@@ -1,4 +1,5 @@
-"""Input checks shared by every op wrapper: a clear ValueError naming the argument, before launch."""
+"""Input checks shared by every op wrapper: a clear ValueError naming the argument, before
+launch."""
 from __future__ import annotations
 
 import os
@@ -79,14 +80,17 @@ def check_block_table(block_table, batch: int, num_pages: int, device: torch.dev
 
     Values are checked to lie in [-1, num_pages) with one host sync (min and max read together),
     because an out-of-range page index reads and writes outside the cache. The check is skipped
-    while a CUDA graph is being captured on ``device``: a sync there would break the capture, and
-    captured steps replay tables the caller built (and checked) on the host.
+    while a CUDA graph is being captured on ``device``, and while torch.compile traces the
+    caller (a data-dependent branch there is a graph break, an error under fullgraph): a sync
+    would break either, and both replay tables the caller built (and checked) on the host.
     """
     check_tensor("block_table", block_table, ndim=2, dtype=torch.int32, device=device)
     if block_table.shape[0] != batch:
         raise ValueError(f"block_table must have one row per batch row ({batch}), got shape "
                          f"{list(block_table.shape)}")
     if block_table.numel() == 0:
+        return
+    if torch.compiler.is_compiling():
         return
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return

@@ -4,8 +4,9 @@
 
 Llama-2-7B shapes, bf16: the K/V of 16 skipped layers (8..23, the middle half a D³ step drops)
 filled for 1 token (an eager backfill) and for 64 tokens at different rows and positions (a
-deferred one). The torch composite is the engine's batched path (one norm, one batched matmul over
-a contiguous run of layers, indexed cache writes); "loop" is a Python loop over layers.
+deferred one), into a paged cache (16-slot pages, each row's pages shuffled in the pool). The
+torch composite is the engine's batched path (one norm, one batched matmul over a contiguous run
+of layers, cache writes indexed through the block table); "loop" is a Python loop over layers.
 ``test_kv_backfill_quantized``: the same with the stack quantized weight-only, int4 (group 128) or
 int8 (one scale per row), against the torch composite with one weight-only linear per layer
 (torch's own kernel where ``QuantizedWeight.prepare_torch`` has one for CUDA, else dequantizing per
@@ -32,7 +33,7 @@ from perf.ops.timing import OURS, measure  # noqa: E402
 CFG = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32,
                   num_heads=32, num_kv_heads=32, head_dim=128)
 # A 512-slot cache: the cost does not depend on its length.
-DTYPE, EPS, BATCH, T_MAX = torch.bfloat16, 1e-5, 8, 512
+DTYPE, EPS, BATCH, T_MAX, PAGE = torch.bfloat16, 1e-5, 8, 512, 16
 FIRST, LAST = 8, 24  # the skipped run [8, 24)
 GROUP = {"int4": 128, "int8": None}  # int8: quantize's default, one group per row (G = K)
 # One xdist worker for the module in the GPU check's parallel warm-up: one copy of the fixtures.
@@ -41,15 +42,19 @@ pytestmark = pytest.mark.xdist_group("kv_backfill")
 
 @pytest.fixture(scope="module")
 def state():
-    """Stacked Llama-2-7B attention weights and cache (random, bf16)."""
+    """Stacked Llama-2-7B attention weights, paged cache and its block table (each row's
+    T_MAX positions in pages shuffled through a pool with a spare page a row), random, bf16."""
     L, H = CFG.num_layers, CFG.hidden_size
     w_qkv = torch.randn(L, CFG.q_size + 2 * CFG.kv_size, H, dtype=DTYPE, device="cuda") * H ** -0.5
     norm = torch.rand(L, H, dtype=DTYPE, device="cuda") + 0.5
-    shape = (L, BATCH, CFG.num_kv_heads, T_MAX, CFG.head_dim)
+    pages = T_MAX // PAGE
+    table = torch.randperm(BATCH * (pages + 1), device="cuda")[:BATCH * pages]
+    table = table.view(BATCH, pages).to(torch.int32)
+    shape = (L, BATCH * (pages + 1), PAGE, CFG.num_kv_heads, CFG.head_dim)
     k_cache = torch.zeros(shape, dtype=DTYPE, device="cuda")
     v_cache = torch.zeros(shape, dtype=DTYPE, device="cuda")
     cos, sin = rope_tables(CFG, T_MAX, DTYPE, "cuda")
-    return w_qkv, norm, k_cache, v_cache, cos, sin
+    return w_qkv, norm, table, k_cache, v_cache, cos, sin
 
 
 @pytest.fixture(scope="module")
@@ -73,38 +78,40 @@ def _rope(x, cos, sin):
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
 
 
-def torch_backfill(x, norm, w_qkv, cos, sin, positions, rows, k_cache, v_cache, a: int, b: int):
+def torch_backfill(x, norm, w_qkv, cos, sin, positions, rows, table, k_cache, v_cache, a: int,
+                   b: int):
     """The engine's batched path for the contiguous run of layers [a, b)."""
     normed = F.rms_norm(x, (x.shape[-1],), None, EPS) * norm[a:b, None, :]  # [n, M, H]
     kv = torch.matmul(normed, w_qkv[a:b, CFG.q_size:].transpose(1, 2))  # [n, M, 2K]
-    _rope_and_write(kv, cos, sin, positions, rows, k_cache, v_cache, a, b)
+    _rope_and_write(kv, cos, sin, positions, rows, table, k_cache, v_cache, a, b)
 
 
-def torch_backfill_quantized(x, norm, w_kv, cos, sin, positions, rows, k_cache, v_cache,
+def torch_backfill_quantized(x, norm, w_kv, cos, sin, positions, rows, table, k_cache, v_cache,
                              a: int, b: int):
     """The batched path with quantized K/V rows w_kv [L, 2K, H]: one weight-only linear per
     layer (no batched quantized matmul in torch)."""
     normed = F.rms_norm(x, (x.shape[-1],), None, EPS) * norm[a:b, None, :]  # [n, M, H]
     kv = torch.stack([w_kv[layer].linear(normed[layer - a]) for layer in range(a, b)])
-    _rope_and_write(kv, cos, sin, positions, rows, k_cache, v_cache, a, b)
+    _rope_and_write(kv, cos, sin, positions, rows, table, k_cache, v_cache, a, b)
 
 
-def _rope_and_write(kv, cos, sin, positions, rows, k_cache, v_cache, a: int, b: int):
-    """RoPE on K of kv [n, M, 2K] (layers [a, b)) and the indexed cache writes."""
+def _rope_and_write(kv, cos, sin, positions, rows, table, k_cache, v_cache, a: int, b: int):
+    """RoPE on K of kv [n, M, 2K] (layers [a, b)) and the cache writes through the table."""
     n, M = kv.shape[:2]
     k, v = kv.view(n, M, 2, CFG.num_kv_heads, CFG.head_dim).unbind(2)
     pos = positions.long()
     c, s = cos[pos][:, None], sin[pos][:, None]
-    rows = rows.long()
-    k_cache[a:b][:, rows, :, pos] = _rope(k, c, s).transpose(0, 1)
-    v_cache[a:b][:, rows, :, pos] = v.transpose(0, 1)
+    page, slot = table.long()[rows.long(), pos // PAGE], pos % PAGE
+    k_cache[a:b][:, page, slot] = _rope(k, c, s)
+    v_cache[a:b][:, page, slot] = v
 
 
-def torch_backfill_loop(x, norm, w_qkv, cos, sin, positions, rows, k_cache, v_cache, a, b):
+def torch_backfill_loop(x, norm, w_qkv, cos, sin, positions, rows, table, k_cache, v_cache, a,
+                        b):
     """One layer at a time: the per-layer launches a fused backfill replaces."""
     for layer in range(a, b):
-        torch_backfill(x, norm, w_qkv, cos, sin, positions, rows, k_cache, v_cache, layer,
-                       layer + 1)
+        torch_backfill(x, norm, w_qkv, cos, sin, positions, rows, table, k_cache, v_cache,
+                       layer, layer + 1)
 
 
 _compiled = torch.compile(torch_backfill, dynamic=False)
@@ -123,11 +130,11 @@ def _tokens(tokens):
 @pytest.mark.parametrize("impl", [OURS, "eager", "compile", "loop"])
 @pytest.mark.parametrize("tokens", [1, 64])
 def test_kv_backfill(benchmark, copy_gbps, state, tokens, impl):
-    w_qkv, norm, k_cache, v_cache, cos, sin = state
+    w_qkv, norm, table, k_cache, v_cache, cos, sin = state
     x, positions, rows, layers = _tokens(tokens)
-    args = (x, norm, w_qkv, cos, sin, positions, rows, k_cache, v_cache)
+    args = (x, norm, w_qkv, cos, sin, positions, rows, table, k_cache, v_cache)
     fn = {
-        OURS: lambda: kv_backfill(x, layers, norm, w_qkv, cos, sin, positions, rows,
+        OURS: lambda: kv_backfill(x, layers, norm, w_qkv, cos, sin, positions, rows, table,
                                   k_cache, v_cache, q_size=CFG.q_size, eps=EPS),
         "eager": lambda: torch_backfill(*args, FIRST, LAST),
         "compile": lambda: _compiled(*args, FIRST, LAST),
@@ -145,14 +152,14 @@ def test_kv_backfill(benchmark, copy_gbps, state, tokens, impl):
 @pytest.mark.parametrize("tokens", [pytest.param(1, marks=pytest.mark.extra), 64])
 @pytest.mark.parametrize("fmt", ["int4", "int8"])
 def test_kv_backfill_quantized(benchmark, copy_gbps, state, quantized, fmt, tokens, impl):
-    _, norm, k_cache, v_cache, cos, sin = state
+    _, norm, table, k_cache, v_cache, cos, sin = state
     wq, w_kv, torch_path = quantized(fmt)
     x, positions, rows, layers = _tokens(tokens)
     fn = {
-        OURS: lambda: kv_backfill(x, layers, norm, wq, cos, sin, positions, rows, k_cache,
-                                  v_cache, q_size=CFG.q_size, eps=EPS),
+        OURS: lambda: kv_backfill(x, layers, norm, wq, cos, sin, positions, rows, table,
+                                  k_cache, v_cache, q_size=CFG.q_size, eps=EPS),
         "eager": lambda: torch_backfill_quantized(x, norm, w_kv, cos, sin, positions, rows,
-                                                  k_cache, v_cache, FIRST, LAST),
+                                                  table, k_cache, v_cache, FIRST, LAST),
     }[impl]
     n = LAST - FIRST
     nbytes = w_kv[FIRST:LAST].nbytes + x.element_size() * n * tokens * 2 * CFG.kv_size

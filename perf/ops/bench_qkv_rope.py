@@ -3,8 +3,9 @@
     python -m pytest perf/ops/bench_qkv_rope.py --benchmark-only [--benchmark-json=out.json]
 
 A decode layer's attention input, bf16, Llama-2-7B (32/32 heads) and, marked ``extra``, Llama-3-8B
-(32/8): the input RMSNorm, the QKV projection, RoPE and the cache write, from the residual stream
-(d3kernels: one ``qkv_rope(..., norm_weight=...)`` launch). Decode at batch 1, 8, 32 (one token per
+(32/8): the input RMSNorm, the QKV projection, RoPE and the write into a paged cache (16-slot
+pages, each row's pages shuffled in the pool), from the residual stream (d3kernels: one
+``qkv_rope(..., norm_weight=...)`` launch). Decode at batch 1, 8, 32 (one token per
 row, rows at different cache positions; the cost does not depend on the context) and, ``extra``, a
 2048-token prefill. ``test_qkv_rope_quantized``: the same shapes with a weight-only int4 (group
 128) or int8 (one scale per row) w_qkv against the torch composite on torch's own weight-only
@@ -28,7 +29,7 @@ from d3kernels.ops.qkv_rope import qkv_rope  # noqa: E402
 from d3kernels.quant import linear, quantize  # noqa: E402
 from perf.ops.timing import OURS, measure  # noqa: E402
 
-H, D, T_MAX, EPS = 4096, 128, 4096, 1e-5
+H, D, T_MAX, EPS, PAGE = 4096, 128, 4096, 1e-5, 16
 DTYPE = torch.bfloat16
 MODELS = {"llama2-7b": (32, 32), "llama3-8b": (32, 8)}
 SHAPES = {"decode-b1": (1, 1), "decode-b8": (8, 1), "decode-b32": (32, 1),
@@ -46,17 +47,19 @@ def _rope(x, cos, sin):
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
 
 
-def torch_qkv_rope(x, norm, w, cos, sin, start, k_cache, v_cache, nh: int, nkv: int):
+def torch_qkv_rope(x, norm, w, cos, sin, start, k_cache, v_cache, block_table, nh: int,
+                   nkv: int):
     """The same op from torch primitives: RMSNorm, linear (a float or quantized w), RoPE by
-    gathered tables, indexed cache write."""
+    gathered tables, cache write indexed through the block table."""
     B, T, _ = x.shape
     h = F.rms_norm(x, (H,), norm, EPS)
     q, k, v = linear(h, w).view(B, T, nh + 2 * nkv, D).split([nh, nkv, nkv], dim=2)
     pos = start.long()[:, None] + torch.arange(T, device=x.device)
     cos, sin = cos[pos][:, :, None], sin[pos][:, :, None]
     rows = torch.arange(B, device=x.device)[:, None].expand(B, T)
-    k_cache[rows, :, pos] = _rope(k, cos, sin)
-    v_cache[rows, :, pos] = v
+    page, slot = block_table.long()[rows, pos // PAGE], pos % PAGE
+    k_cache[page, slot] = _rope(k, cos, sin)
+    v_cache[page, slot] = v
     return _rope(q, cos, sin)
 
 
@@ -80,18 +83,23 @@ def _bench(benchmark, copy_gbps, model, shape, impl, fmt=None):
         w_bytes = w.nbytes
         benchmark.extra_info.update(group_size=w.group_size, torch_path=w.prepare_torch(DTYPE))
     start = (torch.arange(B, dtype=torch.int32, device="cuda") * 97) % (T_MAX - T + 1)
-    k_cache = torch.zeros(B, nkv, T_MAX, D, dtype=DTYPE, device="cuda")
+    # every row's T_MAX positions in pages shuffled through a pool with a spare page a row
+    pages = T_MAX // PAGE
+    block_table = torch.randperm(B * (pages + 1), device="cuda")[:B * pages].view(B, pages)
+    block_table = block_table.to(torch.int32)
+    k_cache = torch.zeros(B * (pages + 1), PAGE, nkv, D, dtype=DTYPE, device="cuda")
     v_cache = torch.zeros_like(k_cache)
     q_out = torch.empty(B, T, nh, D, dtype=DTYPE, device="cuda")
-    args = (x, norm, w, cos, sin, start, k_cache, v_cache, nh, nkv)
+    args = (x, norm, w, cos, sin, start, k_cache, v_cache, block_table, nh, nkv)
     fn = {
-        OURS: lambda: qkv_rope(x, w, cos, sin, start, k_cache, v_cache, num_heads=nh,
-                               num_kv_heads=nkv, q_out=q_out, norm_weight=norm, eps=EPS),
+        OURS: lambda: qkv_rope(x, w, cos, sin, start, k_cache, v_cache, block_table,
+                               num_heads=nh, num_kv_heads=nkv, q_out=q_out, norm_weight=norm,
+                               eps=EPS),
         "eager": lambda: torch_qkv_rope(*args),
         "compile": lambda: _compiled(*args),
     }[impl]
     elem = x.element_size()
-    # weights, norm weight, x, q/k/v written
+    # weights, norm weight, x, q/k/v written (the block table's few bytes left out)
     nbytes = w_bytes + elem * (H + x.numel() + B * T * (nh + 2 * nkv) * D)
     benchmark.group = f"qkv_rope {model} {shape}" + (f" {fmt}" if fmt else "")
     benchmark.extra_info.update(impl=impl, model=model, shape=shape, dtype=str(DTYPE),

@@ -30,7 +30,7 @@ FORMATS = {0: ("float", None, 1), 1: ("int8", "i8", 32), 2: ("int4", "u8", 128)}
 # Pointer element types by argument name where not the activation dtype; scalars are i32 unless
 # listed as floats.
 PTR_TYPES = {**dict.fromkeys(["rows_ptr", "start_ptr", "len_ptr", "ctx_ptr", "pos_ptr",
-                              "crow_ptr", "layers_ptr", "sidx_ptr", "cnt_ptr"], "i32"),
+                              "crow_ptr", "layers_ptr", "sidx_ptr", "cnt_ptr", "bt_ptr"], "i32"),
              **dict.fromkeys(["seed_ptr", "offset_ptr", "cand_ptr", "tok_ptr", "tokens_ptr"],
                              "i64"),
              **dict.fromkeys(["valid_ptr", "written_ptr", "mark_ptr"], "u8"),
@@ -63,20 +63,21 @@ class Spec(NamedTuple):
 
 KERNELS = {
     "qkv_rope": Spec(
-        "qkv_rope", "_qkv_rope_kernel", quantized=True, const=dict(NUM_HEADS=9, NUM_KV=3),
+        "qkv_rope", "_qkv_rope_kernel", quantized=True,
+        const=dict(NUM_HEADS=9, NUM_KV=3, PAGE_SIZE=16),
         modes={"rows+norm": dict(HAS_ROWS=True, HAS_NORM=True),
                "bare": dict(HAS_ROWS=False, HAS_NORM=False, nw_ptr=None)}),
     "kv_backfill": Spec("kv_backfill", "_kv_backfill_kernel", quantized=True,
-                        const=dict(NUM_KV=3)),
+                        const=dict(NUM_KV=3, PAGE_SIZE=16)),
     "gate_up": Spec(
         "swiglu", "_gate_up_kernel", quantized=True,
         modes={"rows+norm": dict(HAS_ROWS=True, HAS_NORM=True),
                "bare": dict(HAS_ROWS=False, HAS_NORM=False, rows_ptr=None, nw_ptr=None)}),
     "down_residual": Spec(
         "swiglu", "_down_residual_kernel", quantized=True,
-        modes={"rows+stash": dict(HAS_ROWS=True, HAS_STASH=True),
-               "bare": dict(HAS_ROWS=False, HAS_STASH=False, rows_ptr=None, stash_ptr=None,
-                            sidx_ptr=None, pos_ptr=None)}),
+        modes={"rows+stash": dict(HAS_ROWS=True, HAS_STASH=True, PAGE=16),
+               "bare": dict(HAS_ROWS=False, HAS_STASH=False, PAGE=1, rows_ptr=None,
+                            stash_ptr=None, sidx_ptr=None, pos_ptr=None, bt_ptr=None)}),
     "lm_head_tile": Spec(
         "lm_head", "_lm_head_tile_kernel", quantized=True, const=dict(BLOCK_V=128),
         modes={"rows+logits+noise": dict(HAS_ROWS=True, WRITE_LOGITS=True, NOISE=True, KP=1),
@@ -92,22 +93,27 @@ KERNELS = {
                               BLOCK=128)}),
     "attention_prefill": Spec(
         "attention", "_prefill_kernel",
-        modes={"rows+valid, D=64, GQA 3": dict(HAS_ROWS=True, HAS_VALID=True, NUM_HEADS=9,
-                                               GROUP=3, HEAD_DIM=64),
-               "bare, D=128, MHA": dict(HAS_ROWS=False, HAS_VALID=False, NUM_HEADS=32, GROUP=1,
-                                        HEAD_DIM=128, rows_ptr=None, valid_ptr=None)}),
+        # the first config's BLOCK_N is 32: 64-slot pages load one page index per key tile,
+        # 16-slot pages one per key
+        modes={"rows+valid, D=64, GQA 3, page 64": dict(
+                   HAS_ROWS=True, HAS_VALID=True, NUM_HEADS=9, GROUP=3, HEAD_DIM=64,
+                   PAGE_SIZE=64),
+               "bare, D=128, MHA, page 16": dict(
+                   HAS_ROWS=False, HAS_VALID=False, NUM_HEADS=32, GROUP=1, HEAD_DIM=128,
+                   PAGE_SIZE=16, rows_ptr=None, valid_ptr=None)}),
     "attention_decode": Spec(
         "attention", "_decode_kernel",
-        modes={"rows+valid, 4 splits, D=64, GQA 3": dict(
+        modes={"rows+valid, 4 splits, D=64, GQA 3, page 64": dict(
                    HAS_ROWS=True, HAS_VALID=True, KV_HEADS=3, GROUP=3, GROUP_PAD=16,
-                   HEAD_DIM=64, NUM_SPLITS=4, SPLITS_PAD=4),
-               "bare, 1 split, D=128, MHA": dict(
+                   HEAD_DIM=64, PAGE_SIZE=64, NUM_SPLITS=4, SPLITS_PAD=4),
+               "bare, 1 split, D=128, MHA, page 16": dict(
                    HAS_ROWS=False, HAS_VALID=False, KV_HEADS=32, GROUP=1, GROUP_PAD=16,
-                   HEAD_DIM=128, NUM_SPLITS=1, SPLITS_PAD=2, rows_ptr=None, valid_ptr=None)}),
+                   HEAD_DIM=128, PAGE_SIZE=16, NUM_SPLITS=1, SPLITS_PAD=2, rows_ptr=None,
+                   valid_ptr=None)}),
     "decode_embed": Spec(
         "decode_embed", "_decode_embed_kernel", const=dict(BLOCK_H=1024),
-        modes={"rows+written": dict(HAS_ROWS=True, HAS_WRITTEN=True, BLOCK_L=32),
-               "bare": dict(HAS_ROWS=False, HAS_WRITTEN=False, BLOCK_L=1)}),
+        modes={"rows+written": dict(HAS_ROWS=True, HAS_WRITTEN=True, PAGE_SIZE=16, BLOCK_L=32),
+               "bare": dict(HAS_ROWS=False, HAS_WRITTEN=False, PAGE_SIZE=1, BLOCK_L=1)}),
     "rms_norm": Spec(
         "rms_norm", "_rms_norm_kernel",
         modes={"residual+rows, one chunk": dict(HAS_RESIDUAL=True, HAS_ROWS=True, BLOCK_H=1024,

@@ -13,8 +13,9 @@ from d3kernels.ops.qkv_rope import qkv_rope
 from d3kernels.ops.rms_norm import rms_norm
 from d3kernels.ops.swiglu import down_residual, swiglu_gate_up
 from tests.ops.conftest import DEVICE, poisoned, randn
+from tests.ops.paged import shuffled_block_table
 
-M, H, I, V, T = 5, 96, 160, 300, 24
+M, H, I, V, T, S = 5, 96, 160, 300, 24, 8  # S: the page size of the caches
 CFG = LlamaConfig(V, H, I, 1, 6, 2, 16)
 
 
@@ -29,7 +30,10 @@ def _cases():
     norm = 1 + 0.3 * randn(H)
     cos, sin = rope_tables(CFG, T, torch.float32, DEVICE)
     pos = i32([3, 7, 0, 11, 5])
-    kv = randn(M, 2, T, 16), randn(M, 2, T, 16)
+    # every row holds its T positions, in shuffled pages of a pool with two spare pages
+    num_pages = M * T // S + 2
+    table = shuffled_block_table([T // S] * M, T // S, num_pages, seed=0)
+    kv = randn(num_pages, S, 2, 16), randn(num_pages, S, 2, 16)
     q1, q4 = randn(M, 6, 16), randn(M, 4, 6, 16)
     h, w_gu, w_down, w_lm = randn(M, I), randn(2 * I, H, scale=H ** -0.5), \
         randn(H, I, scale=I ** -0.5), randn(V, H, scale=H ** -0.5)
@@ -37,14 +41,14 @@ def _cases():
 
     def qkv(rows):
         k, v = (c.clone() for c in kv)
-        q = qkv_rope(x[:, None], w_qkv, cos, sin, pos, k, v, num_heads=6, num_kv_heads=2,
+        q = qkv_rope(x[:, None], w_qkv, cos, sin, pos, k, v, table, num_heads=6, num_kv_heads=2,
                      rows=rows, q_out=poisoned((M, 1, 6, 16), torch.float32), norm_weight=norm)
         return q, k, v
 
     def down(rows):
-        res, stash = x.clone(), poisoned((2, M, T, H), torch.float32)
+        res, stash = x.clone(), poisoned((2, num_pages, S, H), torch.float32)
         down_residual(h, w_down, res, rows=rows, stash=stash, stash_index=i32([1, 0, -1, 0, 1]),
-                      positions=pos)
+                      positions=pos, block_table=table)
         return res, stash
 
     def head(rows):
@@ -57,18 +61,20 @@ def _cases():
         res, ctx = poisoned((M, H), torch.float32), torch.full((M,), -3, dtype=torch.int32,
                                                                  device=DEVICE)
         tokens = rows.clamp(min=0).long() * 7  # row b embeds token 7b, padded or not
-        decode_embed(tokens, embed, pos, res, ctx, rows=rows)
-        return res, ctx
+        written = torch.zeros(3, num_pages, S, dtype=torch.bool, device=DEVICE)
+        decode_embed(tokens, embed, pos, res, ctx, rows=rows, written=written,
+                     mark=torch.ones(3, dtype=torch.bool, device=DEVICE), block_table=table)
+        return res, ctx, written
 
     return {
         "rms_norm": lambda rows: rms_norm(x, norm, 1e-5, rows=rows,
                                           out=poisoned((M, H), torch.float32))[:1],
         "qkv_rope": qkv,
         "attention_decode": lambda rows: (attention_decode(
-            q1, *kv, pos + 1, rows=rows, out=poisoned((M, 6, 16), torch.float32),
+            q1, *kv, table, pos + 1, rows=rows, out=poisoned((M, 6, 16), torch.float32),
             num_splits=3),),
         "attention_prefill": lambda rows: (attention_prefill(
-            q4, *kv, pos, i32([4, 2, 1, 4, 3]), rows=rows,
+            q4, *kv, table, pos, i32([4, 2, 1, 4, 3]), rows=rows,
             out=poisoned((M, 4, 6, 16), torch.float32)),),
         "swiglu_gate_up": lambda rows: (swiglu_gate_up(
             x, w_gu, rows=rows, out=poisoned((M, I), torch.float32), norm_weight=norm),),

@@ -7,12 +7,27 @@
         ...                         # engine.submit / engine.cancel are fine in here
     a.tokens, a.depths, a.finish_reason, a.text
 
-The cache has ``max_batch`` rows. Each :meth:`Engine.step` first admits waiting requests into
-free rows, in submission order, and prefills them together at full depth (their T_0); then it
-runs one decode pass over the requests that were already running, each at its own step i and
-so at its own depth n_i (``LlamaD3.decode_rows``: a layer runs only on the rows that keep it).
-Each step gives every running request one token. A request that stops (a stop token, its
-``max_new_tokens``, or :meth:`Engine.cancel`) frees its row at once for the next admission.
+The cache is paged (d3kernels.kv_cache, docs/design.md §10): ``max_batch`` rows (block tables)
+over a pool of ``num_pages`` pages of ``page_size`` tokens, taken as requests grow and given back
+when they end, so the engine's memory follows its tokens, not max_batch × max_seq_len. Each
+:meth:`Engine.step` first takes the page each running request's next token needs (when the pool
+is short it preempts the most recently admitted request: its pages go back, it returns to the
+front of the queue and is recomputed when readmitted, losing nothing); then it admits waiting
+requests, in submission order, while a row and the pages of their prompts are free, and
+prefills them together at full depth (their T_0); then it runs one decode pass over the
+requests that were already running, each at its own step i and so at its own depth n_i
+(``LlamaD3.decode_rows``: a layer runs only on the rows that keep it). Each step gives every
+running request one token. A request that stops (a stop token, its ``max_new_tokens``, or
+:meth:`Engine.cancel`) frees its row and pages at once.
+
+Shared prefixes (``prefix_sharing``, on by default): the full pages a prefill wrote are indexed
+by their tokens (and all before them); a request whose prompt starts with the same tokens points
+its block table at those pages (reference counted) and prefills only the rest. Only
+prefill-written pages are shared: a page holding decode tokens had layers skipped, so its K/V
+are not what a prefill of the same tokens writes (docs/design.md §10). A preempted request is
+recomputed exactly: its prompt is prefilled again (sharing what it can) and its generated tokens
+are fed back through decode passes at their own depths, their choices ignored, so its cache and
+its later tokens are what they would have been.
 In float32/float64 a request's tokens are exactly what ``model.generate`` gives it alone
 (tests/test_engine.py; in bf16/fp16 its batch-mates change the rounding — matmul blocking,
 padding — as in any batched decoder, so it may drift from its solo run):
@@ -48,7 +63,7 @@ from typing import Iterator
 import torch
 
 from d3kernels.generation import StreamedToken, _plan, right_padded
-from d3kernels.kv_cache import KVCache
+from d3kernels.kv_cache import CacheFull, KVCache
 from d3kernels.sampling import RowSampling, Sampling
 from d3kernels.schedule import DepthSchedule
 from d3kernels.stats import step_bytes
@@ -62,6 +77,9 @@ class Request:
     finish_reason: ``"stop"`` (a stop token, kept as the last token), ``"length"``
     (max_new_tokens reached) or ``"cancelled"``. tokens / depths: generated ids and the depth
     of the pass that made each; token_times: ``time.perf_counter()`` when each was made.
+    fed: how many of ``tokens`` have been fed back through a decode pass (their K/V are in the
+    cache); below len(tokens) - 1 while a preempted request is being recomputed.
+    preemptions: how many times it lost its pages.
     """
 
     id: int
@@ -78,6 +96,8 @@ class Request:
     depths: list[int] = field(default_factory=list)
     token_times: list[float] = field(default_factory=list)
     text: str | None = None
+    fed: int = 0
+    preemptions: int = 0
 
     @property
     def done(self) -> bool:
@@ -90,7 +110,12 @@ class EngineStats:
     Σ n_i over them; layer_passes: Σ over decode steps of the layers any row ran (what a
     bandwidth-bound step reads); decode_steps / prefills: passes run. full_bytes / run_bytes:
     Σ over decode steps of ``step_bytes`` at full depth and at what the step ran (the weights of
-    the layers any row kept, each row's KV over its own layers and context)."""
+    the layers any row kept, each row's KV over its own layers and context).
+
+    Paged cache: preemptions (requests that gave their pages back), recomputed_tokens (prompt
+    and generated tokens run again after one), shared_prefix_tokens (prompt tokens a prefill
+    skipped because their pages were shared), peak_pages (most pages in use at once; the
+    engine's ``pages_in_use`` is the current count)."""
 
     num_layers: int
     prefills: int = 0
@@ -103,6 +128,10 @@ class EngineStats:
     seconds: float = 0.0
     full_bytes: int = 0
     run_bytes: int = 0
+    preemptions: int = 0
+    recomputed_tokens: int = 0
+    shared_prefix_tokens: int = 0
+    peak_pages: int = 0
 
     @property
     def layer_ratio(self) -> float:
@@ -127,24 +156,29 @@ class EngineStats:
 
 
 class Engine:
-    """A running batch of up to ``max_batch`` requests over one KV cache of ``max_seq_len``
-    tokens per row (default: the model's; the cache takes 2·L·max_batch·kv_heads·max_seq_len·
-    head_dim elements, allocated here: ~3 GB for SmolLM2 in float32 with the defaults, so set
-    max_seq_len to what requests need). ``schedule`` (None: full depth), ``stop_tokens``
-    (None: the tokenizer's) and ``backfill`` (None: the model's mode) are the defaults of
-    :meth:`submit`. backfill_timing (None: the model's, ``"deferred"`` by default): deferred,
-    a ``propagate`` step stashes what its skipped layers' K/V need and a request's row drops
-    that debt when it is released, unpaid (no pass reads a finished request's cache);
+    """A running batch of up to ``max_batch`` requests over one paged KV cache: rows of up to
+    ``max_seq_len`` tokens (default: the model's) in a pool of ``num_pages`` pages of
+    ``page_size`` tokens (a power of two; default 16). num_pages None: enough for every row's
+    full length (max_batch · ceil(max_seq_len / page_size), what a static cache reserves:
+    ~3 GB for SmolLM2 in float32 with the defaults, so set max_seq_len or num_pages to what
+    requests need); fewer bounds the memory, and when running requests outgrow it the newest is
+    preempted and recomputed later (module docstring). ``schedule`` (None: full depth),
+    ``stop_tokens`` (None: the tokenizer's) and ``backfill`` (None: the model's mode) are the
+    defaults of :meth:`submit`. backfill_timing (None: the model's, ``"deferred"`` by default):
+    deferred, a ``propagate`` step stashes what its skipped layers' K/V need and a request's
+    row drops that debt when it is released, unpaid (no pass reads a finished request's cache);
     ``model.flush_backfill(engine.cache)`` fills what the running rows owe. ``"eager"`` fills
-    skipped layers every step. min_free: admit waiting requests only when at least this many rows are
-    free (or none is running); 1 (default) is plain continuous batching, ``max_batch`` admits
-    in waves. Either backend (see the module docstring for what each guarantees).
+    skipped layers every step. min_free: admit waiting requests only when at least this many
+    rows are free (or none is running); 1 (default) is plain continuous batching, ``max_batch``
+    admits in waves. prefix_sharing: reuse the prefill-written pages of a prompt prefix another
+    request already holds. Either backend (see the module docstring for what each guarantees).
     """
 
     def __init__(self, model, max_batch: int = 8, max_seq_len: int | None = None,
                  schedule: DepthSchedule | None = None, *, stop_tokens=None,
                  backfill: str | None = None, backfill_timing: str | None = None,
-                 min_free: int = 1):
+                 min_free: int = 1, page_size: int = 16, num_pages: int | None = None,
+                 prefix_sharing: bool = True):
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
         if max_seq_len is None:
@@ -157,20 +191,29 @@ class Engine:
                 or not 1 <= min_free <= max_batch:
             raise ValueError(f"min_free must be an int in [1, max_batch={max_batch}], got "
                              f"{min_free!r}")
+        if not isinstance(prefix_sharing, bool):
+            raise ValueError(f"prefix_sharing must be a bool, got {prefix_sharing!r}")
         if schedule is not None:
             if not isinstance(schedule, DepthSchedule):
                 raise ValueError(f"schedule must be a DepthSchedule or None, got {schedule!r}")
             schedule.validate(model.config.num_layers)
+        if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1 \
+                or page_size & (page_size - 1):
+            raise ValueError(f"page_size must be a power of two >= 1, got {page_size!r}")
+        if num_pages is None:
+            num_pages = max_batch * -(-max_seq_len // page_size)
         self.model = model
         self.backfill, self.backfill_timing = model.resolve_backfill(backfill, backfill_timing)
         self.schedule = schedule
         self.stop_tokens = stop_tokens
         self.min_free = min_free
-        self.cache = KVCache(model.config, max_batch, max_seq_len, model.dtype, model.device)
+        self.prefix_sharing = prefix_sharing
+        self.cache = KVCache(model.config, max_batch, max_seq_len, model.dtype, model.device,
+                             page_size=page_size, num_pages=num_pages)
         self.stats = EngineStats(model.config.num_layers)
         self._free = list(range(max_batch - 1, -1, -1))  # popped from the end: lowest row first
         self._waiting: deque[Request] = deque()
-        self._running: dict[int, Request] = {}  # cache row -> request
+        self._running: dict[int, Request] = {}  # cache row -> request, in admission order
         self._next_id = 0
 
     # ---- queue --------------------------------------------------------------------------------
@@ -182,6 +225,11 @@ class Engine:
     @property
     def free_slots(self) -> int:
         return len(self._free)
+
+    @property
+    def pages_in_use(self) -> int:
+        """Pages of the cache's pool held by running requests now."""
+        return self.cache.pages_in_use
 
     @property
     def waiting(self) -> list[Request]:
@@ -203,8 +251,8 @@ class Engine:
 
         Checked here, before it is queued (ValueError naming the argument): an empty prompt, a
         token outside the vocabulary, a prompt plus max_new_tokens past the cache's rows
-        (``max_seq_len``), bad sampling options or schedule. schedule / stop_tokens None: the
-        engine's.
+        (``max_seq_len``) or past the whole page pool, bad sampling options or schedule.
+        schedule / stop_tokens None: the engine's.
         """
         one = "submit takes one prompt (a string or a list of token ids); submit each prompt of " \
               "a batch separately"
@@ -220,6 +268,11 @@ class Engine:
         if len(ids) + max_new_tokens > self.cache.seq_len:  # the rule of generate
             raise ValueError(f"prompt of {len(ids)} tokens plus max_new_tokens={max_new_tokens} "
                              f"exceeds the engine's rows (max_seq_len={self.cache.seq_len})")
+        pages = -(-(len(ids) + max_new_tokens) // self.cache.page_size)
+        if pages > self.cache.num_pages:
+            raise ValueError(f"prompt of {len(ids)} tokens plus max_new_tokens={max_new_tokens} "
+                             f"needs {pages} pages of {self.cache.page_size} tokens but the "
+                             f"pool has num_pages={self.cache.num_pages}")
         req = Request(self._next_id, ids, max_new_tokens, plan.schedule, plan.sampling,
                       plan.stop_tokens, time.perf_counter())
         self._next_id += 1
@@ -240,9 +293,9 @@ class Engine:
         return True
 
     def _release(self, req: Request) -> None:
-        """Give req's cache row back (the lowest free row is admitted next) and drop the
-        backfill it still owes: nothing will read it."""
-        self.cache.drop_backfill([req.slot])
+        """Give req's cache row and pages back (the lowest free row is admitted next) and
+        drop the backfill it still owes: nothing will read it."""
+        self.cache.release(req.slot)
         del self._running[req.slot]
         self._free.append(req.slot)
         self._free.sort(reverse=True)
@@ -269,49 +322,103 @@ class Engine:
 
     # ---- passes -------------------------------------------------------------------------------
 
-    @torch.inference_mode()
-    def step(self) -> list[StreamedToken]:
-        """Admit what fits, prefill it, then one decode pass over the requests already running.
-        Returns one StreamedToken per running request (``row`` is the request's id)."""
-        m, L = self.model, self.model.config.num_layers
-        t0 = time.perf_counter()
-        decoding = list(self._running.values())
-        admitted = []
+    def _preempt(self, req: Request) -> None:
+        """Give a running request's row and pages back and queue it first again: readmitted,
+        it is recomputed (its tokens so far are kept)."""
+        self._release(req)
+        req.status, req.fed = "waiting", 0
+        req.preemptions += 1
+        self.stats.preemptions += 1
+        self._waiting.appendleft(req)
+
+    def _reserve_decode(self, decoding: list[Request]) -> list[Request]:
+        """Take the page each request's next decode write needs; while the pool is short,
+        preempt the most recently admitted. Returns the requests still running."""
+        while decoding:
+            try:
+                self.cache.reserve([(r.slot, p, p + 1) for r in decoding
+                                    for p in (len(r.prompt) + r.fed,)])
+                return decoding
+            except CacheFull:
+                self._preempt(decoding.pop())
+        return decoding
+
+    def _admit(self) -> list[tuple[Request, int]]:
+        """Move waiting requests into free rows, in order, while the pages their prompts need
+        (less what they share) are free; each takes its shared prefix pages and reserves the
+        rest. Returns (request, prompt tokens already cached) pairs."""
+        cache, admitted = self.cache, []
         # min_free > 1 admits in waves: rows that start together stay at the same step i, so
         # they drop layers together and a step reads fewer layers' weights (module docstring)
         may_admit = not self._running or len(self._free) >= self.min_free
         while may_admit and self._waiting and self._free:
-            req = self._waiting.popleft()
+            req = self._waiting[0]
+            shared = cache.prefix_pages(req.prompt) if self.prefix_sharing else []
+            # new pages for the rest of the prompt, and the shared pages no row holds now
+            cost = -(-len(req.prompt) // cache.page_size) - len(shared) \
+                + sum(cache.refs[p] == 0 for p in shared)
+            if cost > cache.free_pages:
+                break  # in order: later requests wait too
+            self._waiting.popleft()
             req.slot, req.status = self._free.pop(), "running"
             self._running[req.slot] = req
-            admitted.append(req)
+            covered = cache.share_prefix(req.slot, req.prompt) if self.prefix_sharing else 0
+            cache.reserve([(req.slot, covered, len(req.prompt))])
+            admitted.append((req, covered))
+        return admitted
+
+    @torch.inference_mode()
+    def step(self) -> list[StreamedToken]:
+        """Take the pages this step's decode needs (preempting if the pool is short), admit
+        what fits and prefill it, then one decode pass over the requests already running.
+        Returns one StreamedToken per new token (``row`` is the request's id); a request being
+        recomputed after a preemption makes none until it has caught up."""
+        m, L, cache = self.model, self.model.config.num_layers, self.cache
+        t0 = time.perf_counter()
+        running = list(self._running.values())
+        decoding = self._reserve_decode(list(running))
+        # a step that had to preempt admits nothing: the pages it freed belong to the others
+        admitted = self._admit() if len(decoding) == len(running) else []
         events = []
         if admitted:
-            lengths = [len(r.prompt) for r in admitted]
-            ids = right_padded([r.prompt for r in admitted])
+            starts = [c for _, c in admitted]
+            chunks = [r.prompt[c:] for r, c in admitted]
+            lengths = [len(c) for c in chunks]
+            # a recomputed prompt's choice is ignored: greedy, so no sampler draws for it
+            samplings = [Sampling() if r.tokens else r.sampling for r, _ in admitted]
             try:
-                nxt = m.prefill(ids.to(m.device), lengths, self.cache,
-                                RowSampling([r.sampling for r in admitted]),
+                nxt = m.prefill(right_padded(chunks).to(m.device), lengths, cache,
+                                RowSampling(samplings), starts if any(starts) else None,
                                 backfill=self.backfill,
-                                rows=[r.slot for r in admitted]).tolist()
+                                rows=[r.slot for r, _ in admitted]).tolist()
             except BaseException:  # out of memory, Ctrl-C: back to the queue, rows freed
-                for r in reversed(admitted):
+                for r, _ in reversed(admitted):
                     self._release(r)
                     r.status = "waiting"
                     self._waiting.appendleft(r)
                 raise
             self.stats.prefills += 1
             self.stats.prefill_tokens += sum(lengths)
+            self.stats.shared_prefix_tokens += sum(starts)
             now = time.perf_counter()
-            events += [self._take(r, t, L, now) for r, t in zip(admitted, nxt)]
+            for (r, _), t, n in zip(admitted, nxt, lengths):
+                if self.prefix_sharing:
+                    cache.index_prefix(r.slot, r.prompt)
+                if r.tokens:
+                    self.stats.recomputed_tokens += n
+                else:
+                    events.append(self._take(r, t, L, now))
         if decoding:
-            depths = [r.schedule.depth(len(r.tokens), L) for r in decoding]
+            # request r feeds its token fed (its newest, unless it is being recomputed) at the
+            # slot after it and runs the layers of its step fed + 1
+            depths = [r.schedule.depth(r.fed + 1, L) for r in decoding]
             kept = [r.schedule.kept_layers(d, L) for r, d in zip(decoding, depths)]
-            tokens = [r.tokens[-1] for r in decoding]  # checked on the host, uploaded once
-            positions = [len(r.prompt) + len(r.tokens) - 1 for r in decoding]
-            nxt = m.decode_rows(tokens, [r.slot for r in decoding], positions, kept,
-                                self.cache, RowSampling([r.sampling for r in decoding]),
-                                backfill=self.backfill,
+            replay = [r.fed + 1 < len(r.tokens) for r in decoding]
+            tokens = [r.tokens[r.fed] for r in decoding]  # checked on the host, uploaded once
+            positions = [len(r.prompt) + r.fed for r in decoding]
+            samplings = [Sampling() if again else r.sampling for r, again in zip(decoding, replay)]
+            nxt = m.decode_rows(tokens, [r.slot for r in decoding], positions, kept, cache,
+                                RowSampling(samplings), backfill=self.backfill,
                                 backfill_timing=self.backfill_timing).tolist()
             union = len(set().union(*kept))
             contexts = [p + 1 for p in positions]
@@ -323,7 +430,13 @@ class Engine:
             self.stats.full_bytes += step_bytes(m.config, L, contexts, elem)
             self.stats.run_bytes += step_bytes(m.config, union, contexts, elem, depths)
             now = time.perf_counter()
-            events += [self._take(r, t, d, now) for r, t, d in zip(decoding, nxt, depths)]
+            for r, t, d, again in zip(decoding, nxt, depths, replay):
+                r.fed += 1
+                if again:
+                    self.stats.recomputed_tokens += 1
+                else:
+                    events.append(self._take(r, t, d, now))
+        self.stats.peak_pages = cache.peak_pages
         self.stats.seconds += time.perf_counter() - t0
         return events
 

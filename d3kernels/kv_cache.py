@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import math
 from array import array
+from collections import OrderedDict
 from typing import Iterable
 
 import torch
@@ -87,9 +88,12 @@ class KVCache:
         self.block_table = torch.full((batch_size, per_row), -1, dtype=torch.int32,
                                       device=device)
         # prefix sharing (the engine): digest of a full page's tokens and all before it -> page,
-        # for pages a full-depth prefill wrote; ``_key`` is the inverse
+        # for pages a full-depth prefill wrote; ``_key`` is the inverse. An indexed page no row
+        # holds stays indexed in ``_idle`` (least recently released first) until a fresh page
+        # is needed and none is free: a later request with the same prefix can still share it
         self._prefix: dict[bytes, int] = {}
         self._key: dict[int, bytes] = {}
+        self._idle: OrderedDict[int, None] = OrderedDict()
         self.peak_pages = 0
         if static:
             for r in range(batch_size):
@@ -140,27 +144,39 @@ class KVCache:
 
     @property
     def free_pages(self) -> int:
-        return len(self._free)
+        """Pages no row holds (indexed idle ones included: they are evicted on demand)."""
+        return len(self._free) + len(self._idle)
 
     @property
     def pages_in_use(self) -> int:
-        return self.num_pages - len(self._free)
+        """Pages some row holds."""
+        return self.num_pages - self.free_pages
+
+    def _take_page(self) -> int:
+        """A page for new contents: a free one, else the least recently released idle
+        indexed one, which leaves the index."""
+        if self._free:
+            return self._free.pop()
+        page, _ = self._idle.popitem(last=False)
+        del self._prefix[self._key.pop(page)]
+        return page
 
     def _assign(self, row: int, first: int, pages: list[int]) -> None:
         """Point row's page entries first, first+1, ... at ``pages`` (one device write)."""
         self.table[row][first:first + len(pages)] = pages
         for p in pages:
             self.refs[p] += 1
+            self._idle.pop(p, None)
         self.block_table[row, first:first + len(pages)] = torch.tensor(pages, dtype=torch.int32)
         self.peak_pages = max(self.peak_pages, self.pages_in_use)
 
     def _unref(self, page: int) -> None:
         self.refs[page] -= 1
         if self.refs[page] == 0:
-            key = self._key.pop(page, None)
-            if key is not None:
-                del self._prefix[key]
-            self._free.append(page)
+            if page in self._key:
+                self._idle[page] = None
+            else:
+                self._free.append(page)
 
     def pages_needed(self, row: int, end: int, start: int = 0) -> int:
         """Free pages a write of positions start..end-1 of ``row`` takes: pages not yet
@@ -180,20 +196,20 @@ class KVCache:
                 raise ValueError(f"position {end - 1} is past the cache's {self.pages_per_row} "
                                  f"pages of {S} per row")
         need = sum(self.pages_needed(r, e, s) for r, s, e in writes)
-        if need > len(self._free):
-            raise CacheFull(f"the pass needs {need} free KV pages but {len(self._free)} of "
+        if need > self.free_pages:
+            raise CacheFull(f"the pass needs {need} free KV pages but {self.free_pages} of "
                             f"{self.num_pages} are free")
         for row, start, end in writes:
             t = self.table[row]
             for i in range(start // S, -(-end // S)):
                 page = t[i]
                 if page >= 0 and self.refs[page] > 1:
-                    fresh = self._free.pop()
+                    fresh = self._take_page()
                     self._copy_page(page, fresh)
                     self.refs[page] -= 1  # still held by another row
                     self._assign(row, i, [fresh])
                 elif page < 0:
-                    fresh = self._free.pop()
+                    fresh = self._take_page()
                     self.written[:, fresh] = False  # a previous owner's marks
                     self._assign(row, i, [fresh])
                 elif page in self._key:  # rewritten: no longer the prefix it was indexed as
@@ -232,24 +248,19 @@ class KVCache:
         """Point an empty row's first pages at indexed pages holding the same leading tokens
         (full pages only, and never the page of the last token: a prefill must still run it
         to get the next token). Returns the positions covered (a multiple of page_size)."""
-        hits = []
-        for key in self._digests(tokens, (len(tokens) - 1) // self.page_size):
-            page = self._prefix.get(key)
-            if page is None:
-                break
-            hits.append(page)
-        if hits:
-            self._assign(row, 0, hits)
-        return len(hits) * self.page_size
+        pages = self.prefix_pages(tokens)
+        if pages:
+            self._assign(row, 0, pages)
+        return len(pages) * self.page_size
 
-    def shared_pages(self, tokens: list[int]) -> int:
-        """How many of tokens' leading full pages :meth:`share_prefix` would share now."""
-        n = 0
+    def prefix_pages(self, tokens: list[int]) -> list[int]:
+        """The indexed pages :meth:`share_prefix` would point a row holding ``tokens`` at."""
+        pages = []
         for key in self._digests(tokens, (len(tokens) - 1) // self.page_size):
             if key not in self._prefix:
                 break
-            n += 1
-        return n
+            pages.append(self._prefix[key])
+        return pages
 
     def index_prefix(self, row: int, tokens: list[int]) -> None:
         """Index row's full pages holding ``tokens`` (written at every layer by a prefill) for

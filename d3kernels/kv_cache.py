@@ -85,8 +85,10 @@ class KVCache:
         self.table: list[list[int]] = [[-1] * per_row for _ in range(batch_size)]
         self.refs = [0] * num_pages
         self._free = list(range(num_pages - 1, -1, -1))  # popped from the end: lowest first
-        self.block_table = torch.full((batch_size, per_row), -1, dtype=torch.int32,
-                                      device=device)
+        with torch.inference_mode(False):  # a normal tensor: its version counter tells the
+            # ops' block-table check when it changed (d3kernels.ops._checks)
+            self.block_table = torch.full((batch_size, per_row), -1, dtype=torch.int32,
+                                          device=device)
         # prefix sharing (the engine): digest of a full page's tokens and all before it -> page,
         # for pages a full-depth prefill wrote; ``_key`` is the inverse. An indexed page no row
         # holds stays indexed in ``_idle`` (least recently released first) until a fresh page

@@ -182,7 +182,8 @@ class TritonBackend(Backend):
 
         rows: None (batch row b is cache row b: one batched pass) or the cache row of each
         batch row (the engine's admissions). Then each prompt runs as its own batch of one on
-        the views ``cache.k[j, r:r+1]``: no cache-row-layout copy of the prompts, no padding,
+        its cache row's block table ``cache.block_table[r:r+1]``: no cache-row-layout copy of
+        the prompts, no padding,
         and each request's token is chosen exactly as ``generate`` would choose it alone (its
         own Sampling, batch row 0, its own noise offset; ``sampling`` a RowSampling gives
         each request its own). Prefill is compute-bound at realistic prompt lengths, so the
@@ -200,22 +201,22 @@ class TritonBackend(Backend):
     def _prefill(self, ids: torch.Tensor, lengths: list[int], cache: KVCache,
                  sampling: Sampling | RowSampling, start: list[int] | None, mode: str,
                  row0: int = 0) -> torch.Tensor:
-        """prefill of ids [B, T] into the contiguous cache rows row0..row0+B-1."""
+        """prefill of ids [B, T] into the cache rows row0..row0+B-1."""
         m, cfg = self.m, self.m.config
         B, T = ids.shape
-        rows = slice(row0, row0 + B)
+        table = cache.block_table[row0:row0 + B]
         start = torch.tensor([0] * B if start is None else start, dtype=torch.int32,
                              device=m.device)
         lens = torch.tensor(lengths, dtype=torch.int32, device=m.device)
         residual = m.embed[ids.reshape(-1)]  # [B*T, H], updated in place layer by layer
         for j in range(cfg.num_layers):
-            k_cache, v_cache = cache.k[j, rows], cache.v[j, rows]
+            k_cache, v_cache = cache.k[j], cache.v[j]
             q = qkv_rope(residual.view(B, T, -1), m.w_qkv[j], m.rope_cos, m.rope_sin, start,
-                         k_cache, v_cache, num_heads=cfg.num_heads,
+                         k_cache, v_cache, table, num_heads=cfg.num_heads,
                          num_kv_heads=cfg.num_kv_heads, norm_weight=m.attn_norm[j],
                          eps=cfg.rms_norm_eps)
-            valid = cache.written[j, rows] if mode == "mask" else None
-            attn = attention_prefill(q, k_cache, v_cache, start, lens, valid=valid)
+            valid = cache.written[j] if mode == "mask" else None
+            attn = attention_prefill(q, k_cache, v_cache, table, start, lens, valid=valid)
             self._attention_and_mlp(j, residual, attn.view(B * T, cfg.q_size))
         last = residual.view(B, T, -1)[torch.arange(B, device=m.device), lens.long() - 1]
         if isinstance(sampling, RowSampling):
@@ -229,7 +230,8 @@ class TritonBackend(Backend):
         m, cfg = self.m, self.m.config
         layer_ids = torch.tensor(layers, dtype=torch.int32, device=m.device)
         kv_backfill(states.contiguous(), layer_ids, m.attn_norm, m.w_qkv, m.rope_cos,
-                    m.rope_sin, pos.to(torch.int32), rows.to(torch.int32), cache.k, cache.v,
+                    m.rope_sin, pos.to(torch.int32), rows.to(torch.int32), cache.block_table,
+                    cache.k, cache.v,
                     q_size=cfg.q_size, eps=cfg.rms_norm_eps)
 
     def _step_buffers(self, batch: int, cache: KVCache, kind: str = "step") -> _StepBuffers:
@@ -249,7 +251,8 @@ class TritonBackend(Backend):
                                 device=dev) if rows_kind else None)
             # from the cache's shape only: in decode_rows a row's split boundaries (and so its
             # rounding) must not depend on how many requests run beside it
-            splits = attention_decode_splits(batch, cfg.num_kv_heads, cache.seq_len, dev)
+            splits = attention_decode_splits(batch, cfg.num_kv_heads,
+                                             cache.pages_per_row * cache.page_size, dev)
             bufs = self._buffers[(kind, batch)] = _StepBuffers(
                 tokens=torch.zeros(batch, dtype=torch.int64, device=dev),
                 pos=(torch.zeros(batch, dtype=torch.int32, device=dev) if table is None
@@ -294,14 +297,16 @@ class TritonBackend(Backend):
         m, cfg = self.m, self.m.config
         B = bufs.tokens.shape[0]
         res, pos = bufs.residual, bufs.pos
-        decode_embed(bufs.tokens, m.embed, pos, res, bufs.context, written=cache.written[:, :B],
-                     mark=mark)
+        table = cache.block_table[:B]
+        decode_embed(bufs.tokens, m.embed, pos, res, bufs.context, written=cache.written,
+                     mark=mark, block_table=table)
         runs = () if mask else skipped_runs(kept, cfg.num_layers)
         stash_after: dict[int, torch.Tensor] = {}  # kept layer -> stash ordinal of its output
         if deferred:
             for s, (a, _) in enumerate(runs):
                 if a == 0:  # no layer below to carry the copy
-                    cache.stash[s, :B].index_put_((self._rows(B).long(), pos.long()), res)
+                    slots = cache.slots(self._rows(B).long(), pos.long())
+                    cache.flat(cache.stash)[s].index_put_((slots,), res)
                 else:
                     stash_after[a - 1] = self._fill(B, s)
             runs = ()
@@ -310,27 +315,28 @@ class TritonBackend(Backend):
 
         def backfill(run):
             kv_backfill(res, self._layers(run), m.attn_norm, m.w_qkv, m.rope_cos, m.rope_sin,
-                        pos, self._rows(B), cache.k[:, :B], cache.v[:, :B], q_size=cfg.q_size,
+                        pos, self._rows(B), table, cache.k, cache.v, q_size=cfg.q_size,
                         eps=cfg.rms_norm_eps)
 
         for j in kept:
             while run is not None and run[0] < j:  # skipped layers below j see this residual
                 backfill(run)
                 run = next(runs, None)
-            k_cache, v_cache = cache.k[j, :B], cache.v[j, :B]
+            k_cache, v_cache = cache.k[j], cache.v[j]
             qkv_rope(res[:, None], m.w_qkv[j], m.rope_cos, m.rope_sin, pos, k_cache, v_cache,
-                     num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, q_out=bufs.q,
-                     norm_weight=m.attn_norm[j], eps=cfg.rms_norm_eps)
-            attention_decode(bufs.q[:, 0], k_cache, v_cache, bufs.context,
-                             valid=cache.written[j, :B] if mask else None, out=bufs.attn,
+                     table, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+                     q_out=bufs.q, norm_weight=m.attn_norm[j], eps=cfg.rms_norm_eps)
+            attention_decode(bufs.q[:, 0], k_cache, v_cache, table, bufs.context,
+                             valid=cache.written[j] if mask else None, out=bufs.attn,
                              workspace=bufs.workspace)
             down_residual(bufs.attn.view(B, cfg.q_size), m.w_o[j], res)
             swiglu_gate_up(res, m.w_gate_up[j], out=bufs.mlp, norm_weight=m.mlp_norm[j],
                            eps=cfg.rms_norm_eps)
             ordinal = stash_after.get(j)
-            stash = None if ordinal is None else cache.stash[:, :B]
+            stash = None if ordinal is None else cache.stash
             down_residual(bufs.mlp, m.w_down[j], res, stash=stash, stash_index=ordinal,
-                          positions=None if stash is None else pos)
+                          positions=None if stash is None else pos,
+                          block_table=None if stash is None else table)
         while run is not None:
             backfill(run)
             run = next(runs, None)
@@ -460,11 +466,13 @@ class TritonBackend(Backend):
         L, n = cfg.num_layers, bufs.tokens.shape[0]
         res, pos, table = bufs.residual, bufs.pos, bufs.table
         running = table[2 * L + 1]
+        pages = cache.block_table
         decode_embed(bufs.tokens, m.embed, pos, res, bufs.context, rows=running,
-                     written=cache.written, mark=bufs.marks)
+                     written=cache.written, mark=bufs.marks, block_table=pages)
         for s, requests in (head_stash or {}).items():  # the embedding enters these runs
             idx = running[requests].long()
-            cache.stash[s].index_put_((idx, pos[idx].long()), res[idx])
+            cache.flat(cache.stash)[s].index_put_((cache.slots(idx, pos[idx].long()),),
+                                                  res[idx])
         # deferred: stash copies ride on the down projections (none before any run was skipped)
         deferred = mode == "propagate" and skip_sets is None and cache.stash is not None
         for j in range(L):
@@ -477,14 +485,15 @@ class TritonBackend(Backend):
                 idx = self._row_set(skip)
                 kv_backfill(res.index_select(0, idx), self._layers((j, b)), m.attn_norm,
                             m.w_qkv, m.rope_cos, m.rope_sin, pos.index_select(0, idx), idx,
-                            cache.k, cache.v, q_size=cfg.q_size, eps=cfg.rms_norm_eps)
+                            pages, cache.k, cache.v, q_size=cfg.q_size, eps=cfg.rms_norm_eps)
             if j not in union:
                 continue
             idx = table[1 + j]
             qkv_rope(res[:, None], m.w_qkv[j], m.rope_cos, m.rope_sin, pos, cache.k[j],
-                     cache.v[j], num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+                     cache.v[j], pages, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
                      rows=idx, q_out=bufs.q, norm_weight=m.attn_norm[j], eps=cfg.rms_norm_eps)
-            attention_decode(bufs.q[:, 0], cache.k[j], cache.v[j], bufs.context, rows=idx,
+            attention_decode(bufs.q[:, 0], cache.k[j], cache.v[j], pages, bufs.context,
+                             rows=idx,
                              valid=cache.written[j] if mode == "mask" else None, out=bufs.attn,
                              workspace=bufs.workspace)
             down_residual(bufs.attn.view(n, cfg.q_size), m.w_o[j], res, rows=idx)
@@ -493,7 +502,8 @@ class TritonBackend(Backend):
             down_residual(bufs.mlp, m.w_down[j], res, rows=idx,
                           stash=cache.stash if deferred else None,
                           stash_index=table[L + 1 + j] if deferred else None,
-                          positions=pos if deferred else None)
+                          positions=pos if deferred else None,
+                          block_table=pages if deferred else None)
         fused = (sampling.temperature == 0 if isinstance(sampling, RowSampling)
                  else self._fused(sampling))
         if fused:

@@ -144,7 +144,8 @@ def test_kv_cache_pages_refcounts_and_copy_on_write(tiny64):
     cfg = tiny64.config
     c = KVCache(cfg, 3, 16, torch.float64, torch.device("cpu"), page_size=4, num_pages=5)
     c.reserve([(0, 0, 6)])  # two pages
-    assert c.pages_in_use == 2 and c.table[0][:2] == [0, 1] and c.block_table[0, :2].tolist() == [0, 1]
+    assert c.pages_in_use == 2 and c.table[0][:2] == [0, 1]
+    assert c.block_table[0, :2].tolist() == [0, 1]
     c.k[:, 1] = 1.0
     c.index_prefix(0, list(range(6)))  # one full page
     assert c.share_prefix(1, list(range(6))) == 4 and c.refs[0] == 2

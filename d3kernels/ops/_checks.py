@@ -3,6 +3,7 @@ launch."""
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 
@@ -79,7 +80,10 @@ def check_block_table(block_table, batch: int, num_pages: int, device: torch.dev
     (of a cache with ``num_pages`` pages) holding positions i*S..(i+1)*S-1 of row b, -1 for none.
 
     Values are checked to lie in [-1, num_pages) with one host sync (min and max read together),
-    because an out-of-range page index reads and writes outside the cache. The check is skipped
+    because an out-of-range page index reads and writes outside the cache; then not again until
+    torch's version counter says the table changed (in-place writes through any view count;
+    writes that bypass autograd's counter, e.g. through ``.data`` or a kernel of your own, do
+    not: pass a fresh tensor then). The check is skipped
     while a CUDA graph is being captured on ``device``, and while torch.compile traces the
     caller (a data-dependent branch there is a graph break, an error under fullgraph): a sync
     would break either, and both replay tables the caller built (and checked) on the host.
@@ -94,8 +98,35 @@ def check_block_table(block_table, batch: int, num_pages: int, device: torch.dev
         return
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return
+    base = block_table if block_table._base is None else block_table._base
+    key = (block_table.storage_offset(), tuple(block_table.shape), block_table.stride(),
+           num_pages)
+    version = _version(block_table)
+    seen = _CHECKED_TABLES.get(id(base))
+    if version is not None and seen is not None and seen.get(key) == version:
+        return
     lo, hi = torch.stack(torch.aminmax(block_table)).tolist()  # one device-to-host copy
     if lo < -1 or hi >= num_pages:
         bad = f"max {hi}" if hi >= num_pages else f"min {lo}"
         raise ValueError(f"block_table: entries must be in [-1, P={num_pages}) (page indices of "
                          f"k_cache, -1 for none), got {bad}")
+    if version is not None:
+        if id(base) not in _CHECKED_TABLES:  # forget it with the tensor: ids are reused
+            _CHECKED_TABLES[id(base)] = {}
+            weakref.finalize(base, _CHECKED_TABLES.pop, id(base), None)
+        _CHECKED_TABLES[id(base)][key] = version
+
+
+# A table checked once is not checked again until it changes: id of its base tensor (dropped
+# when the tensor dies, so a reused id or address is never mistaken for it) -> {(offset, shape,
+# strides, pages): version counter when checked}. A decode step passes the same table to every
+# layer's kernels; without this each launch would sync. Inference tensors keep no version
+# counter: always checked.
+_CHECKED_TABLES: dict[int, dict[tuple, int]] = {}
+
+
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:  # an inference tensor
+        return None

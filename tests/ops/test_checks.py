@@ -47,3 +47,27 @@ def test_page_size_not_a_power_of_two_is_rejected(size):
     with pytest.raises(ValueError, match=rf"k_cache: page_size \(dim 1\) must be a power of two, "
                                          rf"got {size}"):
         check_page_size("k_cache", torch.empty(3, size, 2, 4))
+
+
+def test_block_table_checked_again_only_when_it_changes(monkeypatch):
+    """A table (or a view of it) checked once is not synced again until an in-place write
+    bumps its version; then a bad entry is caught. Inference tensors are checked every time."""
+    import d3kernels.ops._checks as checks
+
+    calls = []
+    real = torch.aminmax
+    monkeypatch.setattr(checks.torch, "aminmax", lambda t: calls.append(1) or real(t))
+    t = table([0, 1], [2, -1])
+    for _ in range(3):
+        check_block_table(t, 2, 4, CPU)
+        check_block_table(t[:1], 1, 4, CPU)  # another view: checked once too
+    assert len(calls) == 2
+    check_block_table(t, 2, 5, CPU)  # another pool size: checked again
+    t[1, 1] = 4
+    with pytest.raises(ValueError, match="got max 4"):
+        check_block_table(t, 2, 4, CPU)
+    with torch.inference_mode():
+        u = table([0, 1])
+        check_block_table(u, 1, 4, CPU)
+        check_block_table(u, 1, 4, CPU)
+    assert len(calls) == 6

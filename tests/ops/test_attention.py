@@ -20,6 +20,7 @@ from d3kernels.ops.attention import (MAX_SPLITS, _DECODE_CONFIGS, _PREFILL_CONFI
                                      attention_prefill)
 from reference import causal_gqa_attention, gather_pages
 from tests.ops.conftest import CUDA, DEVICE, DTYPES, assert_close, gpu, poisoned, randn
+from tests.ops.paged import pages_for, shuffled_block_table, slot_mask
 
 # The block sizes the interpreter runs (first autotune config), for "just past a block" lengths.
 PREFILL_BN = _PREFILL_CONFIGS[0].kwargs["BLOCK_N"]
@@ -42,43 +43,36 @@ def i32(values):
 class Paged:
     """A shuffled paged cache holding positions 0..ends[b]-1 of each row b.
 
-    Row b owns ceil(ends[b] / S) pages drawn from a random permutation of a pool with ``spare``
-    pages more than needed; its table entries past them are -1 (NP = the most pages a row needs
-    + ``extra``). ``share=(a, b)``: row b's first page is row a's (prefix sharing; the page b
-    had stays unused). ``holes``: (row, page index) entries set to -1 inside the context. k and v
-    [P, S, Hkv, D] are layer 1 of stacked [2, P, S, Hkv, D] caches (same outer strides, not
-    contiguous). Slots no row may read are NaN.
+    Row b owns ceil(ends[b] / S) pages of a pool with ``spare`` pages more than needed
+    (tests.ops.paged.shuffled_block_table); its table entries past them are -1 (NP = the most
+    pages a row needs + ``extra``). ``share=(a, b)``: row b's first page is row a's (prefix
+    sharing; the page b had stays unused). ``holes``: (row, page index) entries set to -1 inside
+    the context. k and v [P, S, Hkv, D] are layer 1 of stacked [2, P, S, Hkv, D] caches (same
+    outer strides, not contiguous). Slots no row may read are NaN.
     """
 
     def __init__(self, ends, Hkv, D, dtype, S, *, extra=1, spare=3, share=None, holes=()):
-        counts = [-(-n // S) for n in ends]
-        B, P, self.S, self.NP = len(ends), sum(counts) + spare, S, max(counts) + extra
-        perm, table = torch.randperm(P), torch.full((B, self.NP), -1, dtype=torch.int32)
-        used = 0
-        for b, c in enumerate(counts):
-            table[b, :c] = perm[used:used + c]
-            used += c
+        counts = pages_for(torch.tensor(ends), S)
+        self.P, self.S, self.NP = sum(counts) + spare, S, max(counts) + extra
+        self.table = shuffled_block_table(counts, self.NP, self.P,
+                                          seed=int(torch.randint(2**31, ())))
         if share is not None:
-            table[share[1], 0] = table[share[0], 0]
+            self.table[share[1], 0] = self.table[share[0], 0]
         for b, i in holes:
-            table[b, i] = -1
-        self.table = table.to(DEVICE)
-        self.k = randn(2, P, S, Hkv, D, dtype=dtype)[1]
-        self.v = randn(2, P, S, Hkv, D, dtype=dtype)[1]
-        readable = torch.zeros(P, S, dtype=torch.bool)
-        for b, n in enumerate(ends):
-            readable[self.slots(b, range(n))] = True
-        self.poison(~readable.to(DEVICE))
+            self.table[b, i] = -1
+        self.k = randn(2, self.P, S, Hkv, D, dtype=dtype)[1]
+        self.v = randn(2, self.P, S, Hkv, D, dtype=dtype)[1]
+        self.poison(~self.slots([(b, range(n)) for b, n in enumerate(ends)]))
 
     @property
     def t_max(self) -> int:
         return self.NP * self.S
 
-    def slots(self, b, positions):
-        """(pages, slots) index tensors (CPU) of row b's positions that have a page."""
-        t = torch.as_tensor(list(positions), dtype=torch.long)
-        page = self.table[b].cpu().long()[t // self.S]
-        return page[page >= 0], (t % self.S)[page >= 0]
+    def slots(self, spans):
+        """bool [P, S]: the pool slots of the (row, positions) pairs in ``spans``."""
+        rows = [b for b, positions in spans for _ in positions]
+        positions = [t for _, positions in spans for t in positions]
+        return slot_mask(self.table, rows, positions, self.P, self.S)
 
     def poison(self, mask):
         """NaN into k and v wherever ``mask`` [P, S] is True."""
@@ -93,12 +87,9 @@ class Paged:
         probability p, False on the (row, positions) pairs in ``drop``, True on those in
         ``keep`` and always True on each row's own positions own[b] = (first, end); the slots it
         excludes become NaN."""
-        valid = torch.rand(self.k.shape[:2], dtype=torch.float64) < p
-        for b, positions in drop:
-            valid[self.slots(b, positions)] = False
-        for b, positions in [*keep, *((b, range(*se)) for b, se in enumerate(own))]:
-            valid[self.slots(b, positions)] = True
-        valid = valid.to(DEVICE)
+        valid = (torch.rand(self.P, self.S, dtype=torch.float64) < p).to(DEVICE)
+        valid &= ~self.slots(drop)
+        valid |= self.slots([*keep, *((b, range(*se)) for b, se in enumerate(own))])
         self.poison(~valid)
         return valid
 
@@ -107,7 +98,7 @@ class Paged:
         (behind a page, and valid)."""
         table = self.table.cpu()
         k, v = (gather_pages(c.double().cpu().nan_to_num(0.0), table) for c in (self.k, self.v))
-        exists = torch.ones(self.k.shape[:2], dtype=torch.bool) if valid is None else valid
+        exists = torch.ones(self.P, self.S, dtype=torch.bool) if valid is None else valid
         return k, v, gather_pages(exists.bool().cpu(), table)
 
 
@@ -533,9 +524,8 @@ def test_decode_valid_mask_fully_masked_splits(dtype, S):
     assert_counters_at_rest(workspace)
     assert_close(out[rows], ref_decode(q, cache, i32(ctx), valid)[rows], dtype)
     # row 2 has only its own entry: the output is exactly its value vector
-    page, slot = cache.slots(2, [ctx[2] - 1])
-    torch.testing.assert_close(out[2].float(), cache.v[page[0], slot[0]].float()
-                               .repeat_interleave(Hq // Hkv, 0))
+    own = cache.v[cache.slots([(2, [ctx[2] - 1])])]  # [1, Hkv, D]
+    torch.testing.assert_close(out[2].float(), own[0].float().repeat_interleave(Hq // Hkv, 0))
 
 
 def test_all_valid_mask_matches_no_mask():

@@ -465,6 +465,10 @@ def cmd_serve(args) -> int:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
     if args.max_seq_len is not None and args.max_seq_len < 2:
         raise ValueError(f"--max-seq-len must be >= 2, got {args.max_seq_len}")
+    if args.page_size < 1 or args.page_size & (args.page_size - 1):
+        raise ValueError(f"--page-size must be a power of two, got {args.page_size}")
+    if args.kv_pages is not None and args.kv_pages < 1:
+        raise ValueError(f"--kv-pages must be >= 1, got {args.kv_pages}")
     schedule = _schedule(args)
     model = _load(args)
     schedule.validate(model.config.num_layers)
@@ -475,14 +479,15 @@ def cmd_serve(args) -> int:
     # SmolLM2 in float32 at 8 rows
     max_seq_len = args.max_seq_len or min(model.max_seq_len, 2048)
     name = args.served_name or Path(str(args.model)).name.removesuffix(".gguf")
+    pages = args.kv_pages or args.max_batch * -(-max_seq_len // args.page_size)
     print(f"d3kernels serve: {name} on http://{args.host}:{args.port}/v1 ({args.max_batch} rows "
-          f"of {max_seq_len} tokens; default schedule "
+          f"of {max_seq_len} tokens, {pages} KV pages of {args.page_size}; default schedule "
           f"{'full depth' if schedule.is_full_depth else json.dumps(schedule.to_dict())})",
           file=sys.stderr, flush=True)
     run(model, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout,
         model_name=name, max_batch=args.max_batch, max_seq_len=max_seq_len,
         schedule=None if schedule.is_full_depth else schedule, max_queue=args.max_queue,
-        min_free=args.min_free)
+        min_free=args.min_free, page_size=args.page_size, num_pages=args.kv_pages)
     return 0
 
 
@@ -504,6 +509,12 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     h.add_argument("--min-free", type=int, default=1,
                    help="admit waiting requests once this many rows are free; --max-batch "
                         "admits in waves (default: %(default)s, continuous batching)")
+    h.add_argument("--page-size", type=int, default=16,
+                   help="tokens per KV cache page, a power of two (default: %(default)s)")
+    h.add_argument("--kv-pages", type=int, default=None,
+                   help="KV cache pages in the pool, which bounds its memory; requests that "
+                        "outgrow it are preempted and recomputed (default: every row's full "
+                        "length)")
     h.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds SIGTERM waits for running replies before cancelling them "
                         "(default: %(default)s)")

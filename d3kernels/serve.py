@@ -340,7 +340,10 @@ class EngineThread:
 
     def _snapshot(self) -> dict:
         e, s = self.engine, self.engine.stats
-        return {"running": len(e.running), "rows_in_use": e.max_batch - e.free_slots, "rows": e.max_batch,
+        return {"running": len(e.running), "rows_in_use": e.max_batch - e.free_slots,
+                "rows": e.max_batch, "pages_in_use": e.pages_in_use,
+                "pages": e.cache.num_pages, "preemptions": s.preemptions,
+                "shared_prefix_tokens": s.shared_prefix_tokens,
                 "generated_tokens": s.generated_tokens, "tokens_per_s": s.tokens_per_s,
                 "layer_ratio": s.layer_ratio, "union_layer_ratio": s.union_layer_ratio,
                 "work_ratio": s.work_ratio, "prefill_tokens": s.prefill_tokens,
@@ -354,6 +357,12 @@ _METRICS = [  # name, type, help, snapshot key
     ("requests_waiting", "gauge", "requests waiting for a cache row", "waiting"),
     ("cache_rows_in_use", "gauge", "KV cache rows held by requests", "rows_in_use"),
     ("cache_rows", "gauge", "KV cache rows (--max-batch)", "rows"),
+    ("cache_pages_in_use", "gauge", "KV cache pages held by requests", "pages_in_use"),
+    ("cache_pages", "gauge", "KV cache pages in the pool (--kv-pages)", "pages"),
+    ("preemptions_total", "counter", "requests preempted (pages given back, recomputed later)",
+     "preemptions"),
+    ("shared_prefix_tokens_total", "counter", "prompt tokens whose shared pages were reused",
+     "shared_prefix_tokens"),
     ("generated_tokens_total", "counter", "tokens generated", "generated_tokens"),
     ("prompt_tokens_total", "counter", "prompt tokens prefilled", "prefill_tokens"),
     ("tokens_per_second", "gauge", "generated tokens per second of engine step time",
@@ -368,11 +377,12 @@ _METRICS = [  # name, type, help, snapshot key
 
 def create_app(model, *, model_name: str = "d3kernels", max_batch: int = 8,
                max_seq_len: int | None = None, schedule: DepthSchedule | None = None,
-               max_queue: int = 64, min_free: int = 1) -> FastAPI:
+               max_queue: int = 64, min_free: int = 1, page_size: int = 16,
+               num_pages: int | None = None) -> FastAPI:
     """An ASGI app serving ``model`` (a LlamaD3 with a tokenizer) under ``model_name``.
 
-    max_batch / max_seq_len / min_free: the Engine's (cache rows, tokens per row, admission
-    waves); schedule: the default D³ schedule (None: full depth); max_queue: requests that may
+    max_batch / max_seq_len / min_free / page_size / num_pages: the Engine's (cache rows,
+    tokens per row, admission waves, KV page pool); schedule: the default D³ schedule (None: full depth); max_queue: requests that may
     wait for a row before new ones get 429. The engine thread starts with the app's lifespan
     and stops (cancelling what is left) when the server shuts down.
     """
@@ -383,7 +393,7 @@ def create_app(model, *, model_name: str = "d3kernels", max_batch: int = 8,
     if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1:
         raise ValueError(f"max_queue must be an int >= 1, got {max_queue!r}")
     engine = Engine(model, max_batch=max_batch, max_seq_len=max_seq_len, schedule=schedule,
-                    min_free=min_free)
+                    min_free=min_free, page_size=page_size, num_pages=num_pages)
     worker = EngineThread(engine)
     tok, num_layers, seq_len = model.tokenizer, model.config.num_layers, engine.cache.seq_len
     default = schedule or DepthSchedule.full()

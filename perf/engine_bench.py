@@ -47,10 +47,12 @@ def workload(model, n: int, seed: int, new_tokens: tuple[int, int]) -> list[tupl
     return [(p, rng.randint(*new_tokens)) for p in prompts]
 
 
-def run(model, requests, schedule, max_batch: int, max_seq_len: int, min_free: int = 1) -> dict:
-    """Drain one engine over all requests; times and ratios of that run."""
+def run(model, requests, schedule, max_batch: int, max_seq_len: int, min_free: int = 1,
+        **engine_kwargs) -> dict:
+    """Drain one engine over all requests; times, ratios and KV pages of that run.
+    engine_kwargs: more Engine arguments (page_size, num_pages, prefix_sharing)."""
     engine = Engine(model, max_batch=max_batch, max_seq_len=max_seq_len, schedule=schedule,
-                    stop_tokens=(), min_free=min_free)
+                    stop_tokens=(), min_free=min_free, **engine_kwargs)
     reqs = [engine.submit(p, n) for p, n in requests]
     _sync(model.device)
     for _ in engine.run():
@@ -67,7 +69,10 @@ def run(model, requests, schedule, max_batch: int, max_seq_len: int, min_free: i
                                                          for r in reqs),
         "decode_steps": s.decode_steps, "mean_batch": s.row_steps / max(1, s.decode_steps),
         "layer_ratio": s.layer_ratio, "union_layer_ratio": s.union_layer_ratio,
-        "work_ratio": s.work_ratio,
+        "work_ratio": s.work_ratio, "prefill_tokens": s.prefill_tokens,
+        "reserved_kv_bytes": engine.cache.kv_bytes,
+        "peak_kv_bytes": s.peak_pages * engine.cache.page_bytes, "preemptions": s.preemptions,
+        "recomputed_tokens": s.recomputed_tokens, "shared_prefix_tokens": s.shared_prefix_tokens,
     }
 
 

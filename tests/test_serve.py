@@ -230,7 +230,7 @@ def test_32_concurrent_clients_get_their_solo_replies(live, model):
         ref = model.generate(model.tokenizer.encode(_prompt(model, i)), 3 + i % 9, schedule)
         assert tokens == ref.tokens[0], i
     after = live.metrics()
-    assert after["d3kernels_cache_rows_in_use"] == 0
+    assert after["d3kernels_cache_rows_in_use"] == after["d3kernels_cache_pages_in_use"] == 0
     assert after["d3kernels_requests_running"] == after["d3kernels_requests_waiting"] == 0
     finished = sum(after[f'd3kernels_requests_finished_total{{reason="{r}"}}']
                    - before[f'd3kernels_requests_finished_total{{reason="{r}"}}']
@@ -388,7 +388,9 @@ def test_models_health_and_metrics(live):
     assert [m.id for m in client.models.list()] == [NAME]
     text = httpx.get(live.url + "/metrics", timeout=10).text
     for name in ("requests_running", "requests_waiting", "generated_tokens_total",
-                 "tokens_per_second", "layer_ratio", "union_layer_ratio", "cache_rows_in_use"):
+                 "tokens_per_second", "layer_ratio", "union_layer_ratio", "cache_rows_in_use",
+                 "cache_pages_in_use", "cache_pages", "preemptions_total",
+                 "shared_prefix_tokens_total"):
         assert f"# TYPE d3kernels_{name} " in text and f"\nd3kernels_{name} " in text
 
 
@@ -439,10 +441,15 @@ def test_sigterm_finishes_running_requests_and_exits():
             proc.wait(10)
 
 
-def test_cli_refuses_bad_options_before_loading():
-    r = subprocess.run([sys.executable, "-m", "d3kernels", "serve", "--max-queue", "0"],
+@pytest.mark.parametrize("option, message", [
+    (["--max-queue", "0"], "--max-queue must be >= 1"),
+    (["--page-size", "12"], "--page-size must be a power of two"),
+    (["--kv-pages", "0"], "--kv-pages must be >= 1"),
+])
+def test_cli_refuses_bad_options_before_loading(option, message):
+    r = subprocess.run([sys.executable, "-m", "d3kernels", "serve", *option],
                        capture_output=True, text=True, timeout=60, cwd=ROOT)
-    assert r.returncode == 2 and "--max-queue must be >= 1" in r.stderr
+    assert r.returncode == 2 and message in r.stderr
     assert "loading" not in r.stderr
 
 

@@ -83,7 +83,9 @@ def _page_slots(bt_row, n0, hi, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
     slot = (offs_n % PAGE_SIZE).to(tl.int64)
     if BLOCK_N <= PAGE_SIZE:  # the aligned tile is inside one page: one index per tile
         page = tl.load(bt_row + n0 // PAGE_SIZE).to(tl.int64)
-        ok = offs_n < tl.where(page >= 0, hi, n0)  # no page: no key of the tile
+        # No page: no key of the tile. (A per-tile limit, not live & (page >= 0): Triton's
+        # interpreter gives & of a vector and a scalar a dtype its masked loads reject.)
+        ok = offs_n < tl.where(page >= 0, hi, n0)
     else:
         live = offs_n < hi
         page = tl.load(bt_row + offs_n // PAGE_SIZE, mask=live, other=-1).to(tl.int64)

@@ -250,6 +250,9 @@ class KVCache:
         """Point an empty row's first pages at indexed pages holding the same leading tokens
         (full pages only, and never the page of the last token: a prefill must still run it
         to get the next token). Returns the positions covered (a multiple of page_size)."""
+        if self.static:
+            raise ValueError("share_prefix: the rows of a static cache (num_pages=None) own "
+                             "their pages; sharing needs a pool (num_pages=n)")
         pages = self.prefix_pages(tokens)
         if pages:
             self._assign(row, 0, pages)

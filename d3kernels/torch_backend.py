@@ -12,6 +12,8 @@ either backend.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -25,6 +27,26 @@ from d3kernels.schedule import skipped_runs
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+class _Context(NamedTuple):
+    """Where a pass's rows read their history: positions 0..span-1 of cache rows ``rows``, as
+    page slots [R, span] gathered through the block table, or (``slots`` None: a static cache,
+    whose rows own their pages in order) rows of a strided view of the pool, with no gather."""
+    rows: torch.Tensor | slice
+    span: int
+    slots: torch.Tensor | None
+
+    def pick(self, idx: torch.Tensor) -> "_Context":
+        """The context of rows idx (long) of this one."""
+        return _Context(self.rows[idx], self.span, None if self.slots is None else self.slots[idx])
+
+    def read(self, cache: KVCache, t: torch.Tensor, j: int) -> torch.Tensor:
+        """Layer j of t (k, v [L, P, S, ...] or written [L, P, S]) at these positions:
+        [R, span, ...]."""
+        if self.slots is None:
+            return t[j].view(cache.batch_size, -1, *t.shape[3:])[self.rows, :self.span]
+        return cache.flat(t)[j, self.slots]
 
 
 class TorchBackend(Backend):
@@ -120,22 +142,25 @@ class TorchBackend(Backend):
         return x
 
     @staticmethod
-    def _context(cache: KVCache, rows: torch.Tensor, span: int) -> torch.Tensor:
-        """Page-slot indices [R, span] of positions 0..span-1 of cache rows ``rows`` (long
-        [R]): one gather per layer then reads their K/V (positions behind no page land on a
-        slot the caller's causal mask excludes)."""
-        return cache.slots(rows[:, None], torch.arange(span, device=rows.device)[None, :])
+    def _context(cache: KVCache, rows: torch.Tensor | slice, span: int) -> "_Context":
+        """Where rows (cache rows: a long tensor [R], or a slice) read positions 0..span-1."""
+        if cache.static:
+            return _Context(rows, span, None)
+        rows = torch.arange(cache.batch_size, device=cache.k.device)[rows] \
+            if isinstance(rows, slice) else rows
+        return _Context(rows, span, cache.slots(rows[:, None],
+                                                torch.arange(span, device=rows.device)[None]))
 
     @staticmethod
-    def _attend(cache: KVCache, j: int, q: torch.Tensor, ctx: torch.Tensor,
+    def _attend(cache: KVCache, j: int, q: torch.Tensor, ctx: "_Context",
                 mask: torch.Tensor | None, mask_mode: bool) -> torch.Tensor:
-        """SDPA of q [R, heads, Tq, D] against layer j's K/V at page slots ctx [R, span]; in
-        mask mode only the entries ``cache.written`` marks count."""
+        """SDPA of q [R, heads, Tq, D] against layer j's K/V at ctx's positions; in mask mode
+        only the entries ``cache.written`` marks count."""
         if mask_mode:
-            written = cache.flat(cache.written)[j, ctx][:, None, None, :]
+            written = ctx.read(cache, cache.written, j)[:, None, None, :]
             mask = written if mask is None else mask & written
-        return F.scaled_dot_product_attention(q, cache.flat(cache.k)[j, ctx].transpose(1, 2),
-                                              cache.flat(cache.v)[j, ctx].transpose(1, 2),
+        return F.scaled_dot_product_attention(q, ctx.read(cache, cache.k, j).transpose(1, 2),
+                                              ctx.read(cache, cache.v, j).transpose(1, 2),
                                               attn_mask=mask, enable_gqa=True)
 
     def _forward_chunk(self, ids: torch.Tensor, lengths: list[int], cache: KVCache,
@@ -194,7 +219,7 @@ class TorchBackend(Backend):
         slot = cache.slots(rows, pos)  # [B]: each row's page slot for this token
         cache.flat(cache.written)[:, slot] = mark[:, None]
         span = max(positions) + 1
-        ctx = self._context(cache, rows, span)
+        ctx = self._context(cache, slice(None, B), span)
         if min(positions) == max(positions):
             cos, sin = m.rope_cos[positions[0]], m.rope_sin[positions[0]]
             mask = None
@@ -265,7 +290,8 @@ class TorchBackend(Backend):
             q, k, v = self.qkv(j, xr, pick(cos, r_idx), pick(sin, r_idx))
             kf[j, pick(slot, r_idx)] = k[:, :, 0]
             vf[j, pick(slot, r_idx)] = v[:, :, 0]
-            attn = self._attend(cache, j, q, pick(ctx, r_idx), pick(causal, r_idx),
+            attn = self._attend(cache, j, q, ctx if r_idx is None else ctx.pick(r_idx),
+                                pick(causal, r_idx),
                                 mode == "mask")
             out = self.finish_layer(j, xr, attn)
             if r_idx is None:

@@ -208,3 +208,14 @@ def test_triton_engine_on_a_short_pool_equals_alone(tiny_triton):
     assert engine.stats.preemptions > 0 and engine.stats.shared_prefix_tokens > 0
     for req in reqs:
         assert req.tokens == _alone(tiny_triton, req, "propagate", None).tokens[0], req.id
+
+
+def test_a_static_cache_does_not_share(tiny64):
+    """Rows of a static cache own their pages (the torch backend reads them as one strided
+    view): sharing pages into them is refused."""
+    c = KVCache(tiny64.config, 2, 16, torch.float64, torch.device("cpu"), page_size=4)
+    assert c.static and c.block_table.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    c.index_prefix(0, list(range(8)))
+    with pytest.raises(ValueError, match="static cache"):
+        c.share_prefix(1, list(range(9)))
+    assert c.block_table.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]] and c.refs == [1] * 8

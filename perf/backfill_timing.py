@@ -125,12 +125,11 @@ def _size(n: int) -> str:
 def _compare(eager: tuple, deferred) -> dict:
     """Max |eager - deferred| of K and V over the entries either marks written (layer by layer,
     so a 7B cache needs no full-size float32 copies)."""
-    k_e, v_e, w_e = eager
-    B = k_e.shape[1]
-    k_d, v_d, w_d = deferred.k[:, :B], deferred.v[:, :B], deferred.written[:, :B]
+    k_e, v_e, w_e = eager  # the same static cache's pools: its rows own the same pages
+    k_d, v_d, w_d = deferred.k, deferred.v, deferred.written
     out = dict.fromkeys(("max_abs_diff_k", "max_abs_diff_v", "max_abs_k", "max_abs_v"), 0.0)
     for j in range(k_e.shape[0]):
-        both = (w_e[j] | w_d[j])[:, None, :, None]
+        both = (w_e[j] | w_d[j])[:, :, None, None]  # [P, S] page slots against [P, S, kv, D]
         for name, a, b in (("k", k_e[j], k_d[j]), ("v", v_e[j], v_d[j])):
             a = a.float()
             out[f"max_abs_diff_{name}"] = max(out[f"max_abs_diff_{name}"],
@@ -157,8 +156,7 @@ def measure_batch(model: LlamaD3, prompts, n: int, schedule: DepthSchedule, reps
     log("  warm-up D³ eager (kept for the cache check)")
     eager = gen("D³ eager")
     cache = model.cache
-    B = len(prompts)
-    kept = (cache.k[:, :B].clone(), cache.v[:, :B].clone(), cache.written[:, :B].clone())
+    kept = (cache.k.clone(), cache.v.clone(), cache.written.clone())
     cache.k.zero_()
     cache.v.zero_()
     log("  warm-up D³ deferred + flush (checked against eager)")
@@ -174,7 +172,7 @@ def measure_batch(model: LlamaD3, prompts, n: int, schedule: DepthSchedule, reps
         "eager_backfill_bytes": eager.stats.backfill_bytes,
         "deferred_backfill_bytes": deferred.stats.backfill_bytes,
         "backfill_layer_bytes": model.weight_bytes.backfill_layer,
-        "cache_rows": cache.batch_size, "cache_slots": cache.seq_len,
+        "cache_rows": cache.batch_size, "cache_slots": cache.pages_per_row * cache.page_size,
         "kv_cache_bytes": cache.kv_bytes, "stash_bytes": cache.stash_bytes,
         "stash_runs": 0 if cache.stash is None else cache.stash.shape[0],
     })

@@ -196,13 +196,15 @@ def tiny_triton():
 
 
 def test_triton_engine_on_a_short_pool_equals_alone(tiny_triton):
-    """The triton backend under the same pressure (interpreter: few requests): preemption,
-    recompute and shared prefixes keep every request's solo tokens."""
+    """The triton backend under the same pressure (interpreter: few requests): the first
+    three requests grow to 2 + 6 + 3 pages, more than the pool's 8, so preemption, recompute
+    and a shared prefix all happen, and every request keeps its solo tokens."""
     rng = random.Random(9)
-    prefixes = [[rng.randrange(512) for _ in range(12)]]
-    engine = Engine(tiny_triton, max_batch=3, max_seq_len=40, page_size=4, num_pages=11,
+    prefix = [rng.randrange(512) for _ in range(12)]
+    engine = Engine(tiny_triton, max_batch=3, max_seq_len=24, page_size=4, num_pages=8,
                     stop_tokens=())
-    reqs = _random_requests(engine, tiny_triton, rng, 8, prefixes, max_new=8)
+    reqs = [engine.submit((prefix if k % 2 else []) + [rng.randrange(512) for _ in range(2 + k)],
+                          6, SCHEDULES[k % 4]) for k in range(4)]
     list(engine.run())
     _assert_empty(engine)
     assert engine.stats.preemptions > 0 and engine.stats.shared_prefix_tokens > 0

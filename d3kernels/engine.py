@@ -354,10 +354,12 @@ class Engine:
         while may_admit and self._waiting and self._free:
             req = self._waiting[0]
             shared = cache.prefix_pages(req.prompt) if self.prefix_sharing else []
-            # new pages for the rest of the prompt, and the shared pages no row holds now
+            # new pages for the rest of the prompt, and the shared pages no row holds now; and
+            # one page of headroom per running request (it will cross into a new page), so an
+            # admission does not preempt a neighbour at once (unless nothing runs)
             cost = -(-len(req.prompt) // cache.page_size) - len(shared) \
                 + sum(cache.refs[p] == 0 for p in shared)
-            if cost > cache.free_pages:
+            if cost + (len(self._running) if self._running else 0) > cache.free_pages:
                 break  # in order: later requests wait too
             self._waiting.popleft()
             req.slot, req.status = self._free.pop(), "running"

@@ -63,7 +63,7 @@ def test_random_requests_on_a_short_pool_equal_alone(tiny64, backfill, timing, n
     rng = random.Random(n)
     vocab = tiny64.config.vocab_size
     prefixes = [[rng.randrange(vocab) for _ in range(m)] for m in (13, 24, 40)]
-    engine = Engine(tiny64, max_batch=6, max_seq_len=72, page_size=4, num_pages=40,
+    engine = Engine(tiny64, max_batch=6, max_seq_len=72, page_size=4, num_pages=22,
                     stop_tokens=(), backfill=backfill, backfill_timing=timing)
     reqs = _random_requests(engine, tiny64, rng, n, prefixes)
     doomed = set(rng.sample(range(n), n // 10))  # cancelled after their second token

@@ -18,6 +18,7 @@ from d3kernels import quant
 from d3kernels.backend import Backend
 from d3kernels.config import PRESETS, LlamaConfig
 from d3kernels.kv_cache import KVCache
+from d3kernels.parallel import tensor_parallel
 from d3kernels.quant import QuantizedWeight
 from d3kernels.sampling import Sampling
 from d3kernels.schedule import DepthSchedule, skipped_runs
@@ -71,13 +72,20 @@ def rope_tables(cfg: LlamaConfig, length: int, dtype, device) -> tuple[torch.Ten
     return angles.cos().to(dtype=dtype, device=device), angles.sin().to(dtype=dtype, device=device)
 
 
-def _resolve_backend(backend: str, dtype: torch.dtype, device: torch.device) -> str:
-    """'auto' is triton on CUDA and torch elsewhere; triton needs a GPU or Triton's interpreter."""
+def _resolve_backend(backend: str, dtype: torch.dtype, device: torch.device, tp: int = 1) -> str:
+    """'auto' is triton on CUDA and torch elsewhere (and under tensor parallelism); triton needs
+    a GPU or Triton's interpreter, and runs one rank only."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" and dtype != torch.float64 else "torch"
+        return "triton" if device.type == "cuda" and dtype != torch.float64 and tp == 1 \
+            else "torch"
     if backend == "triton":
+        if tp != 1:
+            raise ValueError(f"backend='triton' does not run tensor-parallel (tp={tp}): its "
+                             f"fused kernels have no all-reduce after O and down, no "
+                             f"vocab-parallel embedding and no candidate-exchanging LM head "
+                             f"yet; use backend='torch'")
         if dtype == torch.float64:
             raise ValueError("backend='triton' runs float32, float16 and bfloat16; use "
                              "backend='torch' for float64")
@@ -121,6 +129,18 @@ def _check_quantize(quantize, group_size, config: LlamaConfig | None = None) -> 
 def _is_int(x) -> bool:
     """An int index (bool is an int in Python, but never a row, slot or layer here)."""
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _guarded(method):
+    """A model pass that, under tensor parallelism, tears the process group down before any
+    exception leaves it (``TensorParallel.guard``), so no other rank waits for this one."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        if self.tp is None:
+            return method(self, *args, **kwargs)
+        with self.tp.guard():
+            return method(self, *args, **kwargs)
+    return run
 
 
 @functools.lru_cache(maxsize=4096)
@@ -167,6 +187,18 @@ class LlamaD3:
     released engine row) never pays for them. ``"eager"`` fills them in every decode step.
     Once flushed, both give the same cache. Both can be overridden per call (``generate``,
     ``Conversation``, ``Engine``).
+
+    tp: tensor parallelism over the ranks of the torch.distributed process group (design.md
+    §11, d3kernels.parallel): every rank builds the model with the same arguments and runs the
+    same calls (generate, chat, the engine), and every rank gets the same tokens. ``weights``
+    may hold each tensor whole (this rank slices its part) or already as this rank's shard
+    (``from_pretrained`` reads only those). ``config`` is then the rank's own (its heads, KV
+    heads and intermediate size: its KV cache holds only its heads), ``full_config`` the
+    model's; the weights are the rank's shards, ``embed`` and ``lm_head`` its vocabulary rows
+    ``tp.vocab_range``. Greedy decoding exchanges one candidate per rank and row, sampling
+    all-gathers the logits. torch backend only. A pass that raises on one rank tears the
+    group down, and the others raise :class:`d3kernels.parallel.TensorParallelError` from
+    their next collective.
     """
 
     def __init__(self, config: LlamaConfig, weights: dict[str, torch.Tensor], *, tokenizer=None,
@@ -174,13 +206,22 @@ class LlamaD3:
                  backend: str = "auto", max_seq_len: int | None = None,
                  cuda_graphs: bool = True, backfill: str = "propagate",
                  backfill_timing: str = "deferred", quantize: str | None = "auto",
-                 group_size: int | None = None):
+                 group_size: int | None = None, tp: int = 1):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+        self.tp = tensor_parallel(tp, config)
+        self.full_config = config
+        expected = hf_weight_shapes(config)
+        if self.tp is not None:  # this rank's parts: the rest of the model is per rank
+            # a tied model's head may come apart (state_dict of a quantized one): split it too
+            whole = {"lm_head.weight": (config.vocab_size, config.hidden_size), **expected}
+            weights = {n: self.tp.take(n, w, whole[n]) if n in whole else w
+                       for n, w in weights.items()}
+            expected = {n: self.tp.shard_shape(n, shape) for n, shape in expected.items()}
+            config = self.tp.local_config()
         group_size = _check_quantize(quantize, group_size, config)
         device = torch.device(device)
-        backend = _resolve_backend(backend, dtype, device)
-        expected = hf_weight_shapes(config)
+        backend = _resolve_backend(backend, dtype, device, tp)
         for name, shape in expected.items():
             if name not in weights:
                 raise ValueError(f"checkpoint is missing tensor {name!r} (expected shape "
@@ -273,6 +314,10 @@ class LlamaD3:
             from d3kernels.triton_backend import TritonBackend
 
             self._backend = TritonBackend(self, cuda_graphs)
+        if self.tp is not None:  # one collective: the same model on every rank, before any work
+            norms = float(self.final_norm.double().sum() + self.attn_norm.double().sum())
+            self.tp.check_same("model", f"{self.full_config!r}, {dtype}, {backend}, "
+                                        f"{self.weight_format}, norms sum {norms!r}")
 
     @staticmethod
     def _sources(weights: dict) -> set[str]:
@@ -344,12 +389,14 @@ class LlamaD3:
         """Load an HF Llama checkpoint directory, a .gguf file, or a known model name.
 
         A GGUF's Q4_0/Q4_1/Q8_0 weights stay quantized unless ``quantize=None`` (see the class
-        doc); the other keyword arguments go to the constructor."""
+        doc); the other keyword arguments go to the constructor. With ``tp=N`` each rank reads
+        only its shard of each tensor from the file (design.md §11)."""
         from d3kernels.loaders import load_checkpoint
 
         _check_quantize(kwargs.get("quantize", "auto"), kwargs.get("group_size"))
         config, weights, tokenizer = load_checkpoint(
-            src, keep_quantized=kwargs.get("quantize", "auto") is not None)
+            src, keep_quantized=kwargs.get("quantize", "auto") is not None,
+            tp=kwargs.get("tp", 1))
         return cls(config, weights, tokenizer=tokenizer, **kwargs)
 
     @classmethod
@@ -371,7 +418,11 @@ class LlamaD3:
 
         Projections ~ N(0, 1/fan_in) so activations stay O(1) at any depth; norm weights
         ~ U(0.5, 1.5) so a kernel that ignores them fails its test. Other keyword arguments
-        (backend, max_seq_len, cuda_graphs) go to the constructor.
+        (backend, max_seq_len, cuda_graphs, tp) go to the constructor.
+
+        With ``tp=N`` every rank draws each tensor whole, in the same order from the same
+        generator as tp=1, and keeps only its shard: the tp=N model is exactly the tp=1 model
+        split, at the cost of drawing every tensor on every rank (one whole tensor at a time).
         """
         if isinstance(preset, str):
             if preset not in PRESETS:
@@ -383,6 +434,7 @@ class LlamaD3:
         # Drawn on the target device, one tensor at a time: a 7B preset never sits in host
         # memory in float32. The same seed gives different weights on CPU and GPU.
         gen = torch.Generator(device=device).manual_seed(seed)
+        tp = tensor_parallel(kwargs.get("tp", 1), config)
         weights = {}
         for name, shape in hf_weight_shapes(config).items():
             if len(shape) == 1:
@@ -391,6 +443,8 @@ class LlamaD3:
                 w = torch.randn(shape, generator=gen, device=device)
                 if "embed_tokens" not in name:
                     w /= math.sqrt(shape[1])
+            if tp is not None:  # a copy: the whole tensor is freed at once
+                w = tp.take(name, w, shape).clone()
             weights[name] = w.to(dtype)
         return cls(config, weights, dtype=dtype, device=device, **kwargs)
 
@@ -427,6 +481,7 @@ class LlamaD3:
     # d3kernels.eval.masked_logits builds its masked recompute from these (TorchBackend's)
     # ---- passes: checks and shared bookkeeping here, the computing in self._backend ---------
 
+    @_guarded
     @torch.inference_mode()
     def logits(self, input_ids) -> torch.Tensor:
         """Full-depth logits [B, T, V] for input_ids [B, T] (or [T]), float32 (float64 for a
@@ -449,6 +504,7 @@ class LlamaD3:
             raise ValueError(f"{what}: token id {bad} is outside the vocabulary "
                              f"[0, {self.config.vocab_size})")
 
+    @_guarded
     def prefill(self, ids: torch.Tensor, lengths: list[int], cache: KVCache,
                 sampling: Sampling, start: list[int] | None = None, *,
                 backfill: str | None = None, rows: list[int] | None = None) -> torch.Tensor:
@@ -495,6 +551,7 @@ class LlamaD3:
         self._begin_prefill(cache, lengths, start, rows)
         return self._backend.prefill(ids, lengths, cache, sampling, start, mode, rows)
 
+    @_guarded
     def decode_step(self, tokens: torch.Tensor, positions: list[int], kept: tuple[int, ...],
                     cache: KVCache, sampling: Sampling, *, backfill: str | None = None,
                     backfill_timing: str | None = None) -> torch.Tensor:
@@ -542,6 +599,7 @@ class LlamaD3:
         return self._backend.decode_step(tokens, positions, kept, cache, sampling, deferred,
                                          mode, mark)
 
+    @_guarded
     def decode_rows(self, tokens: list[int] | torch.Tensor, rows: list[int], positions: list[int],
                     kept: list[tuple[int, ...]], cache: KVCache, sampling, *,
                     backfill: str | None = None,
@@ -655,6 +713,7 @@ class LlamaD3:
                     reads.setdefault(r, {})[run] = below
         self._fill_backfill(cache, reads)
 
+    @_guarded
     def flush_backfill(self, cache: KVCache | None = None, rows: list[int] | None = None) -> int:
         """Fill every K/V entry a deferred ``propagate`` backfill still owes in ``cache``
         (default: the model's last cache), or only in its cache rows ``rows``. After it the

@@ -9,6 +9,11 @@ cache's pages: a pass writes through the block table and gathers its rows' conte
 Its building blocks (:meth:`TorchBackend.qkv`, :meth:`~TorchBackend.finish_layer`,
 :meth:`~TorchBackend.head`) also make ``LlamaD3.logits`` and ``d3kernels.eval.masked_logits`` on
 either backend.
+
+Under tensor parallelism (``model.tp``, d3kernels.parallel) the same passes run on the rank's
+shards and its own heads; the backend adds the step's collectives: the embedding's all-reduce,
+one all-reduce after O and one after down in each layer it runs, and the LM head's token
+exchange (:meth:`TorchBackend.pick`).
 """
 from __future__ import annotations
 
@@ -57,6 +62,15 @@ class TorchBackend(Backend):
 
     # ---- building blocks ----------------------------------------------------------------------
 
+    def _reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """A row-parallel product's partial sum completed over the ranks (tp=1: x itself)."""
+        return x if self.m.tp is None else self.m.tp.all_reduce(x)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [*ids.shape, H] of ids (long); vocab-parallel under TP."""
+        m = self.m
+        return m.embed[ids] if m.tp is None else m.tp.embed(m.embed, ids)
+
     def _norm(self, x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), weight, self.m.config.rms_norm_eps)
 
@@ -77,14 +91,33 @@ class TorchBackend(Backend):
         """Output projection + residual, then the SwiGLU MLP + residual. attn [B, heads, T, D]."""
         m = self.m
         B, _, T, _ = attn.shape
-        x = x + quant.linear(attn.transpose(1, 2).reshape(B, T, -1), m.w_o[j])
+        x = x + self._reduce(quant.linear(attn.transpose(1, 2).reshape(B, T, -1), m.w_o[j]))
         gate, up = quant.linear(self._norm(x, m.mlp_norm[j]), m.w_gate_up[j]).chunk(2, -1)
-        return x + quant.linear(F.silu(gate) * up, m.w_down[j])
+        return x + self._reduce(quant.linear(F.silu(gate) * up, m.w_down[j]))
 
-    def head(self, x: torch.Tensor) -> torch.Tensor:
-        """Final norm + vocab projection. x [..., H] -> logits [..., V], float32 at least."""
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm + this rank's vocab projection: x [..., H] -> logits [..., V] (under TP
+        [..., V_r], the rank's vocabulary slice), float32 at least."""
         logits = quant.linear(self._norm(x, self.m.final_norm), self.m.lm_head)
         return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm + vocab projection. x [..., H] -> logits [..., V], float32 at least
+        (under TP all-gathered from the ranks' slices)."""
+        logits = self._head(x)
+        return logits if self.m.tp is None else self.m.tp.gather_logits(logits)
+
+    def pick(self, sampling: Sampling | RowSampling, x: torch.Tensor) -> torch.Tensor:
+        """The next token [B] (long) after hidden states x [B, H]. Under TP the same on every
+        rank: greedy exchanges one (value, index) candidate per rank and row, never the logits;
+        sampling all-gathers the logits, samples, and takes rank 0's draw (a sampler without a
+        seed draws from each rank's own generator)."""
+        tp = self.m.tp
+        if tp is None:
+            return sampling(self._head(x))
+        if sampling.temperature == 0:
+            return tp.argmax(self._head(x))
+        return tp.broadcast(sampling(self.head(x)))
 
     def _kv(self, layers: slice | torch.Tensor, states: torch.Tensor):
         """K (before RoPE) and V of ``layers`` (a slice, or a long tensor of n layers) from
@@ -130,7 +163,7 @@ class TorchBackend(Backend):
             b_idx, cols = real.nonzero(as_tuple=True)
             slots = cache.slots(b_idx if rows is None else rows[b_idx], cols)
             kf, vf = cache.flat(cache.k), cache.flat(cache.v)
-        x = m.embed[ids]
+        x = self.embed(ids)
         for j in range(m.config.num_layers):
             q, k, v = self.qkv(j, x, cos, sin)
             if cache is not None:
@@ -184,7 +217,7 @@ class TorchBackend(Backend):
         ctx = self._context(cache, crows, span)
         mask = (torch.arange(span, device=dev)[None, None, :] <= pos[:, :, None])[:, None]
         kf, vf = cache.flat(cache.k), cache.flat(cache.v)
-        x = m.embed[ids]
+        x = self.embed(ids)
         for j in range(m.config.num_layers):
             q, k, v = self.qkv(j, x, cos, sin)
             kf[j, slots] = k[real, :, cols]
@@ -202,7 +235,7 @@ class TorchBackend(Backend):
         x = self.forward(ids, lengths, cache, start, mode == "mask",
                          None if rows is None else torch.tensor(rows, device=dev))
         last = torch.tensor(lengths, device=dev) - 1
-        return sampling(self.head(x[torch.arange(ids.shape[0], device=dev), last]))
+        return self.pick(sampling, x[torch.arange(ids.shape[0], device=dev), last])
 
     def decode_step(self, tokens: torch.Tensor, positions: list[int], kept: tuple[int, ...],
                     cache: KVCache, sampling: Sampling, deferred: bool, mode: str,
@@ -226,7 +259,7 @@ class TorchBackend(Backend):
         else:
             cos, sin = m.rope_cos[pos][:, None, None], m.rope_sin[pos][:, None, None]
             mask = (torch.arange(span, device=dev) <= pos[:, None])[:, None, None]
-        x = m.embed[tokens][:, None]  # [B, 1, H]
+        x = self.embed(tokens)[:, None]  # [B, 1, H]
         kf, vf = cache.flat(cache.k), cache.flat(cache.v)
         runs = iter(enumerate(runs))
         run = next(runs, None)
@@ -249,7 +282,7 @@ class TorchBackend(Backend):
         while run is not None:
             fill(*run)
             run = next(runs, None)
-        return sampling(self.head(x[:, 0]))
+        return self.pick(sampling, x[:, 0])
 
     def decode_rows(self, tokens: list[int] | torch.Tensor, rows: list[int],
                     positions: list[int], kept: list[tuple[int, ...]], cache: KVCache,
@@ -268,7 +301,7 @@ class TorchBackend(Backend):
         span = max(positions) + 1
         ctx = self._context(cache, row_t, span)
         causal = (torch.arange(span, device=dev) <= pos[:, None])[:, None, None]  # [R,1,1,span]
-        x = m.embed[torch.as_tensor(tokens, device=dev)][:, None]  # [R, 1, H]
+        x = self.embed(torch.as_tensor(tokens, device=dev))[:, None]  # [R, 1, H]
         kf, vf = cache.flat(cache.k), cache.flat(cache.v)
 
         def pick(t, idx):  # rows idx of t, without a copy when idx is every row
@@ -298,7 +331,7 @@ class TorchBackend(Backend):
                 x = out
             else:
                 x[r_idx] = out
-        return sampling(self.head(x[:, 0]))
+        return self.pick(sampling, x[:, 0])
 
     def backfill_states(self, states: torch.Tensor, layers: list[int], pos: torch.Tensor,
                         rows: torch.Tensor, cache: KVCache) -> None:

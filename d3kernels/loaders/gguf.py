@@ -11,11 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGUFReader
+from gguf import GGML_QUANT_SIZES, GGUFReader
 from gguf.quants import dequantize
 
 from d3kernels.config import LlamaConfig
 from d3kernels.model import hf_weight_shapes
+from d3kernels.parallel import tensor_parallel
 from d3kernels.quant import GGUF_NATIVE, QuantizedWeight, from_gguf
 from d3kernels.tokenizer import Tokenizer
 
@@ -101,6 +102,25 @@ def _unpermute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     """
     half = w.shape[0] // n_head // 2
     return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _gguf_shard(data: np.ndarray, cut: tuple[int, int, int], tensor, hf_name: str,
+                path: Path) -> np.ndarray:
+    """Rows or columns [a, b) (cut = (dim, a, b), HF orientation [out, in]) of a GGUF 2-D
+    tensor's data, still in the file's encoding: float elements, or whole quantized blocks (a
+    column cut must fall on block boundaries). A view of the file mapping: only it is read."""
+    dim, a, b = cut
+    if dim == 0:
+        return data[a:b]
+    cols = int(tensor.shape[0])
+    block, size = GGML_QUANT_SIZES[tensor.tensor_type]
+    if data.shape[1] == cols:  # one element per column
+        return data[:, a:b]
+    if a % block or b % block:
+        raise ValueError(f"{path}: {hf_name} ({tensor.tensor_type.name}, blocks of {block}) "
+                         f"cannot be split at input columns [{a}, {b}) for tensor parallelism: "
+                         f"not on block boundaries")
+    return data[:, a // block * size:b // block * size]
 
 
 def _llama3_rope_factors(scaling: dict, inv_freq: np.ndarray) -> np.ndarray:
@@ -193,7 +213,7 @@ def _config_from_fields(fields: dict, tensor_names: set[str], rope_freqs: np.nda
     )
 
 
-def load_gguf(path: str | Path, keep_quantized: bool = False
+def load_gguf(path: str | Path, keep_quantized: bool = False, tp: int = 1
               ) -> tuple[LlamaConfig, dict[str, torch.Tensor | QuantizedWeight], Tokenizer]:
     """Load a llama.cpp GGUF of a Llama-architecture model.
 
@@ -203,6 +223,8 @@ def load_gguf(path: str | Path, keep_quantized: bool = False
     an untied output matrix. keep_quantized: Q4_0/Q4_1/Q8_0 matrices come back as
     :class:`~d3kernels.quant.QuantizedWeight` holding the file's own values and scales (rows
     reordered as above); other quantized types, and everything when False, are dequantized.
+    tp > 1: each weight is this rank's shard (d3kernels.parallel), read from the file mapping
+    alone, before any dequantizing.
     """
     path = Path(path)
     if not path.is_file():
@@ -224,6 +246,7 @@ def load_gguf(path: str | Path, keep_quantized: bool = False
     config = _config_from_fields(fields, set(tensors),
                                  None if rope_freqs is None else np.asarray(rope_freqs.data),
                                  vocab_size, tokenizer, path)
+    tp_state = tensor_parallel(tp, config)
 
     weights: dict[str, torch.Tensor | QuantizedWeight] = {}
     dequantized: dict[str, int] = {}  # quantized types this loader dequantizes -> tensor count
@@ -233,14 +256,19 @@ def load_gguf(path: str | Path, keep_quantized: bool = False
             continue
         kind = tensor.tensor_type.name
         native = keep_quantized and kind in GGUF_NATIVE and len(tensor.shape) == 2
+        data = tensor.data
+        cut = None if tp_state is None else tp_state.shard(hf_name)
+        if cut is not None:
+            data = _gguf_shard(data, cut, tensor, hf_name, path)
         # raw block rows for a kept tensor (a row permutation moves whole rows of blocks)
-        w = tensor.data if native else dequantize(tensor.data, tensor.tensor_type)
-        if hf_name.endswith("q_proj.weight"):
-            w = _unpermute_rope_rows(w, config.num_heads)
-        elif hf_name.endswith("k_proj.weight"):
-            w = _unpermute_rope_rows(w, config.num_kv_heads)
+        w = data if native else dequantize(data, tensor.tensor_type)
+        if hf_name.endswith(("q_proj.weight", "k_proj.weight")):  # whole heads, even in a shard
+            w = _unpermute_rope_rows(w, w.shape[0] // config.head_dim)
         if native:
-            weights[hf_name] = from_gguf(w, kind, (int(tensor.shape[1]), int(tensor.shape[0])))
+            rows, cols = int(tensor.shape[1]), int(tensor.shape[0])
+            if cut is not None:
+                rows, cols = (cut[2] - cut[1], cols) if cut[0] == 0 else (rows, cut[2] - cut[1])
+            weights[hf_name] = from_gguf(w, kind, (rows, cols))
             continue
         if kind not in ("F32", "F16", "BF16", "F64"):
             dequantized[kind] = dequantized.get(kind, 0) + 1
@@ -255,6 +283,8 @@ def load_gguf(path: str | Path, keep_quantized: bool = False
                       f"{', '.join(sorted(GGUF_NATIVE))} quantized, not these", stacklevel=2)
 
     expected = hf_weight_shapes(config)
+    if tp_state is not None:
+        expected = {n: tp_state.shard_shape(n, s) for n, s in expected.items()}
     missing = sorted(set(expected) - set(weights))
     if missing:
         raise ValueError(f"{path}: missing tensors for {arch} (e.g. {missing[:3]}, "

@@ -1,0 +1,266 @@
+"""Tensor parallelism for LlamaD3 on torch.distributed (design.md §11).
+
+Megatron-style split over the ``size`` ranks of a process group (NCCL between GPUs, gloo on
+CPUs), rank r holding:
+
+- Q/K/V and gate/up column-parallel: its heads' rows of q_proj, its KV heads' rows of k_proj
+  and v_proj, its slice of the intermediate rows of gate_proj and up_proj;
+- O and down row-parallel: the matching columns of o_proj and down_proj, so each rank's product
+  is a partial sum of the layer's output, completed by one all-reduce after O and one after
+  down (a skipped layer runs neither);
+- embedding and LM head vocab-parallel: rows ``vocab_range`` of each (the split need not be
+  even). The embedding looks up its own rows (zeros elsewhere) and all-reduces; the LM head
+  picks the next token without gathering the logits (:meth:`TensorParallel.argmax`);
+- norms whole (they are small and every rank needs them).
+
+KV heads: with ``num_kv_heads % size == 0`` each rank holds kv_heads/size of them; with
+``size % num_kv_heads == 0`` (more ranks than KV heads) each KV head is replicated on the
+size/kv_heads ranks whose query heads read it, the standard replication (one KV head per rank).
+Anything else, or heads or the intermediate size not divisible by ``size``, is refused.
+
+A rank runs the model on a per-rank config (:meth:`TensorParallel.local_config`: heads/size,
+its KV heads, intermediate/size; hidden size, vocabulary and layers unchanged), so its KV cache,
+backfill and deferred flush handle its own heads with the single-process code.
+
+``tp=1`` (or no process group) is :func:`tensor_parallel` returning None: the model then makes
+no collective and no check at all.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+
+import torch
+import torch.distributed as dist
+
+from d3kernels.config import LlamaConfig
+
+# HF weight name suffix -> (what it is split by, the dim split): "heads", "kv_heads",
+# "intermediate" and "vocab" ranges; dim 0 is column-parallel (output rows), 1 row-parallel.
+_SPLITS = {
+    "self_attn.q_proj.weight": ("heads", 0),
+    "self_attn.k_proj.weight": ("kv_heads", 0),
+    "self_attn.v_proj.weight": ("kv_heads", 0),
+    "self_attn.o_proj.weight": ("heads", 1),
+    "mlp.gate_proj.weight": ("intermediate", 0),
+    "mlp.up_proj.weight": ("intermediate", 0),
+    "mlp.down_proj.weight": ("intermediate", 1),
+    "model.embed_tokens.weight": ("vocab", 0),
+    "lm_head.weight": ("vocab", 0),
+}
+
+
+class TensorParallelError(RuntimeError):
+    """A tensor-parallel collective failed: another rank raised or exited (its own error is in
+    its output), or the group timed out. The process group has been torn down."""
+
+
+def tensor_parallel(tp, config: LlamaConfig, group=None) -> "TensorParallel | None":
+    """The TP state for a model of ``config`` split over ``tp`` ranks, or None for tp=1.
+
+    tp > 1 needs an initialised torch.distributed process group (``group``, default the world)
+    of exactly tp ranks, and a config that splits (see the module doc). Raises ValueError
+    naming the sizes before anything is loaded.
+    """
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        raise ValueError(f"tp must be an int >= 1, got {tp!r}")
+    if tp == 1:
+        return None
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(f"tp={tp} needs a torch.distributed process group: start under "
+                         f"`torchrun --nproc-per-node {tp}` (or call "
+                         f"torch.distributed.init_process_group) before building the model")
+    world = dist.get_world_size(group)
+    if tp != world:
+        raise ValueError(f"tp={tp} must equal the process group's size, got a group of {world} "
+                         f"rank(s)" + (" (tp is larger than the world size)" if tp > world
+                                       else ""))
+    h, kv, inter = config.num_heads, config.num_kv_heads, config.intermediate_size
+    if h % tp:
+        raise ValueError(f"tp={tp} does not divide num_heads={h}")
+    if kv % tp and tp % kv:
+        raise ValueError(f"tp={tp} and num_kv_heads={kv}: one must divide the other (KV heads "
+                         f"split over the ranks, or each replicated on tp/num_kv_heads ranks)")
+    if inter % tp:
+        raise ValueError(f"tp={tp} does not divide intermediate_size={inter}")
+    if config.vocab_size < tp:
+        raise ValueError(f"tp={tp} is larger than vocab_size={config.vocab_size}")
+    return TensorParallel(config, tp, dist.get_rank(group), group)
+
+
+class TensorParallel:
+    """Rank ``rank`` of ``size`` in ``group``: its shard ranges, the shard rules and the
+    collectives of a step. Build it with :func:`tensor_parallel`."""
+
+    def __init__(self, config: LlamaConfig, size: int, rank: int, group=None):
+        self.config, self.size, self.rank, self.group = config, size, rank, group
+        self.broken: BaseException | None = None  # the error that tore the group down
+        d, h, kv = config.head_dim, config.num_heads, config.num_kv_heads
+        hq = h // size
+        per_kv = max(kv // size, 1)
+        first_kv = rank * kv // size  # replicated: the KV head rank r's query heads read
+        inter = config.intermediate_size // size
+        V = config.vocab_size
+        self.vocab_range = (rank * V // size, (rank + 1) * V // size)
+        self.ranges = {"heads": (rank * hq * d, (rank + 1) * hq * d),
+                       "kv_heads": (first_kv * d, (first_kv + per_kv) * d),
+                       "intermediate": (rank * inter, (rank + 1) * inter),
+                       "vocab": self.vocab_range}
+        self._local = config.replace(num_heads=hq, num_kv_heads=per_kv,
+                                     intermediate_size=inter)
+        self._vocab_max = -(-V // size)  # the largest rank's vocab slice (for padded gathers)
+
+    def __repr__(self) -> str:
+        return f"TensorParallel(rank {self.rank} of {self.size})"
+
+    def local_config(self) -> LlamaConfig:
+        """This rank's config: its heads, KV heads and intermediate size; the rest unchanged."""
+        return self._local
+
+    # ---- sharding -----------------------------------------------------------------------------
+
+    def shard(self, name: str) -> tuple[int, int, int] | None:
+        """(dim, start, stop) of this rank's part of HF weight ``name``; None: held whole."""
+        for suffix, (what, dim) in _SPLITS.items():
+            if name.endswith(suffix):
+                return (dim, *self.ranges[what])
+        return None
+
+    def shard_shape(self, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape of this rank's part of a weight of full shape ``shape``."""
+        cut = self.shard(name)
+        if cut is None:
+            return tuple(shape)
+        dim, a, b = cut
+        return tuple(b - a if i == dim else s for i, s in enumerate(shape))
+
+    def take(self, name: str, w, full_shape: tuple[int, ...]):
+        """This rank's part of weight ``name``: ``w`` as given when it already has the shard's
+        shape, else sliced from the full weight (a QuantizedWeight only along its rows N).
+        Raises ValueError for any other shape."""
+        want = self.shard_shape(name, full_shape)
+        if tuple(w.shape) == want:
+            return w
+        if tuple(w.shape) != tuple(full_shape):
+            raise ValueError(f"checkpoint tensor {name!r} has shape {list(w.shape)}, expected "
+                             f"{list(full_shape)} (whole) or {list(want)} (rank {self.rank}'s "
+                             f"shard at tp={self.size})")
+        dim, a, b = self.shard(name)
+        if dim == 0:
+            return w[a:b]
+        if not isinstance(w, torch.Tensor):
+            raise ValueError(f"checkpoint tensor {name!r}: a quantized weight cannot be split "
+                             f"along its input dim here; load it with from_pretrained(..., tp=) "
+                             f"(which reads each rank's blocks) or pass rank {self.rank}'s "
+                             f"shard {list(want)}")
+        return w[:, a:b]
+
+    # ---- collectives --------------------------------------------------------------------------
+
+    def _run(self, op, *args, **kwargs):
+        """A collective, turned into a TensorParallelError (and the group torn down) when it
+        fails: a peer raised and left, or the group's timeout passed."""
+        if self.broken is not None:
+            raise TensorParallelError(f"rank {self.rank}: the tensor-parallel group was torn "
+                                      f"down after an earlier error: {self.broken}")
+        try:
+            return op(*args, group=self.group, **kwargs)
+        except Exception as e:  # gloo/NCCL raise RuntimeError subclasses (DistBackendError)
+            err = TensorParallelError(
+                f"rank {self.rank} of {self.size}: a tensor-parallel collective failed ("
+                f"another rank raised or exited, see its output, or the group timed out); the "
+                f"process group is torn down: {type(e).__name__}: {e}")
+            self.abort(err)
+            raise err from e
+
+    def _gather(self, t: torch.Tensor) -> torch.Tensor:
+        """[size, *t.shape]: every rank's t (one all-gather into one tensor, stacked on dim 0 as
+        gloo and NCCL both take it)."""
+        t = t.contiguous()
+        every = torch.empty((self.size * t.shape[0], *t.shape[1:]), dtype=t.dtype,
+                            device=t.device)
+        self._run(dist.all_gather_single, every, t)
+        return every.view(self.size, *t.shape)
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum t over the ranks, in place; returns t."""
+        self._run(dist.all_reduce, t)
+        return t
+
+    def embed(self, table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Vocab-parallel embedding: ``table`` [V_r, H] holds rows vocab_range; ids (long, any
+        shape) -> [*ids.shape, H], each rank's own rows summed over the ranks."""
+        a, b = self.vocab_range
+        mine = (ids >= a) & (ids < b)
+        x = table[torch.where(mine, ids - a, 0)] * mine[..., None]
+        return self.all_reduce(x)
+
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """The global argmax [B] (long) of vocab-parallel logits [B, V_r] without gathering
+        them: each rank offers its best (value, index) and all ranks pick the same winner, the
+        lowest index among equal values (torch.argmax's rule on the whole row)."""
+        value, index = logits.max(dim=-1)
+        every = self._gather(torch.stack([value.double(),
+                                          (index + self.vocab_range[0]).double()], -1))
+        best = every[..., 0].max(dim=0).values  # [B]
+        # the lowest index among the ranks holding the best value (ranks own ascending slices)
+        index = torch.where(every[..., 0] == best, every[..., 1], float("inf")).min(dim=0).values
+        return index.long()
+
+    def gather_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The whole logits [..., V] from every rank's vocab slice [..., V_r] (all-gather,
+        padded to the largest slice): for the samplers that need the whole distribution and
+        for ``LlamaD3.logits``."""
+        pad = self._vocab_max - logits.shape[-1]
+        every = self._gather(torch.nn.functional.pad(logits, (0, pad)))
+        V = self.config.vocab_size
+        return torch.cat([every[r, ..., :(r + 1) * V // self.size - r * V // self.size]
+                          for r in range(self.size)], dim=-1)
+
+    def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Rank ``src``'s t on every rank, in place (group rank; the world's for the default
+        group); returns t."""
+        self._run(dist.broadcast, t, src=dist.get_global_rank(self.group, src)
+                  if self.group is not None else src)
+        return t
+
+    def check_same(self, what: str, value: str) -> None:
+        """Raise ValueError on every rank unless ``value`` (a description, e.g. of the
+        checkpoint) is the same on every rank: one all-gather of its digest."""
+        mine = torch.tensor(list(hashlib.sha256(value.encode()).digest()), dtype=torch.uint8)
+        device = torch.device("cuda", torch.cuda.current_device()) \
+            if dist.get_backend(self.group) == "nccl" else torch.device("cpu")
+        every = self._gather(mine.to(device))
+        differ = [r for r in range(self.size) if not torch.equal(every[r], every[0])]
+        if differ:
+            raise ValueError(f"tensor parallel: ranks {differ} have a different {what} than "
+                             f"rank 0 (rank {self.rank}: {value})")
+
+    # ---- faults -------------------------------------------------------------------------------
+
+    def abort(self, error: BaseException) -> None:
+        """Tear the process group down after ``error`` (idempotent): peers blocked in a
+        collective with this rank fail at once instead of waiting for the timeout."""
+        if self.broken is not None:
+            return
+        self.broken = error
+        if dist.is_initialized():
+            with contextlib.suppress(Exception):  # already torn down from elsewhere
+                dist.destroy_process_group(self.group)
+
+    @contextlib.contextmanager
+    def guard(self):
+        """Around one model pass: any exception tears the group down before it propagates, so
+        no rank is left waiting in a collective this one will never join."""
+        try:
+            yield
+        except BaseException as e:
+            self.abort(e)
+            raise
+
+
+def init_gloo(rank: int, size: int, init_method: str, timeout_s: float = 60.0) -> None:
+    """Start a gloo process group (CPU tensors): for tests, scripts and perf/tp_cpu.py."""
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=size,
+                            timeout=datetime.timedelta(seconds=timeout_s))

@@ -1,0 +1,242 @@
+"""Tensor parallelism (d3kernels.parallel, design.md §11) on CPU over gloo: each test spawns its
+own process group (torch.multiprocessing, a deadline, every process reaped) whose ranks run the
+same calls and save what they got; the parent compares it with the single-process model.
+
+D³ tokens must equal tp=1's token for token (generate over ragged batches, propagate and mask,
+seeded sampling, a 3-turn chat, the engine with mixed requests), the KV cache gathered from the
+ranks' heads must equal the single-process cache, bad tp values must fail before any work, and a
+rank that raises inside a step must bring every rank down with a clear error, quickly.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from d3kernels import DepthSchedule, Engine, LlamaD3
+from d3kernels.config import LlamaConfig
+from d3kernels.parallel import TensorParallelError, init_gloo
+
+# 12 heads over 6 KV heads (GQA 2) split by 2 and 3 ranks alike; a vocabulary of 509 splits
+# unevenly (a prime), so the ranks' vocab slices differ in size.
+TP_CONFIG = LlamaConfig(509, 96, 192, 6, 12, 6, 8, max_position_embeddings=128)
+# one KV head: at tp=2 both ranks hold a copy of it (replicated KV heads)
+MQA_CONFIG = TP_CONFIG.replace(num_kv_heads=1)
+SCHED = DepthSchedule(alpha=0.8, head=1, tail=1)
+UPPER = DepthSchedule(alpha=0.85, start=1, head=1, tail=2, order="upper")
+PROMPTS = [[5, 17, 300, 2, 9], [44, 8], [1, 2, 3, 4, 5, 6, 7, 8, 9]]
+TURNS = [[3, 14, 15, 92, 6], [53, 58], [97, 93, 23, 84]]
+DEADLINE_S = 150
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(target, size: int, tmp_path, *args) -> list[dict]:
+    """Run target(rank, size, *args) on ``size`` gloo ranks; returns what each rank saved
+    (rank r's dict in tmp_path/r.pt). Kills every rank and fails past DEADLINE_S."""
+    port = _port()
+    ctx = mp.start_processes(_entry, args=(size, port, str(tmp_path), target, args),
+                             nprocs=size, join=False, start_method="spawn")
+    deadline = time.monotonic() + DEADLINE_S
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail(f"tensor-parallel ranks still running after {DEADLINE_S} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return [torch.load(tmp_path / f"{r}.pt", weights_only=False) for r in range(size)]
+
+
+def _entry(rank, size, port, out, target, args):
+    torch.set_num_threads(1)
+    init_gloo(rank, size, f"tcp://127.0.0.1:{port}", timeout_s=60)
+    result = target(rank, size, *args)
+    torch.save(result, os.path.join(out, f"{rank}.pt"))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _model(kind: str, dtype, tp: int, gguf: str | None = None) -> LlamaD3:
+    if kind == "smollm2":
+        return LlamaD3.from_pretrained(gguf, dtype=dtype, quantize=None, backend="torch", tp=tp,
+                                       max_seq_len=128)
+    cfg = {"tp": TP_CONFIG, "mqa": MQA_CONFIG}[kind]
+    return LlamaD3.random(cfg, dtype=dtype, seed=3, backend="torch", tp=tp)
+
+
+def _cache(c) -> dict:
+    return {"k": c.k.clone(), "v": c.v.clone(), "written": c.written.clone()}
+
+
+ALL = ("mask", "sampled", "chat_propagate", "chat_mask", "engine")
+
+
+def _everything(model: LlamaD3, parts: tuple[str, ...] = ALL) -> dict:
+    """What every rank (and the single-process model) computes: a ragged D³ generate and its
+    flushed cache, then ``parts`` of ALL; compared key by key."""
+    out = {}
+    g = model.generate(PROMPTS, 10, SCHED, stop_tokens=(), flush_backfill=True)
+    out["generate"], out["depths"] = g.tokens, g.depths
+    out["cache"] = _cache(model.cache)
+    if "mask" in parts:
+        out["mask"] = model.generate(PROMPTS, 10, UPPER, stop_tokens=(), backfill="mask").tokens
+    if "sampled" in parts:
+        out["sampled"] = model.generate(PROMPTS, 8, SCHED, stop_tokens=(), temperature=0.9,
+                                        top_k=50, top_p=0.9, seed=11).tokens
+    for mode in ("propagate", "mask"):
+        if f"chat_{mode}" not in parts:
+            continue
+        conv = model.chat(schedule=SCHED, stop_tokens=(), max_seq_len=96, backfill=mode)
+        out[f"chat_{mode}"] = [conv.send_tokens(t, 8).tokens[0] for t in TURNS]
+        conv.flush_backfill()
+        out[f"chat_cache_{mode}"] = _cache(conv._cache)
+    if "engine" not in parts:
+        return out
+    engine = Engine(model, max_batch=2, max_seq_len=48, stop_tokens=(), page_size=4)
+    reqs = [engine.submit(p, n, s) for p, n, s in
+            zip(PROMPTS + TURNS, (6, 9, 4, 7, 5, 8), (SCHED, UPPER, None) * 2)]
+    reqs.append(engine.submit(PROMPTS[0], 6, SCHED, temperature=0.7, seed=5))
+    list(engine.run())
+    out["engine"] = [r.tokens for r in reqs]
+    return out
+
+
+def _rank_run(rank, size, kind, dtype, gguf, parts):
+    return _everything(_model(kind, dtype, size, gguf), parts)
+
+
+def _gathered(ranks: list[dict], key: str, cache: str, kv_heads: int) -> dict:
+    """The ranks' caches put back together: their KV heads side by side (dim 3 of
+    [L, P, S, Hkv, D]); a head replicated on several ranks is taken once."""
+    size = len(ranks)
+    holders = range(size) if kv_heads >= size else range(0, size, size // kv_heads)
+    out = {n: torch.cat([ranks[r][key][n] for r in holders], dim=3) for n in ("k", "v")}
+    for r in range(size):  # the replicated copies and the marks agree across ranks
+        assert torch.equal(ranks[r][key]["written"], ranks[0][key]["written"])
+    out["written"] = ranks[0][key]["written"]
+    return out
+
+
+def _compare(ranks: list[dict], single: dict, kv_heads: int) -> None:
+    for key, want in single.items():
+        for r, got in enumerate(ranks):
+            if key.endswith("cache") or key.startswith("chat_cache"):
+                continue
+            assert got[key] == want, f"{key}: rank {r} differs from tp=1"
+        if key == "cache" or key.startswith("chat_cache"):
+            got = _gathered(ranks, key, key, kv_heads)
+            assert torch.equal(got["written"], want["written"]), key
+            for n in ("k", "v"):
+                torch.testing.assert_close(got[n], want[n], msg=f"{key}.{n}")
+
+
+@pytest.mark.parametrize("size, parts", [(2, ALL), (3, ("sampled", "chat_mask", "engine"))])
+def test_tiny_config_equals_tp1(size, parts, tmp_path):
+    """fp64 on 2 ranks: everything (generate, mask, sampling, chat, engine, caches); on 3 (on 2
+    cores, where every collective waits for a descheduled rank) a part of it."""
+    ranks = _spawn(_rank_run, size, tmp_path, "tp", torch.float64, None, parts)
+    single = _everything(_model("tp", torch.float64, 1), parts)
+    _compare(ranks, single, TP_CONFIG.num_kv_heads)
+
+
+def _fp32_and_mqa(rank, size):
+    return {"fp32": _everything(_model("tp", torch.float32, size), ("engine",)),
+            "mqa": _everything(_model("mqa", torch.float64, size), ())}
+
+
+def test_fp32_and_replicated_kv_heads(tmp_path):
+    """fp32 tokens equal tp=1's too; one KV head replicated on both ranks of tp=2."""
+    ranks = _spawn(_fp32_and_mqa, 2, tmp_path)
+    _compare([r["fp32"] for r in ranks],
+             _everything(_model("tp", torch.float32, 1), ("engine",)), TP_CONFIG.num_kv_heads)
+    _compare([r["mqa"] for r in ranks], _everything(_model("mqa", torch.float64, 1), ()), 1)
+
+
+def test_smollm2_tp3_equals_tp1(smollm2_gguf_path, tmp_path):
+    """SmolLM2 (9 heads, 3 KV heads) on 3 ranks, each reading its shard of the GGUF: a fp64
+    ragged generate, a 3-turn chat and their caches equal the single-process model's (the
+    engine and the rest run on the tiny config: 3 ranks on 2 cores make collectives slow)."""
+    parts = ("chat_propagate",)
+    ranks = _spawn(_rank_run, 3, tmp_path, "smollm2", torch.float64, str(smollm2_gguf_path),
+                   parts)
+    single = _everything(_model("smollm2", torch.float64, 1, str(smollm2_gguf_path)), parts)
+    _compare(ranks, single, 3)
+
+
+def test_tp_without_process_group_is_refused():
+    assert not dist.is_initialized()
+    with pytest.raises(ValueError, match=r"tp=2 needs a torch.distributed process group"):
+        LlamaD3.random(TP_CONFIG, tp=2)
+    with pytest.raises(ValueError, match=r"tp must be an int >= 1, got 0"):
+        LlamaD3.random(TP_CONFIG, tp=0)
+
+
+def _bad_tp_then_fault(rank, size):
+    """Bad tp values (before any work: the group stays usable), then rank 1 raises inside its
+    third decode step."""
+    errors = {}
+    cases = {"too_big": (TP_CONFIG, 3), "heads": (TP_CONFIG.replace(num_heads=9,
+                                                                      num_kv_heads=3), 2),
+             "kv_heads": (TP_CONFIG.replace(num_kv_heads=3), 2),
+             "intermediate": (TP_CONFIG.replace(intermediate_size=191), 2),
+             "triton": (TP_CONFIG, 2)}
+    for name, (cfg, tp) in cases.items():
+        try:
+            LlamaD3.random(cfg, tp=tp, backend="triton" if name == "triton" else "torch")
+        except ValueError as e:
+            errors[name] = str(e)
+    try:  # a different checkpoint on each rank
+        LlamaD3.random(TP_CONFIG, tp=2, seed=rank, backend="torch")
+    except ValueError as e:
+        errors["mismatch"] = str(e)
+    model = _model("tp", torch.float64, size)
+    if rank == 1:
+        step = model._backend.decode_step
+        calls = []
+
+        def failing(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 3:
+                raise RuntimeError("injected fault on rank 1")
+            return step(*args, **kwargs)
+
+        model._backend.decode_step = failing
+    t0 = time.monotonic()
+    try:
+        model.generate(PROMPTS, 10, SCHED, stop_tokens=())
+        errors["fault"] = "no error"
+    except Exception as e:  # noqa: BLE001 (what each rank got is the test's subject)
+        errors["fault"] = f"{type(e).__name__}: {e}"
+    errors["fault_s"] = time.monotonic() - t0
+    errors["group_alive"] = dist.is_initialized()
+    return errors
+
+
+def test_bad_tp_and_a_failing_rank(tmp_path):
+    ranks = _spawn(_bad_tp_then_fault, 2, tmp_path)
+    for got in ranks:
+        assert "tp=3 must equal the process group's size, got a group of 2" in got["too_big"]
+        assert "larger than the world size" in got["too_big"]
+        assert got["heads"] == "tp=2 does not divide num_heads=9"
+        assert "tp=2 and num_kv_heads=3: one must divide the other" in got["kv_heads"]
+        assert got["intermediate"] == "tp=2 does not divide intermediate_size=191"
+        assert "backend='triton' does not run tensor-parallel (tp=2)" in got["triton"]
+        assert "ranks [1] have a different model than rank 0" in got["mismatch"]
+        assert got["fault_s"] < 30 and not got["group_alive"]
+    assert ranks[1]["fault"] == "RuntimeError: injected fault on rank 1"
+    assert ranks[0]["fault"].startswith(
+        f"{TensorParallelError.__name__}: rank 0 of 2: a tensor-parallel collective failed")
+
+

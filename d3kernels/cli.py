@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import sys
 import time
 import warnings
@@ -119,6 +120,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     o.add_argument("--top-k", type=int, default=None)
     o.add_argument("--top-p", type=float, default=None)
     o.add_argument("--seed", type=int, default=None)
+    t = p.add_argument_group("tensor parallel (design.md §11)")
+    t.add_argument("--tp", type=int, default=1,
+                   help="split the model over this many ranks: run under `torchrun "
+                        "--nproc-per-node N`; NCCL with --device cuda (each rank on its local "
+                        "GPU), gloo otherwise; rank 0 prints (default: %(default)s)")
 
 
 def _schedule(args) -> DepthSchedule:
@@ -130,27 +136,55 @@ def _schedule(args) -> DepthSchedule:
                          head=args.head, tail=args.tail, order=args.order)
 
 
+def _start_tp(args) -> bool:
+    """--tp N > 1: join torchrun's process group (NCCL on CUDA, each rank on its local GPU;
+    gloo otherwise) before anything is loaded. Returns whether this rank prints: rank 0 only
+    (the others' stdout goes nowhere; their errors still reach stderr)."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.tp != world or "RANK" not in os.environ:
+        raise ValueError(f"--tp {args.tp} needs {args.tp} processes: run `torchrun "
+                         f"--nproc-per-node {args.tp} -m d3kernels ... --tp {args.tp}` (this is "
+                         f"one of {world})")
+    cuda = torch.device(args.device).type == "cuda"
+    if cuda:
+        args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    dist.init_process_group("nccl" if cuda else "gloo")
+    if dist.get_rank() == 0:
+        return True
+    sys.stdout.flush()
+    devnull = os.open(os.devnull, os.O_WRONLY)  # the fd: print's default file is bound early
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return False
+
+
 def _load(args) -> LlamaD3:
+    tp = getattr(args, "tp", 1)
+    log = sys.stderr if tp == 1 or _start_tp(args) else sys.stdout  # (now going nowhere)
     if args.dtype == "auto":
         dtype, why = auto_dtype(args.device)
         why = f" (--dtype auto: {why})"
     else:
         dtype, why = DTYPES[args.dtype], ""
+    split = f" split over {tp} ranks" if tp != 1 else ""
     print(f"d3kernels: loading {args.model} in {str(dtype).removeprefix('torch.')} on "
-          f"{args.device}{why} ...", file=sys.stderr, flush=True)
+          f"{args.device}{why}{split} ...", file=log, flush=True)
     t0 = time.perf_counter()
     quantize = None if args.quantize == "none" else args.quantize
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = LlamaD3.from_pretrained(args.model, dtype=dtype, device=args.device,
-                                        quantize=quantize, group_size=args.group_size)
-    c = model.config
+                                        quantize=quantize, group_size=args.group_size,
+                                        **({"tp": tp} if tp != 1 else {}))  # 1: the default
+    c = model.full_config
     print(f"d3kernels: loaded in {time.perf_counter() - t0:.1f} s: {c.num_layers} layers, hidden "
           f"{c.hidden_size}, {c.num_heads}/{c.num_kv_heads} heads, vocab {c.vocab_size}; "
-          f"weights {model.weight_format} ({model.resident_weight_bytes() / 1e6:.0f} MB)",
-          file=sys.stderr, flush=True)
+          f"weights {model.weight_format} ({model.resident_weight_bytes() / 1e6:.0f} MB"
+          + (" per rank)" if tp != 1 else ")"), file=log, flush=True)
     for note in [str(w.message) for w in caught] + model.load_notes:
-        print(f"d3kernels: {note}", file=sys.stderr, flush=True)
+        print(f"d3kernels: {note}", file=log, flush=True)
     return model
 
 
@@ -214,6 +248,24 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _read_line(model: LlamaD3) -> str | None:
+    """The user's next line (None at the end of input). Under --tp rank 0 reads it and every
+    rank gets it (the ranks must make the same calls)."""
+    line = None
+    if model.tp is None or model.tp.rank == 0:
+        try:
+            line = input("> ")
+        except EOFError:
+            pass
+    if model.tp is not None:
+        import torch.distributed as dist
+
+        box = [line]
+        dist.broadcast_object_list(box, src=0, group=model.tp.group)
+        line = box[0]
+    return line
+
+
 def cmd_chat(args) -> int:
     schedule = _schedule(args)
     model = _load(args)
@@ -224,9 +276,8 @@ def cmd_chat(args) -> int:
     print("d3kernels chat: type a message, /reset to start over, Ctrl-D or /exit to quit.",
           file=sys.stderr)
     while True:
-        try:
-            line = input("> ")
-        except EOFError:
+        line = _read_line(model)
+        if line is None:
             print(file=sys.stderr)
             return 0
         if line.strip() in ("/exit", "/quit"):
@@ -557,3 +608,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if getattr(args, "tp", 1) != 1:  # --tp: leave torchrun's group cleanly
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()

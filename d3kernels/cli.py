@@ -162,7 +162,8 @@ def _start_tp(args) -> bool:
 
 def _load(args) -> LlamaD3:
     tp = getattr(args, "tp", 1)
-    log = sys.stderr if tp == 1 or _start_tp(args) else sys.stdout  # (now going nowhere)
+    # where this rank's messages go: stderr, or (a rank other than 0) stdout, now going nowhere
+    args.log = log = sys.stderr if tp == 1 or _start_tp(args) else sys.stdout
     if args.dtype == "auto":
         dtype, why = auto_dtype(args.device)
         why = f" (--dtype auto: {why})"
@@ -270,21 +271,21 @@ def cmd_chat(args) -> int:
     schedule = _schedule(args)
     model = _load(args)
     if model.tokenizer is None or model.tokenizer.chat_template is None:
-        print("error: chat needs a tokenizer with a chat template", file=sys.stderr)
+        print("error: chat needs a tokenizer with a chat template", file=args.log)
         return 2
     conv = model.chat(system=args.system, schedule=schedule, **_sampling(args))
     print("d3kernels chat: type a message, /reset to start over, Ctrl-D or /exit to quit.",
-          file=sys.stderr)
+          file=args.log)
     while True:
         line = _read_line(model)
         if line is None:
-            print(file=sys.stderr)
+            print(file=args.log)
             return 0
         if line.strip() in ("/exit", "/quit"):
             return 0
         if line.strip() == "/reset":
             conv.reset()
-            print("-- conversation reset", file=sys.stderr)
+            print("-- conversation reset", file=args.log)
             continue
         if not line.strip():
             continue
@@ -298,15 +299,15 @@ def cmd_chat(args) -> int:
         try:
             result = conv.send(line, args.max_new_tokens, stream=show)
         except ValueError as e:  # e.g. the conversation is full; it stays as it was
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {e}", file=args.log)
             continue
         sys.stdout.write(decoder.flush() + "\n")
         turn = conv.turns[-1]
         print(f"-- turn {len(conv.turns)}: prefilled {turn.prefill_tokens} tokens, "
               f"{turn.cached_tokens} reused from the cache"
               + (" (history re-rendered differently: rebuilt)" if turn.rebuilt else ""),
-              file=sys.stderr)
-        _print_stats(result, out=sys.stderr)
+              file=args.log)
+        _print_stats(result, out=args.log)
 
 
 def _min_depth(text: str):

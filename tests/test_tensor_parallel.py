@@ -21,6 +21,7 @@ import torch.multiprocessing as mp
 from d3kernels import DepthSchedule, Engine, LlamaD3
 from d3kernels.config import LlamaConfig
 from d3kernels.parallel import TensorParallelError, init_gloo
+from tests.ops.conftest import TOL, rel_err
 
 # 12 heads over 6 KV heads (GQA 2) split by 2 and 3 ranks alike; a vocabulary of 509 splits
 # unevenly (a prime), so the ranks' vocab slices differ in size.
@@ -80,7 +81,7 @@ def _cache(c) -> dict:
     return {"k": c.k.clone(), "v": c.v.clone(), "written": c.written.clone()}
 
 
-ALL = ("mask", "sampled", "chat_propagate", "chat_mask", "engine")
+ALL = ("logits", "mask", "sampled", "chat_propagate", "chat_mask", "engine")
 
 
 def _everything(model: LlamaD3, parts: tuple[str, ...] = ALL) -> dict:
@@ -90,6 +91,8 @@ def _everything(model: LlamaD3, parts: tuple[str, ...] = ALL) -> dict:
     g = model.generate(PROMPTS, 10, SCHED, stop_tokens=(), flush_backfill=True)
     out["generate"], out["depths"] = g.tokens, g.depths
     out["cache"] = _cache(model.cache)
+    if "logits" in parts:  # full-depth logits, all-gathered from the ranks' vocabulary slices
+        out["logits"] = model.logits(PROMPTS[2])
     if "mask" in parts:
         out["mask"] = model.generate(PROMPTS, 10, UPPER, stop_tokens=(), backfill="mask").tokens
     if "sampled" in parts:
@@ -117,6 +120,15 @@ def _rank_run(rank, size, kind, dtype, gguf, parts):
     return _everything(_model(kind, dtype, size, gguf), parts)
 
 
+def _smollm2_run(rank, size, gguf, parts):
+    """fp64 (dequantized) with ``parts``; and the GGUF as it ships (Q4_1 layers split on block
+    boundaries, Q8_0 head by rows; fp64 activations), generate only."""
+    q4 = LlamaD3.from_pretrained(gguf, dtype=torch.float64, backend="torch", tp=size,
+                                 max_seq_len=128)
+    return {"f64": _rank_run(rank, size, "smollm2", torch.float64, gguf, parts),
+            "q4": _everything(q4, ())}
+
+
 def _gathered(ranks: list[dict], key: str, cache: str, kv_heads: int) -> dict:
     """The ranks' caches put back together: their KV heads side by side (dim 3 of
     [L, P, S, Hkv, D]); a head replicated on several ranks is taken once."""
@@ -129,17 +141,25 @@ def _gathered(ranks: list[dict], key: str, cache: str, kv_heads: int) -> dict:
     return out
 
 
+def _tol(t: torch.Tensor) -> float:
+    """The relative error an all-reduce's summation order may leave (design.md §5's float32
+    limit; float64's as the model tests hold it)."""
+    return 1e-12 if t.dtype == torch.float64 else TOL[torch.float32]
+
+
 def _compare(ranks: list[dict], single: dict, kv_heads: int) -> None:
     for key, want in single.items():
         for r, got in enumerate(ranks):
-            if key.endswith("cache") or key.startswith("chat_cache"):
-                continue
-            assert got[key] == want, f"{key}: rank {r} differs from tp=1"
+            if key == "logits":
+                assert rel_err(got[key], want) <= _tol(want), f"logits: rank {r}"
+            elif not (key.endswith("cache") or key.startswith("chat_cache")):
+                assert got[key] == want, f"{key}: rank {r} differs from tp=1"
         if key == "cache" or key.startswith("chat_cache"):
             got = _gathered(ranks, key, key, kv_heads)
             assert torch.equal(got["written"], want["written"]), key
             for n in ("k", "v"):
-                torch.testing.assert_close(got[n], want[n], msg=f"{key}.{n}")
+                err = rel_err(got[n], want[n])
+                assert err <= _tol(want[n]), f"{key}.{n}: relative error {err:.3g}"
 
 
 @pytest.mark.parametrize("size, parts", [(2, ALL), (3, ("sampled", "chat_mask", "engine"))])
@@ -166,13 +186,15 @@ def test_fp32_and_replicated_kv_heads(tmp_path):
 
 def test_smollm2_tp3_equals_tp1(smollm2_gguf_path, tmp_path):
     """SmolLM2 (9 heads, 3 KV heads) on 3 ranks, each reading its shard of the GGUF: a fp64
-    ragged generate, a 3-turn chat and their caches equal the single-process model's (the
-    engine and the rest run on the tiny config: 3 ranks on 2 cores make collectives slow)."""
-    parts = ("chat_propagate",)
-    ranks = _spawn(_rank_run, 3, tmp_path, "smollm2", torch.float64, str(smollm2_gguf_path),
-                   parts)
-    single = _everything(_model("smollm2", torch.float64, 1, str(smollm2_gguf_path)), parts)
-    _compare(ranks, single, 3)
+    ragged generate, a 3-turn chat and their caches equal the single-process model's, and so
+    does a ragged generate on the GGUF's own Q4_1 blocks (the engine and the rest run on the
+    tiny config: 3 ranks on 2 cores make collectives slow)."""
+    parts, gguf = ("chat_propagate",), str(smollm2_gguf_path)
+    ranks = _spawn(_smollm2_run, 3, tmp_path, gguf, parts)
+    _compare([r["f64"] for r in ranks], _everything(_model("smollm2", torch.float64, 1, gguf),
+                                                    parts), 3)
+    q4 = LlamaD3.from_pretrained(gguf, dtype=torch.float64, backend="torch", max_seq_len=128)
+    _compare([r["q4"] for r in ranks], _everything(q4, ()), 3)
 
 
 def test_tp_without_process_group_is_refused():
@@ -201,6 +223,13 @@ def _bad_tp_then_fault(rank, size):
         LlamaD3.random(TP_CONFIG, tp=2, seed=rank, backend="torch")
     except ValueError as e:
         errors["mismatch"] = str(e)
+    real = dist.all_reduce, dist.all_gather_single, dist.broadcast
+    dist.all_reduce = dist.all_gather_single = dist.broadcast = None  # any call would raise
+    try:  # tp=1 in a process group is no TP state: not one collective
+        one = LlamaD3.random(TP_CONFIG, tp=1, backend="torch")
+        errors["tp1"] = (one.tp, one.generate(PROMPTS, 4, SCHED, stop_tokens=()).tokens)
+    finally:
+        dist.all_reduce, dist.all_gather_single, dist.broadcast = real
     model = _model("tp", torch.float64, size)
     if rank == 1:
         step = model._backend.decode_step
@@ -235,6 +264,8 @@ def test_bad_tp_and_a_failing_rank(tmp_path):
         assert "backend='triton' does not run tensor-parallel (tp=2)" in got["triton"]
         assert "ranks [1] have a different model than rank 0" in got["mismatch"]
         assert got["fault_s"] < 30 and not got["group_alive"]
+    want = LlamaD3.random(TP_CONFIG, backend="torch").generate(PROMPTS, 4, SCHED, stop_tokens=())
+    assert ranks[0]["tp1"] == ranks[1]["tp1"] == (None, want.tokens)
     assert ranks[1]["fault"] == "RuntimeError: injected fault on rank 1"
     assert ranks[0]["fault"].startswith(
         f"{TensorParallelError.__name__}: rank 0 of 2: a tensor-parallel collective failed")

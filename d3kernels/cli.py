@@ -150,6 +150,7 @@ def _start_tp(args) -> bool:
     cuda = torch.device(args.device).type == "cuda"
     if cuda:
         args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+        torch.cuda.set_device(args.device)  # NCCL's own buffers on this rank's GPU
     dist.init_process_group("nccl" if cuda else "gloo")
     if dist.get_rank() == 0:
         return True

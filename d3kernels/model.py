@@ -317,7 +317,7 @@ class LlamaD3:
         if self.tp is not None:  # one collective: the same model on every rank, before any work
             norms = float(self.final_norm.double().sum() + self.attn_norm.double().sum())
             self.tp.check_same("model", f"{self.full_config!r}, {dtype}, {backend}, "
-                                        f"{self.weight_format}, norms sum {norms!r}")
+                                        f"{self.weight_format}, norms sum {norms!r}", self.device)
 
     @staticmethod
     def _sources(weights: dict) -> set[str]:

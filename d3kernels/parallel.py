@@ -225,12 +225,11 @@ class TensorParallel:
                   if self.group is not None else src)
         return t
 
-    def check_same(self, what: str, value: str) -> None:
+    def check_same(self, what: str, value: str, device: torch.device) -> None:
         """Raise ValueError on every rank unless ``value`` (a description, e.g. of the
-        checkpoint) is the same on every rank: one all-gather of its digest."""
+        checkpoint) is the same on every rank: one all-gather of its digest, on ``device`` (the
+        model's: NCCL takes this rank's GPU)."""
         mine = torch.tensor(list(hashlib.sha256(value.encode()).digest()), dtype=torch.uint8)
-        device = torch.device("cuda", torch.cuda.current_device()) \
-            if dist.get_backend(self.group) == "nccl" else torch.device("cpu")
         every = self._gather(mine.to(device))
         differ = [r for r in range(self.size) if not torch.equal(every[r], every[0])]
         if differ:

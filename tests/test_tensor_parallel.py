@@ -172,12 +172,16 @@ def test_tiny_config_equals_tp1(size, parts, tmp_path):
 
 
 def _fp32_and_mqa(rank, size):
+    # the MQA model from whole weights: the constructor slices them (from_hf's path)
+    whole = _model("mqa", torch.float64, 1).state_dict()
+    mqa = LlamaD3(MQA_CONFIG, whole, dtype=torch.float64, backend="torch", tp=size)
     return {"fp32": _everything(_model("tp", torch.float32, size), ("engine",)),
-            "mqa": _everything(_model("mqa", torch.float64, size), ())}
+            "mqa": _everything(mqa, ())}
 
 
 def test_fp32_and_replicated_kv_heads(tmp_path):
-    """fp32 tokens equal tp=1's too; one KV head replicated on both ranks of tp=2."""
+    """fp32 tokens equal tp=1's too; one KV head replicated on both ranks of tp=2, the model
+    built from whole weights that each rank slices."""
     ranks = _spawn(_fp32_and_mqa, 2, tmp_path)
     _compare([r["fp32"] for r in ranks],
              _everything(_model("tp", torch.float32, 1), ("engine",)), TP_CONFIG.num_kv_heads)
@@ -322,3 +326,24 @@ def test_cli_generate_under_torchrun(byte_model_dir):
     assert runs[0].stdout.count("-- 12 tokens") == 1  # printed once
     assert runs[0].stderr.count("d3kernels: loading") == 1
     assert "split over 2 ranks" in runs[0].stderr
+
+
+def test_gguf_split_off_block_boundaries_is_refused(tmp_path):
+    """A row-parallel split of quantized GGUF blocks must fall on a block boundary."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    from gguf import GGMLQuantizationType
+
+    from d3kernels.loaders.gguf import _gguf_shard
+
+    q41 = SimpleNamespace(shape=(64, 4), tensor_type=GGMLQuantizationType.Q4_1)  # [4, 64]
+    data = np.arange(4 * 2 * 20, dtype=np.uint8).reshape(4, 40)  # 2 blocks of 20 bytes a row
+    assert np.array_equal(_gguf_shard(data, (1, 32, 64), q41, "w", tmp_path), data[:, 20:])
+    assert np.array_equal(_gguf_shard(data, (0, 1, 3), q41, "w", tmp_path), data[1:3])
+    with pytest.raises(ValueError, match=r"w \(Q4_1, blocks of 32\) cannot be split at input "
+                                         r"columns \[16, 48\) for tensor parallelism"):
+        _gguf_shard(data, (1, 16, 48), q41, "w", tmp_path)
+    f32 = SimpleNamespace(shape=(6, 2), tensor_type=GGMLQuantizationType.F32)
+    floats = np.arange(12, dtype=np.float32).reshape(2, 6)
+    assert np.array_equal(_gguf_shard(floats, (1, 2, 4), f32, "w", tmp_path), floats[:, 2:4])

@@ -22,6 +22,7 @@ from d3kernels import DepthSchedule, Engine, LlamaD3
 from d3kernels.config import LlamaConfig
 from d3kernels.parallel import TensorParallelError, init_gloo
 from tests.ops.conftest import TOL, rel_err
+from tests.test_calibrate import tiny64, tiny_dir  # noqa: F401 (the CLI's checkpoint)
 
 # 12 heads over 6 KV heads (GQA 2) split by 2 and 3 ranks alike; a vocabulary of 509 splits
 # unevenly (a prime), so the ranks' vocab slices differ in size.
@@ -276,40 +277,14 @@ def test_bad_tp_and_a_failing_rank(tmp_path):
 
 
 
-@pytest.fixture
-def byte_model_dir(tmp_path):
-    """An HF checkpoint directory (config.json, model.safetensors, a byte-level tokenizer.json)
-    of a random TP_CONFIG-shaped model with a 257-token vocabulary."""
-    import json
-
-    from safetensors.torch import save_file
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    c = TP_CONFIG.replace(vocab_size=257)
-    (tmp_path / "config.json").write_text(json.dumps({
-        "model_type": "llama", "vocab_size": c.vocab_size, "hidden_size": c.hidden_size,
-        "intermediate_size": c.intermediate_size, "num_hidden_layers": c.num_layers,
-        "num_attention_heads": c.num_heads, "num_key_value_heads": c.num_kv_heads,
-        "head_dim": c.head_dim, "max_position_embeddings": c.max_position_embeddings}))
-    model = LlamaD3.random(c, dtype=torch.float64, seed=5)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-              str(tmp_path / "model.safetensors"))
-    vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())} | {"</s>": 256}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(["</s>"])
-    tok.save(str(tmp_path / "tokenizer.json"))
-    return tmp_path
-
-
-def test_cli_generate_under_torchrun(byte_model_dir):
-    """`torchrun --nproc-per-node 2 -m d3kernels generate --tp 2` on an HF directory (each rank
-    reads its safetensors slices): rank 0 prints the reply once, the same as tp=1's."""
+def test_cli_generate_under_torchrun(tiny_dir):
+    """`torchrun --nproc-per-node 2 -m d3kernels generate --tp 2` on an HF directory of the tiny
+    preset (test_calibrate's; each rank reads its safetensors slices): rank 0 prints the reply
+    once, the same as tp=1's."""
     import subprocess
     import sys
 
-    args = ["generate", "--model", str(byte_model_dir), "--dtype", "float64", "--raw",
+    args = ["generate", "--model", str(tiny_dir), "--dtype", "float64", "--raw",
             "--alpha", "0.9", "--head", "1", "--tail", "1", "--max-new-tokens", "12",
             "The harbour wall"]
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")

@@ -117,7 +117,7 @@ def _gate_up_kernel(x_ptr, nw_ptr, w_ptr, ws_ptr, wo_ptr, out_ptr, rows_ptr, R, 
           restore_value=["res_ptr"])
 @triton.jit
 def _down_residual_kernel(h_ptr, w_ptr, ws_ptr, wo_ptr, res_ptr, rows_ptr, stash_ptr, sidx_ptr,
-                          pos_ptr, bt_ptr, R, N, K, M_BUCKET, stride_h, stride_w, stride_s,
+                          pos_ptr, bt_ptr, BT_COLS, R, N, K, M_BUCKET, stride_h, stride_w, stride_s,
                           stride_res, stride_ss, stride_sp, stride_st, stride_bt,
                           PAGE: tl.constexpr, HAS_ROWS: tl.constexpr, HAS_STASH: tl.constexpr,
                           DOT_PRECISION: tl.constexpr, WFMT: tl.constexpr, GROUP: tl.constexpr,
@@ -156,7 +156,9 @@ def _down_residual_kernel(h_ptr, w_ptr, ws_ptr, wo_ptr, res_ptr, rows_ptr, stash
     if HAS_STASH:
         s = tl.load(sidx_ptr + row, mask=m_mask, other=-1).to(tl.int64)
         pos = tl.load(pos_ptr + row, mask=m_mask & (s >= 0), other=0)
-        page = tl.load(bt_ptr + row * stride_bt + pos // PAGE, mask=m_mask & (s >= 0),
+        # a position outside the row's pages is the caller's bug: store nothing (as qkv_rope)
+        in_row = (pos >= 0) & (pos < BT_COLS * PAGE)
+        page = tl.load(bt_ptr + row * stride_bt + pos // PAGE, mask=m_mask & (s >= 0) & in_row,
                        other=-1).to(tl.int64)
         keep = (s >= 0) & (page >= 0)
         tl.store(stash_ptr + s[:, None] * stride_ss + page[:, None] * stride_sp
@@ -209,8 +211,8 @@ def _down_residual_op(h: torch.Tensor, w_down: torch.Tensor, w_scale: torch.Tens
     has_stash = stash is not None
     _down_residual_kernel[_grid(n_rows, hidden)](
         h, w_down, w_scale, w_offset, residual, rows, stash, stash_index, positions, block_table,
-        n_rows, hidden, inter, _m_bucket(n_rows), h.stride(0), w_down.stride(0),
-        w_scale.stride(0), residual.stride(0),
+        block_table.shape[1] if has_stash else 0, n_rows, hidden, inter, _m_bucket(n_rows),
+        h.stride(0), w_down.stride(0), w_scale.stride(0), residual.stride(0),
         *(stash.stride()[:3] if has_stash else (0, 0, 0)),
         block_table.stride(0) if has_stash else 0, PAGE=stash.shape[2] if has_stash else 1,
         HAS_ROWS=rows is not None, HAS_STASH=has_stash, DOT_PRECISION=dot_precision(h.dtype),
@@ -275,8 +277,8 @@ def down_residual(h: torch.Tensor, w_down: torch.Tensor | QuantizedWeight,
     strided, e.g. KVCache.stash), with stash_index and positions, int32 [M], and block_table,
     int32 [M, NP] (docs/design.md §10): the updated residual row b is also stored at
     ``stash[stash_index[b], block_table[b, p // S], p % S]`` (p = positions[b]) where
-    stash_index[b] >= 0 and that page is not -1 (the deferred backfill's copy of the residual
-    entering a skipped run, without a launch of its own).
+    stash_index[b] >= 0, p lies in [0, NP·S) and that page is not -1 (the deferred backfill's
+    copy of the residual entering a skipped run, without a launch of its own).
     Allocates nothing (CUDA-graph capturable). fp32 inputs multiply in IEEE fp32 (no tf32).
     """
     check_tensor("h", h, ndim=2, dtype=FLOAT_DTYPES)

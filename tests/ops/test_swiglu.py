@@ -177,9 +177,9 @@ def test_down_residual_rows(dtype):
 
 def _check_down_stash(dtype, H, inter, seed, quant=None):
     """The updated residual also lands at stash[stash_index[b], page, p % S] (p = positions[b],
-    page its block-table entry) for the processed rows whose stash_index is >= 0 and whose page
-    is not -1, and nowhere else; a -1 slot of rows is skipped and an unlisted row keeps its
-    residual."""
+    page its block-table entry) for the processed rows whose stash_index is >= 0, whose p lies
+    in the row's table and whose page is not -1, and nowhere else; a -1 slot of rows is skipped
+    and an unlisted row keeps its residual."""
     M, runs, PS, NP, P = 5, 3, 2, 4, 23
     torch.manual_seed(seed)
     h = randn(M, inter, dtype=dtype)
@@ -188,8 +188,9 @@ def _check_down_stash(dtype, H, inter, seed, quant=None):
     start = residual.clone()
     big = poisoned((runs, P + 2, PS, H + 8), dtype)  # strided pages and rows, as KVCache.stash
     stash = big[:, 1:P + 1, :, :H]
-    positions = torch.tensor([3, 0, 6, 1, 2], dtype=torch.int32, device=DEVICE)
-    stash_index = torch.tensor([2, -1, 0, 1, -1], dtype=torch.int32, device=DEVICE)
+    # row 1 sits past its NP·S = 8 slots and row 4 before slot 0: neither is stored
+    positions = torch.tensor([3, 9, 6, 1, -1], dtype=torch.int32, device=DEVICE)
+    stash_index = torch.tensor([2, 0, 0, 1, 1], dtype=torch.int32, device=DEVICE)
     rows = torch.tensor([4, 0, -1, 2, 1], dtype=torch.int32, device=DEVICE)
     table = shuffled_block_table([NP] * M, NP, P, seed)
     table[2, 3] = -1  # row 2's position 6: no page, nothing stored
@@ -201,11 +202,13 @@ def _check_down_stash(dtype, H, inter, seed, quant=None):
     for b in (4, 0, 2, 1):
         assert_close(residual[b], ref[b], dtype)
         s, p = int(stash_index[b]), int(positions[b])
-        page = int(table[b, p // PS])
+        page = int(table[b, p // PS]) if 0 <= p < NP * PS else -1
         if s >= 0 and page >= 0:  # the stored sum, bit for bit
             assert torch.equal(stash[s, page, p % PS], residual[b])
             written[s, page, p % PS] = True
-    assert written.sum() == 1  # row 0: row 4's index is -1, row 2 has no page, 3 not processed
+    # only row 0: row 2 has no page, row 1 is past its table (it would land in another row's
+    # page), row 4 before its first slot, row 3 is not processed
+    assert written.sum() == 1
     assert stash.isnan().all(dim=-1).cpu().eq(~written).all()  # nothing else stored
     assert big[:, 0].isnan().all() and big[:, P + 1].isnan().all()
     assert big[..., H:].isnan().all()

@@ -7,30 +7,34 @@
         ...                         # engine.submit / engine.cancel are fine in here
     a.tokens, a.depths, a.finish_reason, a.text
 
-The cache is paged (d3kernels.kv_cache, docs/design.md §10): ``max_batch`` rows (block tables)
-over a pool of ``num_pages`` pages of ``page_size`` tokens, taken as requests grow and given back
-when they end, so the engine's memory follows its tokens, not max_batch × max_seq_len. Each
-:meth:`Engine.step` first takes the page each running request's next token needs (when the pool
-is short it preempts the most recently admitted request: its pages go back, it returns to the
-front of the queue and is recomputed when readmitted, losing nothing); then it admits waiting
-requests, in submission order, while a row and the pages of their prompts are free, and
-prefills them together at full depth (their T_0); then it runs one decode pass over the
-requests that were already running, each at its own step i and so at its own depth n_i
-(``LlamaD3.decode_rows``: a layer runs only on the rows that keep it). Each step gives every
-running request one token. A request that stops (a stop token, its ``max_new_tokens``, or
-:meth:`Engine.cancel`) frees its row and pages at once.
+The cache is paged (d3kernels.kv_cache, docs/design.md §10): ``max_batch`` rows (block tables) over
+a pool of ``num_pages`` pages of ``page_size`` tokens, taken as requests grow and given back when
+they end, so the engine's memory follows its tokens, not max_batch × max_seq_len. Each
+:meth:`Engine.step` first takes the page each running request's next token needs (when the pool is
+short it preempts the most recently admitted request: its pages go back, it returns to the front of
+the queue and is recomputed when readmitted, losing nothing); then it admits waiting requests, in
+submission order, while a row and the pages of their prompts are free (keeping a free page per
+running request, which will soon need one), and prefills them together at full depth (their T_0);
+then it runs one decode pass over the requests that were already running, each at its own step i and
+so at its own depth n_i (``LlamaD3.decode_rows``: a layer runs only on the rows that keep it). Each
+step gives every running request one token. A request that stops (a stop token, its
+``max_new_tokens``, or :meth:`Engine.cancel`) frees its row and pages at once.
 
 Shared prefixes (``prefix_sharing``, on by default): the full pages a prefill wrote are indexed
 by their tokens (and all before them); a request whose prompt starts with the same tokens points
 its block table at those pages (reference counted) and prefills only the rest. Only
 prefill-written pages are shared: a page holding decode tokens had layers skipped, so its K/V
 are not what a prefill of the same tokens writes (docs/design.md §10). A preempted request is
-recomputed exactly: its prompt is prefilled again (sharing what it can) and its generated tokens
-are fed back through decode passes at their own depths, their choices ignored, so its cache and
-its later tokens are what they would have been.
+recomputed: its prompt is prefilled again (sharing what it can) and its generated tokens are
+fed back through decode passes at their own depths, their choices ignored, so its cache and its
+later tokens are what they would have been.
 In float32/float64 a request's tokens are exactly what ``model.generate`` gives it alone
 (tests/test_engine.py; in bf16/fp16 its batch-mates change the rounding — matmul blocking,
-padding — as in any batched decoder, so it may drift from its solo run):
+padding — as in any batched decoder, so it may drift from its solo run). With prefix sharing
+that holds up to rounding: a shared prefix's K/V come from another request's prefill and the
+rest of the prompt is prefilled as a chunk on top, which rounds differently from one whole
+prefill (the float64 tests, tests/test_paged_engine.py, compare tokens exactly;
+``prefix_sharing=False`` keeps float32 exact, preemption included). Where it is exact:
 on the torch backend for greedy and seeded sampling; on the triton backend for greedy
 requests and for seeded ones whose draw is not fused into the LM head kernel (top_p, or top_k
 > 64). A seeded temperature/top-k request on triton draws T_0 as ``generate`` does, then its
@@ -268,7 +272,8 @@ class Engine:
         if len(ids) + max_new_tokens > self.cache.seq_len:  # the rule of generate
             raise ValueError(f"prompt of {len(ids)} tokens plus max_new_tokens={max_new_tokens} "
                              f"exceeds the engine's rows (max_seq_len={self.cache.seq_len})")
-        pages = -(-(len(ids) + max_new_tokens) // self.cache.page_size)
+        # the last token is never fed back, so it takes no slot
+        pages = -(-(len(ids) + max_new_tokens - 1) // self.cache.page_size)
         if pages > self.cache.num_pages:
             raise ValueError(f"prompt of {len(ids)} tokens plus max_new_tokens={max_new_tokens} "
                              f"needs {pages} pages of {self.cache.page_size} tokens but the "
@@ -336,8 +341,8 @@ class Engine:
         preempt the most recently admitted. Returns the requests still running."""
         while decoding:
             try:
-                self.cache.reserve([(r.slot, p, p + 1) for r in decoding
-                                    for p in (len(r.prompt) + r.fed,)])
+                self.cache.reserve([(r.slot, len(r.prompt) + r.fed, len(r.prompt) + r.fed + 1)
+                                    for r in decoding])
                 return decoding
             except CacheFull:
                 self._preempt(decoding.pop())
@@ -359,7 +364,7 @@ class Engine:
             # admission does not preempt a neighbour at once (unless nothing runs)
             cost = -(-len(req.prompt) // cache.page_size) - len(shared) \
                 + sum(cache.refs[p] == 0 for p in shared)
-            if cost + (len(self._running) if self._running else 0) > cache.free_pages:
+            if cost + len(self._running) > cache.free_pages:
                 break  # in order: later requests wait too
             self._waiting.popleft()
             req.slot, req.status = self._free.pop(), "running"

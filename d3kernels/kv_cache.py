@@ -194,6 +194,9 @@ class KVCache:
         writes = list(writes)
         S = self.page_size
         for row, start, end in writes:
+            if start < 0 or end < start:
+                raise ValueError(f"positions {start}..{end - 1} of row {row}: expected "
+                                 f"0 <= start <= end")
             if end > self.pages_per_row * S:
                 raise ValueError(f"position {end - 1} is past the cache's {self.pages_per_row} "
                                  f"pages of {S} per row")
@@ -230,9 +233,11 @@ class KVCache:
         self.drop_backfill([row])
         if self.static:
             return
-        pages = [p for p in self.table[row] if p >= 0]
-        for p in pages:
-            self._unref(p)
+        # last page first: idle indexed pages are reused oldest first, so a prefix chain is
+        # evicted from its tail and its head stays shareable longest
+        for p in reversed(self.table[row]):
+            if p >= 0:
+                self._unref(p)
         self.table[row] = [-1] * self.pages_per_row
         self.block_table[row] = -1
 
@@ -253,6 +258,8 @@ class KVCache:
         if self.static:
             raise ValueError("share_prefix: the rows of a static cache (num_pages=None) own "
                              "their pages; sharing needs a pool (num_pages=n)")
+        if any(p >= 0 for p in self.table[row]):
+            raise ValueError(f"share_prefix: row {row} holds pages; release it first")
         pages = self.prefix_pages(tokens)
         if pages:
             self._assign(row, 0, pages)
@@ -273,6 +280,9 @@ class KVCache:
         K/V differ from what a prefill of the same tokens writes (docs/design.md §10)."""
         for i, key in enumerate(self._digests(tokens, len(tokens) // self.page_size)):
             page = self.table[row][i]
+            if page < 0:
+                raise ValueError(f"index_prefix: row {row} holds no page for positions "
+                                 f"{i * self.page_size}.. of its tokens")
             if key not in self._prefix and page not in self._key:
                 self._prefix[key], self._key[page] = page, key
 
@@ -280,8 +290,9 @@ class KVCache:
 
     def slots(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Flat page-slot indices (page · S + position % S, long) of positions of rows (long
-        tensors that broadcast), read from the device block table; a position behind no page
-        maps to slot 0 (callers mask it)."""
+        tensors that broadcast), read from the device block table. A position behind no page
+        maps to page 0: reads of it must be masked (the causal mask does), and writers reserve
+        what they write first (every LlamaD3 pass does), as nothing here can drop a write."""
         S = self.page_size
         page = self.block_table[rows, positions // S].long().clamp(min=0)
         return page * S + positions % S

@@ -381,10 +381,10 @@ def create_app(model, *, model_name: str = "d3kernels", max_batch: int = 8,
                num_pages: int | None = None) -> FastAPI:
     """An ASGI app serving ``model`` (a LlamaD3 with a tokenizer) under ``model_name``.
 
-    max_batch / max_seq_len / min_free / page_size / num_pages: the Engine's (cache rows,
-    tokens per row, admission waves, KV page pool); schedule: the default D³ schedule (None: full depth); max_queue: requests that may
-    wait for a row before new ones get 429. The engine thread starts with the app's lifespan
-    and stops (cancelling what is left) when the server shuts down.
+    max_batch / max_seq_len / min_free / page_size / num_pages: the Engine's (cache rows, tokens per
+    row, admission waves, KV page pool); schedule: the default D³ schedule (None: full depth);
+    max_queue: requests that may wait for a row before new ones get 429. The engine thread starts
+    with the app's lifespan and stops (cancelling what is left) when the server shuts down.
     """
     if model.tokenizer is None:
         raise ValueError("model: serving text needs a model with a tokenizer")

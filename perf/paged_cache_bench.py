@@ -119,7 +119,8 @@ def markdown(r: dict) -> str:
                      f"{x['latency_ms_median']:.1f} | {x['latency_ms_p90']:.1f} | "
                      f"{x['first_token_ms_median']:.0f} |")
     lines += ["", f"Prefix sharing: {len(r['sharing'])} runs (interleaved) of the same requests "
-              f"behind a {r['system_prompt_tokens']}-token prompt prefix (system prompt + template), "
+              f"behind a {r['system_prompt_tokens']}-token prompt prefix (system prompt + "
+              "template), "
               "D³ schedule", "",
               "| sharing | prefill tokens | shared tokens | first token median (ms) | tokens/s |",
               "| --- | ---: | ---: | ---: | ---: |"]

@@ -112,7 +112,7 @@ def masked_logits(model, input_ids, keep: torch.Tensor | None = None) -> torch.T
         if tuple(keep.shape) != (B, T, L):
             raise ValueError(f"keep must be [B, T, L] = {[B, T, L]}, got {list(keep.shape)}")
     cos, sin = model.rope_cos[:T, None], model.rope_sin[:T, None]
-    x = model.embed[ids]
+    x = model._torch.embed(ids)  # vocab-parallel under tensor parallel
     for j in range(L):
         q, k, v = model._torch.qkv(j, x, cos, sin)
         attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)

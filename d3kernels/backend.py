@@ -10,6 +10,9 @@ the passes with torch's own primitives; ``TritonBackend`` (d3kernels.triton_back
 fused kernels of d3kernels.ops, with CUDA graphs on a GPU.
 
 Shapes: B batch rows, T tokens, R requests, M stashed states, L layers, H hidden, V vocabulary.
+Cache entries are named by (layer, cache row, position), e.g. ``cache.written[j, row, pos]``;
+the paged cache stores them at page slots its block table gives (``KVCache.slots``,
+docs/design.md §10), and every pass writes only positions the model has reserved.
 Every method gets arguments the model has already checked; none validates them again.
 """
 from __future__ import annotations

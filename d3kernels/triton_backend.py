@@ -180,14 +180,13 @@ class TritonBackend(Backend):
         (mode ``"mask"``: only to the entries ``cache.written`` marks). Returns the next token
         [B] (long) after each row's last real token.
 
-        rows: None (batch row b is cache row b: one batched pass) or the cache row of each
-        batch row (the engine's admissions). Then each prompt runs as its own batch of one on
-        its cache row's block table ``cache.block_table[r:r+1]``: no cache-row-layout copy of
-        the prompts, no padding,
-        and each request's token is chosen exactly as ``generate`` would choose it alone (its
-        own Sampling, batch row 0, its own noise offset; ``sampling`` a RowSampling gives
-        each request its own). Prefill is compute-bound at realistic prompt lengths, so the
-        extra weight reads of one pass per prompt cost little.
+        rows: None (batch row b is cache row b: one batched pass) or the cache row of each batch row
+        (the engine's admissions). Then each prompt runs as its own batch of one on its cache row's
+        block table ``cache.block_table[r:r+1]``: no cache-row-layout copy of the prompts, no
+        padding, and each request's token is chosen as ``generate`` would choose it alone (its own
+        Sampling, batch row 0, its own noise offset; ``sampling`` a RowSampling gives each request
+        its own). Prefill is compute-bound at realistic prompt lengths, so the extra weight reads of
+        one pass per prompt cost little.
         """
         if rows is not None:
             samplings = (sampling.samplings if isinstance(sampling, RowSampling)

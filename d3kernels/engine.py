@@ -351,14 +351,21 @@ class Engine:
     def _admit(self) -> list[tuple[Request, int]]:
         """Move waiting requests into free rows, in order, while the pages their prompts need
         (less what they share) are free; each takes its shared prefix pages and reserves the
-        rest. Returns (request, prompt tokens already cached) pairs."""
+        rest. A request whose next full prompt page another request admitted in this step
+        is about to prefill waits a step and then shares it (admission stays in order).
+        Returns (request, prompt tokens already cached) pairs."""
         cache, admitted = self.cache, []
+        S, pending = cache.page_size, set()  # keys of full pages this step's prefills will index
         # min_free > 1 admits in waves: rows that start together stay at the same step i, so
         # they drop layers together and a step reads fewer layers' weights (module docstring)
         may_admit = not self._running or len(self._free) >= self.min_free
         while may_admit and self._waiting and self._free:
             req = self._waiting[0]
             shared = cache.prefix_pages(req.prompt) if self.prefix_sharing else []
+            if pending:
+                keys = cache.page_keys(req.prompt, (len(req.prompt) - 1) // S)
+                if len(shared) < len(keys) and keys[len(shared)] in pending:
+                    break
             # new pages for the rest of the prompt, and the shared pages no row holds now; and
             # one page of headroom per running request (it will cross into a new page), so an
             # admission does not preempt a neighbour at once (unless nothing runs)
@@ -372,6 +379,8 @@ class Engine:
             covered = cache.share_prefix(req.slot, req.prompt) if self.prefix_sharing else 0
             cache.reserve([(req.slot, covered, len(req.prompt))])
             admitted.append((req, covered))
+            if self.prefix_sharing:
+                pending.update(cache.page_keys(req.prompt, len(req.prompt) // S)[covered // S:])
         return admitted
 
     @torch.inference_mode()

@@ -243,8 +243,9 @@ class KVCache:
 
     # ---- prefix sharing -----------------------------------------------------------------------
 
-    def _digests(self, tokens: list[int], pages: int) -> list[bytes]:
-        """Digest of tokens[:S·(i+1)] for each of the first ``pages`` full pages."""
+    def page_keys(self, tokens: list[int], pages: int) -> list[bytes]:
+        """The prefix index's key of each of the first ``pages`` full pages of ``tokens``: a
+        digest of tokens[:S·(i+1)], the page's tokens and all before them."""
         S, h, out = self.page_size, hashlib.blake2b(digest_size=16), []
         for i in range(pages):
             h.update(array("q", tokens[i * S:(i + 1) * S]).tobytes())
@@ -268,7 +269,7 @@ class KVCache:
     def prefix_pages(self, tokens: list[int]) -> list[int]:
         """The indexed pages :meth:`share_prefix` would point a row holding ``tokens`` at."""
         pages = []
-        for key in self._digests(tokens, (len(tokens) - 1) // self.page_size):
+        for key in self.page_keys(tokens, (len(tokens) - 1) // self.page_size):
             if key not in self._prefix:
                 break
             pages.append(self._prefix[key])
@@ -278,7 +279,7 @@ class KVCache:
         """Index row's full pages holding ``tokens`` (written at every layer by a prefill) for
         :meth:`share_prefix`. Decode-written pages are never indexed: with layers skipped their
         K/V differ from what a prefill of the same tokens writes (docs/design.md §10)."""
-        for i, key in enumerate(self._digests(tokens, len(tokens) // self.page_size)):
+        for i, key in enumerate(self.page_keys(tokens, len(tokens) // self.page_size)):
             page = self.table[row][i]
             if page < 0:
                 raise ValueError(f"index_prefix: row {row} holds no page for positions "

@@ -201,11 +201,8 @@ class Engine:
             if not isinstance(schedule, DepthSchedule):
                 raise ValueError(f"schedule must be a DepthSchedule or None, got {schedule!r}")
             schedule.validate(model.config.num_layers)
-        if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1 \
-                or page_size & (page_size - 1):
-            raise ValueError(f"page_size must be a power of two >= 1, got {page_size!r}")
         if num_pages is None:
-            num_pages = max_batch * -(-max_seq_len // page_size)
+            num_pages = max_batch * KVCache.row_pages(max_seq_len, page_size)
         self.model = model
         self.backfill, self.backfill_timing = model.resolve_backfill(backfill, backfill_timing)
         self.schedule = schedule

@@ -8,7 +8,6 @@ from the start (``num_pages=None``); the engine instead allocates pages as its r
 from __future__ import annotations
 
 import hashlib
-import math
 from array import array
 from collections import OrderedDict
 from typing import Iterable
@@ -62,13 +61,9 @@ class KVCache:
 
     def __init__(self, config: LlamaConfig, batch_size: int, seq_len: int, dtype: torch.dtype,
                  device: torch.device, *, page_size: int = 16, num_pages: int | None = None):
-        for name, value, low in (("batch_size", batch_size, 1), ("seq_len", seq_len, 1),
-                                 ("page_size", page_size, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-        if page_size & (page_size - 1):
-            raise ValueError(f"page_size must be a power of two, got {page_size}")
-        per_row = math.ceil(seq_len / page_size)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        per_row = self.row_pages(seq_len, page_size)
         static = num_pages is None
         if static:
             num_pages = batch_size * per_row
@@ -108,6 +103,17 @@ class KVCache:
         self._owed_layers: dict[int, int] = {}
         self._owed_end: dict[int, int] = {}
         self.backfill_bytes = 0
+
+    @staticmethod
+    def row_pages(seq_len: int, page_size: int) -> int:
+        """Pages a row of ``seq_len`` positions takes; ValueError naming the argument when
+        seq_len is not an int >= 1 or page_size not a power of two."""
+        for name, value in (("seq_len", seq_len), ("page_size", page_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if page_size & (page_size - 1):
+            raise ValueError(f"page_size must be a power of two, got {page_size}")
+        return -(-seq_len // page_size)
 
     # ---- shape --------------------------------------------------------------------------------
 

@@ -174,7 +174,7 @@ class TensorParallel:
             self.abort(err)
             raise err from e
 
-    def _gather(self, t: torch.Tensor) -> torch.Tensor:
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
         """[size, *t.shape]: every rank's t (one all-gather into one tensor, stacked on dim 0 as
         gloo and NCCL both take it)."""
         t = t.contiguous()
@@ -201,7 +201,7 @@ class TensorParallel:
         them: each rank offers its best (value, index) and all ranks pick the same winner, the
         lowest index among equal values (torch.argmax's rule on the whole row)."""
         value, index = logits.max(dim=-1)
-        every = self._gather(torch.stack([value.double(),
+        every = self.gather(torch.stack([value.double(),
                                           (index + self.vocab_range[0]).double()], -1))
         best = every[..., 0].max(dim=0).values  # [B]
         # the lowest index among the ranks holding the best value (ranks own ascending slices)
@@ -213,7 +213,7 @@ class TensorParallel:
         padded to the largest slice): for the samplers that need the whole distribution and
         for ``LlamaD3.logits``."""
         pad = self._vocab_max - logits.shape[-1]
-        every = self._gather(torch.nn.functional.pad(logits, (0, pad)))
+        every = self.gather(torch.nn.functional.pad(logits, (0, pad)))
         V = self.config.vocab_size
         return torch.cat([every[r, ..., :(r + 1) * V // self.size - r * V // self.size]
                           for r in range(self.size)], dim=-1)
@@ -230,7 +230,7 @@ class TensorParallel:
         checkpoint) is the same on every rank: one all-gather of its digest, on ``device`` (the
         model's: NCCL takes this rank's GPU)."""
         mine = torch.tensor(list(hashlib.sha256(value.encode()).digest()), dtype=torch.uint8)
-        every = self._gather(mine.to(device))
+        every = self.gather(mine.to(device))
         differ = [r for r in range(self.size) if not torch.equal(every[r], every[0])]
         if differ:
             raise ValueError(f"tensor parallel: ranks {differ} have a different {what} than "

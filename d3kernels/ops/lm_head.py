@@ -21,6 +21,12 @@ however the vocab is tiled. ``seed`` and ``offset`` are read from int64 device t
 kernels, so a captured CUDA graph replays with whatever values they hold: advance the offset
 in place between steps (e.g. ``offset += M * V``) to draw fresh noise at every replay.
 
+Vocab slices (tensor parallelism): ``vocab_start``/``vocab_size`` make a weight of V rows entries
+vocab_start.. of a larger vocabulary, with global indices in keys and noise; ``keys_out`` stops
+after phase 1 with each row's best keys (one, or its top-k), and ``lm_head_select`` runs phase 2
+on every slice's keys side by side: the token the whole weight would give, for the price of
+exchanging max(top_k, 1) int64 per row and rank.
+
 Scratch: the candidates (R x ceil(V / BLOCK_V) x max(top_k, 1) int64, plus the cut-down levels)
 live in a caller's ``scratch`` buffer (``lm_head_scratch``), or come from torch's caching allocator
 when none is given. ``positions`` lets the selection also advance a decode step's positions.
@@ -91,7 +97,7 @@ def _store_top(keys, dst, mask, KP: tl.constexpr):
 @triton.jit
 def _lm_head_tile_kernel(
     x_ptr, nw_ptr, w_ptr, ws_ptr, wo_ptr, rows_ptr, seed_ptr, offset_ptr, logits_ptr, cand_ptr,
-    R, H, V, eps, inv_temp,
+    R, H, V, vocab_start, vocab_size, eps, inv_temp,
     M_BUCKET,  # read only by the autotuner's key
     stride_x, stride_w, stride_ws, stride_l, stride_c,
     HAS_ROWS: tl.constexpr, WRITE_LOGITS: tl.constexpr, NOISE: tl.constexpr,
@@ -100,6 +106,8 @@ def _lm_head_tile_kernel(
 ):
     """Program (vocab tile v, row tile): the KP best keys of each row over the tile at
     cand[r, v*KP : (v+1)*KP], best first; score = logit, or logit/T + Gumbel noise when NOISE.
+    The weight's V rows are vocab entries vocab_start.. of a vocabulary of vocab_size: keys and
+    noise use those global indices (a tensor-parallel rank's slice draws what the whole would).
     The weight (data w, scales ws, offsets wo; WFMT/GROUP: d3kernels/ops/_quant.py) is
     dequantized tile by tile to x's dtype before the dot."""
     pid_v = tl.program_id(0)
@@ -126,10 +134,11 @@ def _lm_head_tile_kernel(
     if WRITE_LOGITS:
         tl.store(logits_ptr + b[:, None] * stride_l + cols[None, :], acc,
                  mask=r_mask[:, None] & c_mask[None, :])
+    g_cols = vocab_start + cols
     if NOISE:
-        noise_base = tl.load(offset_ptr) + b * V
-        acc = acc * inv_temp + _gumbel(tl.load(seed_ptr), noise_base[:, None] + cols[None, :])
-    keys = tl.where(c_mask[None, :], _pack(acc, cols[None, :]), _KEY_MIN)
+        noise_base = tl.load(offset_ptr) + b * vocab_size
+        acc = acc * inv_temp + _gumbel(tl.load(seed_ptr), noise_base[:, None] + g_cols[None, :])
+    keys = tl.where(c_mask[None, :], _pack(acc, g_cols[None, :]), _KEY_MIN)
     _store_top(keys, cand_ptr + r * stride_c + pid_v * KP, r_mask, KP)
 
 
@@ -200,15 +209,22 @@ def lm_head_scratch(rows: int, vocab_size: int, top_k: int | None = None,
                        device=device)
 
 
+def _sample_top_k(temperature: float, top_k: int, vocab_size: int) -> int:
+    """The top-k the kernels sample with: 0 for greedy, plain sampling or top_k >= the whole
+    vocabulary (every token a candidate)."""
+    return top_k if temperature > 0 and 0 < top_k < vocab_size else 0
+
+
 def _launch(x, norm_weight, weight, w_scale, w_offset, group, wfmt, eps, temperature, top_k,
-            seed, offset, rows, logits_out, tokens_out, scratch, positions):
+            seed, offset, rows, logits_out, tokens_out, scratch, positions, vocab_start,
+            vocab_size, keys_out):
     M, H = x.shape
     V = weight.shape[0]
     R = M if rows is None else rows.shape[0]
     if R == 0:
         return
     sample = temperature > 0
-    top_k = top_k if sample and 0 < top_k < V else 0
+    top_k = _sample_top_k(temperature, top_k, vocab_size)
     kp = max(top_k, 1)  # candidates kept per tile and row
     tiles = triton.cdiv(V, BLOCK_V)
     sizes = _scratch_sizes(R, V, top_k)
@@ -224,7 +240,7 @@ def _launch(x, norm_weight, weight, w_scale, w_offset, group, wfmt, eps, tempera
     _lm_head_tile_kernel[grid](
         x, norm_weight, weight, w_scale, w_offset, rows_arg, seed, offset,
         cand if logits_out is None else logits_out, cand,
-        R, H, V, eps, inv_temp, min(triton.next_power_of_2(R), 64),
+        R, H, V, vocab_start, vocab_size, eps, inv_temp, min(triton.next_power_of_2(R), 64),
         x.stride(0), weight.stride(0), w_scale.stride(0),
         0 if logits_out is None else logits_out.stride(0), cand.stride(0),
         HAS_ROWS=rows is not None, WRITE_LOGITS=logits_out is not None,
@@ -232,38 +248,71 @@ def _launch(x, norm_weight, weight, w_scale, w_offset, group, wfmt, eps, tempera
         GROUP=group, KP=kp, BLOCK_V=BLOCK_V,
     )
     n_cand = cand.shape[1]
-    for level in levels[1:]:
+    # the last level (keys_out) cuts each row down to its kp best in one chunk
+    for level in levels[1:] + ((keys_out,) if keys_out is not None else ()):
         chunks = triton.cdiv(n_cand, _CHUNK)
-        out = level.view(R, chunks * kp)
+        out = level.view(R, chunks * kp) if level is not keys_out else keys_out
         _top_candidates_kernel[(R, chunks)](cand, out, n_cand, cand.stride(0), out.stride(0),
-                                           KP=kp, BLOCK=_CHUNK)
+                                           KP=kp, BLOCK=min(_CHUNK, triton.next_power_of_2(
+                                               n_cand)))
         cand, n_cand = out, out.shape[1]
+    if keys_out is None:
+        _select(cand, rows, seed, offset, tokens_out, positions, vocab_size, top_k, inv_temp)
+
+
+def _select(cand, rows, seed, offset, tokens_out, positions, vocab_size, top_k, inv_temp):
+    """Phase 2: each active row's token from its candidate keys cand [R, n] (see _select_kernel;
+    ``seed``/``offset`` placeholders when greedy)."""
+    R, n_cand = cand.shape
+    rows_arg = cand if rows is None else rows
     block = triton.next_power_of_2(n_cand)
     block_r = max(1, min(16, _CHUNK // block))  # rows per program: a block of <= _CHUNK keys
     _select_kernel[(triton.cdiv(R, block_r),)](
         cand, rows_arg, seed, offset, tokens_out, cand if positions is None else positions,
-        R, V, n_cand, top_k, inv_temp, cand.stride(0),
+        R, vocab_size, n_cand, top_k, inv_temp, cand.stride(0),
         HAS_ROWS=rows is not None, TOP_K_SAMPLE=top_k > 0, ADVANCE=positions is not None,
         BLOCK_R=block_r, BLOCK=block,
     )
 
 
 @torch.library.custom_op("d3kernels::lm_head",
-                         mutates_args=("logits_out", "tokens_out", "scratch", "positions"))
+                         mutates_args=("logits_out", "tokens_out", "scratch", "positions",
+                                       "keys_out"))
 def _lm_head_op(x: torch.Tensor, norm_weight: torch.Tensor, weight: torch.Tensor,
                 w_scale: torch.Tensor, w_offset: torch.Tensor, group: int, wfmt: int, eps: float,
                 temperature: float, top_k: int, seed: Optional[torch.Tensor],
                 offset: Optional[torch.Tensor],
                 rows: Optional[torch.Tensor], logits_out: Optional[torch.Tensor],
-                tokens_out: torch.Tensor, scratch: Optional[torch.Tensor],
-                positions: Optional[torch.Tensor]) -> None:
+                tokens_out: Optional[torch.Tensor], scratch: Optional[torch.Tensor],
+                positions: Optional[torch.Tensor], vocab_start: int, vocab_size: int,
+                keys_out: Optional[torch.Tensor]) -> None:
     _launch(x, norm_weight, weight, w_scale, w_offset, group, wfmt, eps, temperature, top_k,
-            seed, offset, rows, logits_out, tokens_out, scratch, positions)
+            seed, offset, rows, logits_out, tokens_out, scratch, positions, vocab_start,
+            vocab_size, keys_out)
 
 
 @_lm_head_op.register_fake
 def _(x, norm_weight, weight, w_scale, w_offset, group, wfmt, eps, temperature, top_k, seed,
-      offset, rows, logits_out, tokens_out, scratch, positions):
+      offset, rows, logits_out, tokens_out, scratch, positions, vocab_start, vocab_size,
+      keys_out):
+    return None
+
+
+@torch.library.custom_op("d3kernels::lm_head_select", mutates_args=("tokens_out", "positions"))
+def _lm_head_select_op(keys: torch.Tensor, vocab_size: int, temperature: float, top_k: int,
+                       seed: Optional[torch.Tensor], offset: Optional[torch.Tensor],
+                       rows: Optional[torch.Tensor], tokens_out: torch.Tensor,
+                       positions: Optional[torch.Tensor]) -> None:
+    if keys.shape[0] == 0:
+        return
+    top_k = _sample_top_k(temperature, top_k, vocab_size)
+    seed, offset = (seed, offset) if temperature > 0 else (keys, keys)
+    _select(keys, rows, seed, offset, tokens_out, positions, vocab_size, top_k,
+            1.0 / temperature if temperature > 0 else 1.0)
+
+
+@_lm_head_select_op.register_fake
+def _(keys, vocab_size, temperature, top_k, seed, offset, rows, tokens_out, positions):
     return None
 
 
@@ -284,7 +333,8 @@ def lm_head(x: torch.Tensor, norm_weight: torch.Tensor, weight: torch.Tensor | Q
             offset=0,
             rows: torch.Tensor | None = None, logits_out: torch.Tensor | None = None,
             tokens_out: torch.Tensor | None = None, scratch: torch.Tensor | None = None,
-            positions: torch.Tensor | None = None) -> torch.Tensor:
+            positions: torch.Tensor | None = None, vocab_start: int = 0,
+            vocab_size: int | None = None, keys_out: torch.Tensor | None = None) -> torch.Tensor:
     """Final RMSNorm + vocab projection + greedy or sampled token, one pass over the vocab.
 
     Args:
@@ -312,10 +362,21 @@ def lm_head(x: torch.Tensor, norm_weight: torch.Tensor, weight: torch.Tensor | Q
             and scratch given a call allocates nothing.
         positions: optional int32 [M]: each processed row's entry is incremented by one once
             its token is chosen (a decode step's position update, folded into the last launch).
+        vocab_start, vocab_size: ``weight``'s V rows are entries vocab_start..vocab_start+V-1
+            of a vocabulary of vocab_size (default: V, from 0), e.g. a tensor-parallel rank's
+            slice. Token ids, keys and the noise counter use those global indices.
+        keys_out: optional int64 [R, lm_head_candidates(temperature, top_k, vocab_size)]: make
+            no choice (tokens_out and positions must be None) but write each active row's
+            candidates, in rows' order: its best key (greedy, or plain sampling, the noise
+            already added) or its top_k best logit keys (top-k sampling; missing ones are the
+            smallest int64). A key is the fp32 score's order-preserving bits in the high word
+            and 0x7FFFFFFF - index in the low one. Every slice's keys side by side, passed to
+            :func:`lm_head_select` with the same sampling arguments, pick the token that
+            ``lm_head`` on the whole weight picks (tensor parallelism exchanges only these).
 
     Returns:
         int64 [M] token ids (``tokens_out`` when given; unprocessed rows of a fresh buffer hold
-        uninitialized values). fp32 logits (fp32 inputs multiply in IEEE fp32 on a GPU too, no
+        uninitialized values), or ``keys_out`` when given. fp32 logits (fp32 inputs multiply in IEEE fp32 on a GPU too, no
         tf32); no [M, V] tensor exists unless ``logits_out`` asks.
     """
     check_tensor("x", x, ndim=2, dtype=FLOAT_DTYPES)
@@ -327,16 +388,26 @@ def lm_head(x: torch.Tensor, norm_weight: torch.Tensor, weight: torch.Tensor | Q
     if V == 0:
         raise ValueError("weight must have at least one vocab row")
     check_eps(eps)
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-            or not temperature >= 0:
-        raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
-                              or not 1 <= top_k <= MAX_TOP_K):
-        raise ValueError(f"top_k must be None or an int in [1, {MAX_TOP_K}], got {top_k!r}")
+    if isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0:
+        raise ValueError(f"vocab_start must be an int >= 0, got {vocab_start!r}")
+    vocab_size = vocab_start + V if vocab_size is None else vocab_size
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) \
+            or not vocab_start + V <= vocab_size < 2 ** 31:
+        raise ValueError(f"vocab_size must be an int in [vocab_start + V, 2**31) = "
+                         f"[{vocab_start + V}, 2**31) (weight has V={V} rows from "
+                         f"vocab_start={vocab_start}), got {vocab_size!r}")
+    _check_sampling(temperature, top_k)
     check_rows(rows, M, dev)
+    R = M if rows is None else rows.numel()
     if logits_out is not None:
         check_tensor("logits_out", logits_out, shape=(M, V), dtype=torch.float32, device=dev)
-    if tokens_out is None:
+    if keys_out is not None:
+        if tokens_out is not None or positions is not None:
+            raise ValueError("keys_out makes no choice: pass neither tokens_out nor positions "
+                             "with it (lm_head_select takes them)")
+        check_tensor("keys_out", keys_out, dtype=torch.int64, device=dev, shape=(
+            R, lm_head_candidates(temperature, top_k, vocab_size)))
+    elif tokens_out is None:
         tokens_out = torch.empty((M,), dtype=torch.int64, device=dev)
     else:
         check_tensor("tokens_out", tokens_out, shape=(M,), dtype=torch.int64, device=dev)
@@ -344,20 +415,94 @@ def lm_head(x: torch.Tensor, norm_weight: torch.Tensor, weight: torch.Tensor | Q
         check_tensor("positions", positions, shape=(M,), dtype=torch.int32, device=dev)
     if scratch is not None:
         check_tensor("scratch", scratch, ndim=1, dtype=torch.int64, device=dev)
-        need = sum(_scratch_sizes(M if rows is None else rows.numel(), V,
-                                  top_k if temperature > 0 and top_k is not None else 0))
+        need = sum(_scratch_sizes(R, V, _sample_top_k(temperature, top_k or 0, vocab_size)))
         if scratch.numel() < need:
             raise ValueError(f"scratch holds {scratch.numel()} elements, this call needs {need} "
                              "(see lm_head_scratch)")
-    if temperature > 0:
-        if seed is None:
-            seed = int(torch.randint(0, 2 ** 62, ()))
-        seed = _scalar_tensor("seed", seed, dev)
-        offset = _scalar_tensor("offset", offset, dev)
-    else:  # greedy reads neither, and must not copy them to the device (graph capture)
-        seed = offset = None
+    seed, offset = _noise_tensors(temperature, seed, offset, dev)
     check_launchable(x)
     _lm_head_op(x, norm_weight, w.data, w.scale, w.offset, w.group, w.wfmt, float(eps),
                 float(temperature), top_k or 0, seed, offset, rows, logits_out, tokens_out,
-                scratch, positions)
+                scratch, positions, vocab_start, vocab_size, keys_out)
+    return tokens_out if keys_out is None else keys_out
+
+
+def lm_head_candidates(temperature: float, top_k: int | None, vocab_size: int) -> int:
+    """How many candidate keys per row ``lm_head(..., keys_out=)`` writes: top_k for top-k
+    sampling below the whole vocabulary, else 1."""
+    return max(_sample_top_k(temperature, top_k or 0, vocab_size), 1)
+
+
+def lm_head_select(keys: torch.Tensor, vocab_size: int, *, temperature: float = 0.0,
+                   top_k: int | None = None, seed=None, offset=0,
+                   rows: torch.Tensor | None = None, tokens_out: torch.Tensor | None = None,
+                   positions: torch.Tensor | None = None) -> torch.Tensor:
+    """The token of each row from candidate keys, as ``lm_head`` would choose on the whole
+    vocabulary: the largest key (greedy, plain sampling), or Gumbel-max over the top_k largest
+    logit keys with the same noise as ``lm_head`` (top-k sampling). One launch.
+
+    Args:
+        keys: int64 [R, n], row r's candidates: every vocab slice's ``lm_head(keys_out=)``
+            side by side (any order), with the same temperature, top_k, seed and offset.
+        vocab_size: the whole vocabulary (the noise counter's row stride).
+        temperature, top_k, seed, offset: as ``lm_head`` (a seed of None draws one from
+            torch's default generator, so tensor-parallel ranks must pass one they share).
+        rows, tokens_out, positions: as ``lm_head``: row r's token goes to
+            tokens_out[rows[r]] (rows None: tokens_out[r]; -1 entries skipped), positions of
+            those rows advance by one. tokens_out: int64 [M], allocated [R] when None.
+
+    Returns ``tokens_out``. Raises ValueError for bad arguments before any launch.
+    """
+    check_tensor("keys", keys, ndim=2, dtype=torch.int64)
+    dev = keys.device
+    R = keys.shape[0]
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) \
+            or not 1 <= vocab_size < 2 ** 31:
+        raise ValueError(f"vocab_size must be an int in [1, 2**31), got {vocab_size!r}")
+    _check_sampling(temperature, top_k)
+    need = lm_head_candidates(temperature, top_k, vocab_size)
+    if keys.shape[1] < need:
+        raise ValueError(f"keys must hold at least {need} candidates per row for this "
+                         f"temperature and top_k, got {keys.shape[1]}")
+    if keys.shape[1] > _CHUNK:
+        raise ValueError(f"keys may hold at most {_CHUNK} candidates per row, got "
+                         f"{keys.shape[1]}")
+    if tokens_out is None:
+        if rows is not None:
+            raise ValueError("rows needs tokens_out (the rows index into it)")
+        tokens_out = torch.empty((R,), dtype=torch.int64, device=dev)
+    else:
+        check_tensor("tokens_out", tokens_out, ndim=1, dtype=torch.int64, device=dev)
+    M = tokens_out.shape[0]
+    check_rows(rows, M, dev)
+    if rows is None and R > M:
+        raise ValueError(f"keys has {R} rows but tokens_out only {M}")
+    if rows is not None and rows.numel() != R:
+        raise ValueError(f"rows must hold one row per keys row ({R}), got {rows.numel()}")
+    if positions is not None:
+        check_tensor("positions", positions, shape=(M,), dtype=torch.int32, device=dev)
+    seed, offset = _noise_tensors(temperature, seed, offset, dev)
+    check_launchable(keys)
+    _lm_head_select_op(keys.contiguous() if keys.stride(1) != 1 else keys, vocab_size,
+                       float(temperature), top_k or 0, seed, offset, rows, tokens_out, positions)
     return tokens_out
+
+
+def _check_sampling(temperature, top_k) -> None:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or not temperature >= 0:
+        raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
+                              or not 1 <= top_k <= MAX_TOP_K):
+        raise ValueError(f"top_k must be None or an int in [1, {MAX_TOP_K}], got {top_k!r}")
+
+
+def _noise_tensors(temperature, seed, offset, dev):
+    """(seed, offset) as int64 [1] device tensors when sampling (None seed: drawn from torch's
+    default generator); (None, None) when greedy, which reads neither and must not copy them to
+    the device (graph capture)."""
+    if not temperature > 0:
+        return None, None
+    if seed is None:
+        seed = int(torch.randint(0, 2 ** 62, ()))
+    return _scalar_tensor("seed", seed, dev), _scalar_tensor("offset", offset, dev)

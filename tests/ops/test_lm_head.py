@@ -6,7 +6,8 @@ import reference
 from d3kernels.ops import lm_head as lm_head_module
 from d3kernels.ops._quant import weight_operand
 from d3kernels.ops._tuning import only_config
-from d3kernels.ops.lm_head import _lm_head_tile_kernel, lm_head, lm_head_scratch
+from d3kernels.ops.lm_head import (_lm_head_tile_kernel, lm_head, lm_head_candidates,
+                                   lm_head_scratch, lm_head_select)
 from d3kernels.quant import QuantizedWeight, quantize
 from tests.ops.conftest import (CUDA, DEVICE, DTYPES, assert_close, gpu, poisoned, rand_quantized,
                                 randn)
@@ -250,6 +251,68 @@ def test_lm_head_scratch_and_positions(monkeypatch, temperature, top_k):
     assert positions.tolist() == [1, 10, 21, 30, 41]
 
 
+@pytest.mark.parametrize("temperature, top_k, fmt", [
+    (0.0, None, None), (0.8, None, None), (0.8, 5, None), (0.8, 40, None), (0.8, 5, "int4")])
+def test_lm_head_vocab_slices_pick_what_the_whole_picks(temperature, top_k, fmt):
+    """Tensor parallelism's LM head: each vocab slice writes its candidate keys (global indices,
+    global noise), the slices' keys side by side go to lm_head_select, and the token is the one
+    lm_head picks on the whole weight: greedy, Gumbel-max, and top-k (a slice of 30 rows is
+    smaller than top_k 40: padded keys). Uneven slices, padded rows; the outputs poisoned."""
+    torch.manual_seed(11)
+    M, H, V = 5, 64, 1000
+    x, norm, w, _ = _inputs_and_ref(M, H, V, torch.float32, fmt, scale=0.3)
+    rows = torch.tensor([4, -1, 0, 2], dtype=torch.int32, device=DEVICE)
+    kw = dict(temperature=temperature, top_k=top_k, seed=21, offset=3 * M * V)
+    poison = -7
+    want = lm_head(x, norm, w, EPS, rows=rows, tokens_out=torch.full(
+        (M,), poison, dtype=torch.int64, device=DEVICE), **kw)
+    width = lm_head_candidates(temperature, top_k, V)
+    assert width == (top_k if temperature > 0 and top_k else 1)
+    keys = [lm_head(x, norm, w[a:b], EPS, rows=rows, vocab_start=a, vocab_size=V,
+                    keys_out=torch.full((4, width), poison, dtype=torch.int64, device=DEVICE),
+                    **kw) for a, b in ((0, 30), (30, 650), (650, V))]
+    tokens = torch.full((M,), poison, dtype=torch.int64, device=DEVICE)
+    positions = torch.arange(M, dtype=torch.int32, device=DEVICE) * 10
+    got = lm_head_select(torch.cat(keys[::-1], dim=1), V, rows=rows, tokens_out=tokens,
+                         positions=positions, **kw)
+    assert got is tokens
+    assert torch.equal(got, want)  # rows 1 and 3 not processed: still poison in both
+    assert got[1].item() == poison and got[0].item() != poison
+    assert positions.tolist() == [1, 10, 21, 30, 41]
+
+
+@pytest.mark.parametrize("change, name", [
+    (dict(vocab_start=-1), "vocab_start"),
+    (dict(vocab_size=49), "vocab_size"),  # the weight's 50 rows do not fit
+    (dict(vocab_start=10, vocab_size=59), "vocab_size"),
+    (dict(keys_out=torch.zeros(2, 2, dtype=torch.int64)), "keys_out"),  # greedy: 1 per row
+    (dict(keys_out=torch.zeros(2, 1, dtype=torch.int64),
+          tokens_out=torch.zeros(2, dtype=torch.int64)), "tokens_out"),
+])
+def test_lm_head_bad_slice_input(change, name):
+    kwargs = dict(x=randn(2, 32), norm_weight=torch.ones(32, device=DEVICE),
+                  weight=randn(50, 32), eps=EPS)
+    kwargs.update({k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v
+                   for k, v in change.items()})
+    with pytest.raises(ValueError, match=name):
+        lm_head(**kwargs)
+
+
+@pytest.mark.parametrize("change, name", [
+    (dict(keys=torch.zeros(2, 3, dtype=torch.int32)), "keys"),
+    (dict(top_k=5, temperature=1.0), "candidates"),  # 3 keys per row, top_k 5 needs 5
+    (dict(vocab_size=0), "vocab_size"),
+    (dict(rows=torch.tensor([0, 1], dtype=torch.int32)), "rows needs tokens_out"),
+    (dict(tokens_out=torch.zeros(1, dtype=torch.int64)), "tokens_out only 1"),
+])
+def test_lm_head_select_bad_input(change, name):
+    kwargs = dict(keys=torch.zeros(2, 3, dtype=torch.int64), vocab_size=50)
+    kwargs.update({k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v
+                   for k, v in change.items()})
+    with pytest.raises(ValueError, match=name):
+        lm_head_select(**kwargs)
+
+
 @pytest.mark.parametrize("change, name", [
     (dict(weight=torch.zeros(50, 31)), "weight"),
     (dict(norm_weight=torch.ones(32, dtype=torch.float16)), "norm_weight"),
@@ -288,8 +351,29 @@ def test_lm_head_opcheck(temperature, top_k, with_logits, fmt):
             torch.empty(2, 300, device=DEVICE) if with_logits else None,
             torch.empty(2, dtype=torch.int64, device=DEVICE),
             lm_head_scratch(1, 300, top_k, DEVICE),
-            torch.zeros(2, dtype=torch.int32, device=DEVICE))
+            torch.zeros(2, dtype=torch.int32, device=DEVICE), 0, 300, None)
     torch.library.opcheck(torch.ops.d3kernels.lm_head.default, args,
+                          test_utils=("test_schema", "test_faketensor",
+                                      "test_aot_dispatch_dynamic"))
+
+
+@pytest.mark.parametrize("temperature, top_k", [(0.0, 0), (1.0, 4)])
+def test_lm_head_keys_and_select_opcheck(temperature, top_k):
+    """The candidate path's two ops (a vocab slice's keys, then the choice) under opcheck."""
+    x, norm, w = _inputs(2, 32, 300, torch.float32)
+    weight = weight_operand("weight", w[100:], (None, 32), torch.float32, DEVICE)
+    one = torch.ones(1, dtype=torch.int64, device=DEVICE)
+    keys = torch.empty(2, max(top_k, 1), dtype=torch.int64, device=DEVICE)
+    args = (x, norm, *weight, EPS, temperature, top_k, one, one, None, None, None, None, None,
+            100, 300, keys)
+    torch.library.opcheck(torch.ops.d3kernels.lm_head.default, args,
+                          test_utils=("test_schema", "test_faketensor",
+                                      "test_aot_dispatch_dynamic"))
+    torch.ops.d3kernels.lm_head.default(*args)
+    args = (keys, 300, temperature, top_k, one, one, None,
+            torch.empty(2, dtype=torch.int64, device=DEVICE),
+            torch.zeros(2, dtype=torch.int32, device=DEVICE))
+    torch.library.opcheck(torch.ops.d3kernels.lm_head_select.default, args,
                           test_utils=("test_schema", "test_faketensor",
                                       "test_aot_dispatch_dynamic"))
 

@@ -1,7 +1,9 @@
 """The first launch of a decode step: token embeddings into the residual, plus the step's
 bookkeeping that would otherwise cost launches of its own.
 
-One program per active row b: ``residual[b] = embed[tokens[r]]``, ``context[b] = pos[b] + 1``
+One program per active row b: ``residual[b] = embed[tokens[r]]`` (with ``vocab_start``, a
+tensor-parallel rank's slice of the table: ``embed[tokens[r] - vocab_start]`` for its own ids,
+zeros for the others, so the ranks' residuals sum to the embedding), ``context[b] = pos[b] + 1``
 (the attention kernels' per-row key count) and, when ``written`` is given, the step's marks
 ``written[l, block_table[b, pos[b] // S], pos[b] % S] = mark[l]`` for every layer l (which
 layers this step fills at that page slot: its kept layers, and the skipped ones too when they
@@ -24,7 +26,7 @@ _BLOCK_H = 1024  # hidden elements copied per loop iteration
 
 @triton.jit
 def _decode_embed_kernel(tok_ptr, emb_ptr, pos_ptr, res_ptr, ctx_ptr, rows_ptr, written_ptr,
-                         mark_ptr, bt_ptr, H, L, T, stride_emb, stride_res, stride_wl, stride_wp,
+                         mark_ptr, bt_ptr, H, L, T, vocab_start, V, stride_emb, stride_res, stride_wl, stride_wp,
                          stride_ml, stride_mb, stride_btb, HAS_ROWS: tl.constexpr,
                          HAS_WRITTEN: tl.constexpr, PAGE_SIZE: tl.constexpr,
                          BLOCK_H: tl.constexpr, BLOCK_L: tl.constexpr):
@@ -35,11 +37,15 @@ def _decode_embed_kernel(tok_ptr, emb_ptr, pos_ptr, res_ptr, ctx_ptr, rows_ptr, 
             return
     else:
         b = r.to(tl.int64)
-    tok = tl.load(tok_ptr + r).to(tl.int64)
+    # the id within this table; outside it (another rank's slice) the row is zeros. Always
+    # inside without a vocab slice: ids are checked on the host.
+    tok = tl.load(tok_ptr + r).to(tl.int64) - vocab_start + tl.zeros((BLOCK_H,), tl.int64)
+    mine = (tok >= 0) & (tok < V)
     for h0 in range(0, H, BLOCK_H):
         h = h0 + tl.arange(0, BLOCK_H)
         tl.store(res_ptr + b * stride_res + h, tl.load(emb_ptr + tok * stride_emb + h,
-                                                       mask=h < H), mask=h < H)
+                                                       mask=(h < H) & mine, other=0.0),
+                 mask=h < H)
     p = tl.load(pos_ptr + b)
     tl.store(ctx_ptr + b, p + 1)
     if HAS_WRITTEN:
@@ -60,7 +66,7 @@ def _decode_embed_kernel(tok_ptr, emb_ptr, pos_ptr, res_ptr, ctx_ptr, rows_ptr, 
 def _decode_embed_op(tokens: torch.Tensor, embed: torch.Tensor, pos: torch.Tensor,
                      residual: torch.Tensor, context: torch.Tensor, rows: Optional[torch.Tensor],
                      written: Optional[torch.Tensor], mark: Optional[torch.Tensor],
-                     block_table: Optional[torch.Tensor]) -> None:
+                     block_table: Optional[torch.Tensor], vocab_start: int) -> None:
     R = tokens.shape[0]
     if R == 0:
         return
@@ -71,7 +77,7 @@ def _decode_embed_op(tokens: torch.Tensor, embed: torch.Tensor, pos: torch.Tenso
         tokens, embed, pos, residual, context, rows if rows is not None else pos, w_arg,
         mark.view(torch.uint8) if has_w else pos, block_table if has_w else pos,
         embed.shape[1], written.shape[0] if has_w else 0,
-        block_table.shape[1] * written.shape[2] if has_w else 0,
+        block_table.shape[1] * written.shape[2] if has_w else 0, vocab_start, embed.shape[0],
         embed.stride(0), residual.stride(0),
         written.stride(0) if has_w else 0, written.stride(1) if has_w else 0,
         mark.stride(0) if has_w else 0, mark.stride(1) if has_w and mark.dim() == 2 else 0,
@@ -84,7 +90,8 @@ def _decode_embed_op(tokens: torch.Tensor, embed: torch.Tensor, pos: torch.Tenso
 
 
 @_decode_embed_op.register_fake
-def _(tokens, embed, pos, residual, context, rows, written, mark, block_table) -> None:
+def _(tokens, embed, pos, residual, context, rows, written, mark, block_table,
+      vocab_start) -> None:
     return None
 
 
@@ -92,7 +99,7 @@ def decode_embed(tokens: torch.Tensor, embed: torch.Tensor, pos: torch.Tensor,
                  residual: torch.Tensor, context: torch.Tensor, *,
                  rows: torch.Tensor | None = None, written: torch.Tensor | None = None,
                  mark: torch.Tensor | None = None,
-                 block_table: torch.Tensor | None = None) -> torch.Tensor:
+                 block_table: torch.Tensor | None = None, vocab_start: int = 0) -> torch.Tensor:
     """Embed a decode step's tokens and do its bookkeeping, in one launch.
 
     Args:
@@ -113,6 +120,10 @@ def decode_embed(tokens: torch.Tensor, embed: torch.Tensor, pos: torch.Tensor,
             being captured): ``written[l, block_table[b, pos[b] // S], pos[b] % S] = mark[l]``
             (or ``mark[l, b]``) for every active row b. A pos[b] outside [0, NP*S) is the
             caller's bug and a -1 page is none: nothing is written for either.
+        vocab_start: ``embed`` holds rows vocab_start..vocab_start+V-1 of a larger table (a
+            tensor-parallel rank's slice): ids in that range take their row, any other id gets
+            zeros (the all-reduce over the ranks completes the embedding). Default 0: the whole
+            table, ids must lie in [0, V).
 
     Returns ``residual``. Allocates nothing (CUDA-graph capturable).
 
@@ -143,6 +154,9 @@ def decode_embed(tokens: torch.Tensor, embed: torch.Tensor, pos: torch.Tensor,
                          device=dev, contiguous=False)
         else:
             check_tensor("mark", mark, shape=(written.shape[0],), dtype=torch.bool, device=dev)
+    if isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0:
+        raise ValueError(f"vocab_start must be an int >= 0, got {vocab_start!r}")
     check_launchable(tokens)
-    _decode_embed_op(tokens, embed, pos, residual, context, rows, written, mark, block_table)
+    _decode_embed_op(tokens, embed, pos, residual, context, rows, written, mark, block_table,
+                     vocab_start)
     return residual

@@ -108,6 +108,35 @@ def test_decode_embed_per_row_marks():
 def _table(*rows):
     return torch.tensor(rows, dtype=torch.int32, device=DEVICE)
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_embed_vocab_slices_sum_to_the_embedding(dtype):
+    """Tensor parallelism: each rank's slice of the table embeds its own ids and zeros the
+    others, so the slices' residuals sum to the whole table's rows (exactly: one nonzero term);
+    the marks and context lengths are written the same by every slice. Uneven slices, and
+    rows= with a padding slot."""
+    M, V, H, T, L, S = 5, 37, 40, 9, 3, 4
+    embed, pos, table, written, mark = _case(M, V, H, T, L, S, dtype, seed=8)
+    rows = torch.tensor([3, -1, 0, 4], dtype=torch.int32, device=DEVICE)
+    tokens = torch.tensor([36, 5, 0, 20], device=DEVICE)  # each slice's edges among them
+    total = torch.zeros(M, H, dtype=torch.float64, device=DEVICE)
+    want_marks = _expect(written, table, pos, [3, 0, 4], mark)
+    for a, b in ((0, 1), (1, 21), (21, V)):
+        residual = poisoned((M, H), dtype)
+        context = torch.full((M,), -7, dtype=torch.int32, device=DEVICE)
+        marks = written.clone()
+        decode_embed(tokens, embed[a:b], pos, residual, context, rows=rows, written=marks,
+                     mark=mark, block_table=table, vocab_start=a)
+        for r, row in enumerate(rows.tolist()):
+            if row >= 0:
+                tok = int(tokens[r])
+                assert torch.equal(residual[row], embed[tok] if a <= tok < b
+                                   else torch.zeros_like(embed[0]))
+                total[row] += residual[row].double()
+        assert residual[[1, 2]].isnan().all()  # not active
+        assert torch.equal(context[[3, 0, 4]], pos[[3, 0, 4]] + 1)
+        assert torch.equal(marks, want_marks)
+    assert torch.equal(total[[3, 0, 4]], embed[tokens[[0, 2, 3]]].double())
+
 
 def test_decode_embed_bad_input():
     """ValueError naming the argument, before any launch: nothing written."""
@@ -126,6 +155,7 @@ def test_decode_embed_bad_input():
         (dict(written=written, mark=mark), "written, mark and block_table go together"),
         (dict(marks, mark=mark[:1]), "mark"),
         (dict(rows=torch.zeros(2, dtype=torch.int32, device=DEVICE)), "rows"),
+        (dict(vocab_start=-1), "vocab_start"),
         (dict(marks, block_table=_table([0, 1], [0, 1], [0, P])),
          rf"block_table: entries must be in \[-1, P={P}\)"),
         (dict(marks, block_table=_table([0, 1], [0, 1], [0, -3])), "block_table: entries"),
@@ -144,7 +174,7 @@ def test_decode_embed_bad_input():
 def test_decode_embed_opcheck():
     embed, pos, table, written, mark = _case(3, 10, 8, 4, 2, 2, torch.float32, seed=2)
     args = (torch.tensor([1, 9, 0], device=DEVICE), embed, pos, torch.empty(3, 8, device=DEVICE),
-            torch.empty(3, dtype=torch.int32, device=DEVICE), None, written, mark, table)
+            torch.empty(3, dtype=torch.int32, device=DEVICE), None, written, mark, table, 0)
     torch.library.opcheck(torch.ops.d3kernels.decode_embed.default, args,
                           test_utils=("test_schema", "test_faketensor",
                                       "test_aot_dispatch_dynamic"))

@@ -72,20 +72,14 @@ def rope_tables(cfg: LlamaConfig, length: int, dtype, device) -> tuple[torch.Ten
     return angles.cos().to(dtype=dtype, device=device), angles.sin().to(dtype=dtype, device=device)
 
 
-def _resolve_backend(backend: str, dtype: torch.dtype, device: torch.device, tp: int = 1) -> str:
-    """'auto' is triton on CUDA and torch elsewhere (and under tensor parallelism); triton needs
-    a GPU or Triton's interpreter, and runs one rank only."""
+def _resolve_backend(backend: str, dtype: torch.dtype, device: torch.device) -> str:
+    """'auto' is triton on CUDA and torch elsewhere; triton needs a GPU or Triton's
+    interpreter."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" and dtype != torch.float64 and tp == 1 \
-            else "torch"
+        return "triton" if device.type == "cuda" and dtype != torch.float64 else "torch"
     if backend == "triton":
-        if tp != 1:
-            raise ValueError(f"backend='triton' does not run tensor-parallel (tp={tp}): its "
-                             f"fused kernels have no all-reduce after O and down, no "
-                             f"vocab-parallel embedding and no candidate-exchanging LM head "
-                             f"yet; use backend='torch'")
         if dtype == torch.float64:
             raise ValueError("backend='triton' runs float32, float16 and bfloat16; use "
                              "backend='torch' for float64")
@@ -195,8 +189,8 @@ class LlamaD3:
     (``from_pretrained`` reads only those). ``config`` is then the rank's own (its heads, KV
     heads and intermediate size: its KV cache holds only its heads), ``full_config`` the
     model's; the weights are the rank's shards, ``embed`` and ``lm_head`` its vocabulary rows
-    ``tp.vocab_range``. Greedy decoding exchanges one candidate per rank and row, sampling
-    all-gathers the logits. torch backend only. A pass that raises on one rank tears the
+    ``tp.vocab_range``. The LM head exchanges candidates, not logits (design.md §11). Both
+    backends (the triton one without CUDA graphs). A pass that raises on one rank tears the
     group down, and the others raise :class:`d3kernels.parallel.TensorParallelError` from
     their next collective.
     """
@@ -221,7 +215,7 @@ class LlamaD3:
             config = self.tp.local_config()
         group_size = _check_quantize(quantize, group_size, config)
         device = torch.device(device)
-        backend = _resolve_backend(backend, dtype, device, tp)
+        backend = _resolve_backend(backend, dtype, device)
         for name, shape in expected.items():
             if name not in weights:
                 raise ValueError(f"checkpoint is missing tensor {name!r} (expected shape "

@@ -30,7 +30,7 @@ from d3kernels.ops.attention import (DecodeWorkspace, attention_decode, attentio
                                      attention_decode_workspace, attention_prefill)
 from d3kernels.ops.decode_embed import decode_embed
 from d3kernels.ops.kv_backfill import kv_backfill
-from d3kernels.ops.lm_head import lm_head, lm_head_scratch
+from d3kernels.ops.lm_head import lm_head, lm_head_candidates, lm_head_scratch, lm_head_select
 from d3kernels.ops.qkv_rope import qkv_rope
 from d3kernels.ops.swiglu import down_residual, swiglu_gate_up
 from d3kernels.sampling import RowSampling, Sampling
@@ -75,7 +75,8 @@ class TritonBackend(Backend):
 
     def __init__(self, model, cuda_graphs: bool):
         self.m = model
-        self.cuda_graphs = cuda_graphs and model.device.type == "cuda"
+        # under TP a step's collectives run between the launches: no graphs (design.md §11)
+        self.cuda_graphs = cuda_graphs and model.device.type == "cuda" and model.tp is None
         self._layer_ids: dict[tuple[int, int], torch.Tensor] = {}
         self._row_ids: dict[int, torch.Tensor] = {}
         self._row_sets: dict[tuple[int, ...], torch.Tensor] = {}
@@ -85,6 +86,8 @@ class TritonBackend(Backend):
         self._graph_stash: torch.Tensor | None = None
         self._pool = None
         self._buffers: dict[tuple[str, int], _StepBuffers] = {}
+        # the first id of this rank's embedding rows (0 without tensor parallelism)
+        self._vocab_start = 0 if model.tp is None else model.tp.vocab_range[0]
 
     # ---- helpers ------------------------------------------------------------------------------
 
@@ -125,10 +128,57 @@ class TritonBackend(Backend):
         residual; residual [M, H] in place. attn [M, Q]; rows: None (all M rows) or int32 [R]:
         only those rows are read and updated; mlp_out: optional [M, I] gate/up buffer."""
         m = self.m
-        down_residual(attn, m.w_o[j], residual, rows=rows)
-        down_residual(swiglu_gate_up(residual, m.w_gate_up[j], rows=rows, out=mlp_out,
-                                     norm_weight=m.mlp_norm[j], eps=m.config.rms_norm_eps),
-                      m.w_down[j], residual, rows=rows)
+        self._down_residual(attn, m.w_o[j], residual, rows=rows)
+        self._down_residual(swiglu_gate_up(residual, m.w_gate_up[j], rows=rows, out=mlp_out,
+                                           norm_weight=m.mlp_norm[j], eps=m.config.rms_norm_eps),
+                            m.w_down[j], residual, rows=rows)
+
+    # ---- tensor parallelism: a step's collectives (design.md §11) ---------------------------
+
+    def _summed(self, residual: torch.Tensor, launch) -> None:
+        """Run ``launch``, which writes or adds this rank's partial sum into ``residual``, and
+        complete the sum over the ranks (tp=1: just launch). Rank 0 carries the residual; the
+        others zero it first, so a row the launch does not touch keeps rank 0's value and the
+        all-reduce of the whole buffer adds only the partials."""
+        tp = self.m.tp
+        if tp is not None and tp.rank:
+            residual.zero_()
+        launch()
+        if tp is not None:
+            tp.all_reduce(residual)
+
+    def _down_residual(self, h: torch.Tensor, w, residual: torch.Tensor, *,
+                       rows: torch.Tensor | None = None, stash: torch.Tensor | None = None,
+                       **stash_args) -> None:
+        """``down_residual`` of a row-parallel projection (O or down): under TP each rank adds
+        its partial product, one all-reduce completes the residual, and the stash copy
+        (``stash``, stash_index, positions, block_table: as down_residual's) is made after it,
+        from the completed residual, with torch."""
+        if self.m.tp is None:
+            down_residual(h, w, residual, rows=rows, stash=stash, **stash_args)
+            return
+        self._summed(residual, lambda: down_residual(h, w, residual, rows=rows))
+        if stash is not None:
+            self._stash_rows(residual, stash, rows=rows, **stash_args)
+
+    @staticmethod
+    def _stash_rows(residual: torch.Tensor, stash: torch.Tensor, *, rows, stash_index,
+                    positions, block_table) -> None:
+        """down_residual's stash copy with torch: residual row b to
+        stash[stash_index[b], block_table[b, p // S], p % S] (p = positions[b]) for the rows
+        (None: all; -1 entries skipped) whose stash_index is >= 0, p inside the table and the
+        page not -1."""
+        M = residual.shape[0]
+        b = torch.arange(M, device=residual.device) if rows is None else rows.long()
+        b = b[b >= 0]
+        b = b[stash_index[b] >= 0]
+        p = positions[b].long()
+        S = stash.shape[2]
+        inside = (p >= 0) & (p < block_table.shape[1] * S)
+        b, p = b[inside], p[inside]
+        page = block_table[b, p // S].long()
+        b, p, page = b[page >= 0], p[page >= 0], page[page >= 0]
+        stash[stash_index[b].long(), page, p % S] = residual[b]
 
     @staticmethod
     def _fused(sampling: Sampling) -> bool:
@@ -149,19 +199,43 @@ class TritonBackend(Backend):
         fp32 logits and ``sampling(logits)`` chooses with torch. seed, offset: the Philox seed
         and noise offset of a fused draw (ints, or device tensors inside a CUDA graph).
         buffers: ``lm_head``'s tokens_out, scratch and positions (a decode step's).
+
+        Under TP the rank's head holds the vocab slice ``tp.vocab_range``: a fused choice writes
+        each row's candidate keys (one, or its top-k; global indices and noise), one all-gather
+        exchanges them and ``lm_head_select`` picks the same token on every rank, the one tp=1
+        picks (an unseeded draw first takes rank 0's seed). A torch choice all-gathers the logits
+        and takes rank 0's token.
         """
-        m = self.m
+        m, tp = self.m, self.m.tp
         per_row = isinstance(sampling, RowSampling)
+        V = m.config.vocab_size
         if not (sampling.temperature == 0 if per_row else self._fused(sampling)):
-            logits = torch.empty(x.shape[0], m.config.vocab_size, device=x.device)
+            logits = torch.empty(x.shape[0], m.lm_head.shape[0], device=x.device)
             lm_head(x, m.final_norm, m.lm_head, m.config.rms_norm_eps, rows=rows,
                     logits_out=logits, **buffers)
-            return sampling(logits if rows is None else logits.index_select(0, rows))
-        tokens = lm_head(x, m.final_norm, m.lm_head, m.config.rms_norm_eps,
-                         temperature=sampling.temperature,
-                         top_k=None if per_row else sampling.top_k, seed=seed, offset=offset,
-                         rows=rows, **buffers)
-        return tokens
+            logits = logits if rows is None else logits.index_select(0, rows)
+            if tp is None:
+                return sampling(logits)
+            return tp.broadcast(sampling(tp.gather_logits(logits)))
+        choice = dict(temperature=sampling.temperature, offset=offset,
+                      top_k=None if per_row else sampling.top_k)
+        if tp is None:
+            return lm_head(x, m.final_norm, m.lm_head, m.config.rms_norm_eps, seed=seed,
+                           rows=rows, **choice, **buffers)
+        if sampling.temperature > 0 and seed is None:  # every rank must draw the same noise
+            seed = tp.broadcast(torch.randint(0, 2 ** 62, (1,), device=x.device))
+        R = x.shape[0] if rows is None else rows.shape[0]
+        keys = torch.empty(R, lm_head_candidates(sampling.temperature, choice["top_k"], V),
+                           dtype=torch.int64, device=x.device)
+        lm_head(x, m.final_norm, m.lm_head, m.config.rms_norm_eps, seed=seed, rows=rows,
+                scratch=buffers.get("scratch"), vocab_start=tp.vocab_range[0], vocab_size=V,
+                keys_out=keys, **choice)
+        every = tp.gather(keys)  # [size, R, width]
+        tokens = buffers.get("tokens_out")
+        return lm_head_select(every.transpose(0, 1).contiguous().view(R, -1), V, seed=seed, rows=rows,
+                              tokens_out=torch.empty(x.shape[0], dtype=torch.int64,
+                                                     device=x.device) if tokens is None
+                              else tokens, positions=buffers.get("positions"), **choice)
 
     def _next_offset(self, sampling: Sampling, rows: int) -> int:
         """Noise offset for this draw; each draw consumes rows * vocab counters."""
@@ -207,7 +281,7 @@ class TritonBackend(Backend):
         start = torch.tensor([0] * B if start is None else start, dtype=torch.int32,
                              device=m.device)
         lens = torch.tensor(lengths, dtype=torch.int32, device=m.device)
-        residual = m.embed[ids.reshape(-1)]  # [B*T, H], updated in place layer by layer
+        residual = m._torch.embed(ids.reshape(-1))  # [B*T, H], updated in place per layer
         for j in range(cfg.num_layers):
             k_cache, v_cache = cache.k[j], cache.v[j]
             q = qkv_rope(residual.view(B, T, -1), m.w_qkv[j], m.rope_cos, m.rope_sin, start,
@@ -297,8 +371,9 @@ class TritonBackend(Backend):
         B = bufs.tokens.shape[0]
         res, pos = bufs.residual, bufs.pos
         table = cache.block_table[:B]
-        decode_embed(bufs.tokens, m.embed, pos, res, bufs.context, written=cache.written,
-                     mark=mark, block_table=table)
+        self._summed(res, lambda: decode_embed(
+            bufs.tokens, m.embed, pos, res, bufs.context, written=cache.written, mark=mark,
+            block_table=table, vocab_start=self._vocab_start))
         runs = () if mask else skipped_runs(kept, cfg.num_layers)
         stash_after: dict[int, torch.Tensor] = {}  # kept layer -> stash ordinal of its output
         if deferred:
@@ -328,14 +403,14 @@ class TritonBackend(Backend):
             attention_decode(bufs.q[:, 0], k_cache, v_cache, table, bufs.context,
                              valid=cache.written[j] if mask else None, out=bufs.attn,
                              workspace=bufs.workspace)
-            down_residual(bufs.attn.view(B, cfg.q_size), m.w_o[j], res)
+            self._down_residual(bufs.attn.view(B, cfg.q_size), m.w_o[j], res)
             swiglu_gate_up(res, m.w_gate_up[j], out=bufs.mlp, norm_weight=m.mlp_norm[j],
                            eps=cfg.rms_norm_eps)
             ordinal = stash_after.get(j)
             stash = None if ordinal is None else cache.stash
-            down_residual(bufs.mlp, m.w_down[j], res, stash=stash, stash_index=ordinal,
-                          positions=None if stash is None else pos,
-                          block_table=None if stash is None else table)
+            self._down_residual(bufs.mlp, m.w_down[j], res, stash=stash, stash_index=ordinal,
+                                positions=None if stash is None else pos,
+                                block_table=None if stash is None else table)
         while run is not None:
             backfill(run)
             run = next(runs, None)
@@ -466,8 +541,9 @@ class TritonBackend(Backend):
         res, pos, table = bufs.residual, bufs.pos, bufs.table
         running = table[2 * L + 1]
         pages = cache.block_table
-        decode_embed(bufs.tokens, m.embed, pos, res, bufs.context, rows=running,
-                     written=cache.written, mark=bufs.marks, block_table=pages)
+        self._summed(res, lambda: decode_embed(
+            bufs.tokens, m.embed, pos, res, bufs.context, rows=running, written=cache.written,
+            mark=bufs.marks, block_table=pages, vocab_start=self._vocab_start))
         for s, requests in (head_stash or {}).items():  # the embedding enters these runs
             idx = running[requests].long()
             cache.flat(cache.stash)[s].index_put_((cache.slots(idx, pos[idx].long()),),
@@ -495,14 +571,14 @@ class TritonBackend(Backend):
                              rows=idx,
                              valid=cache.written[j] if mode == "mask" else None, out=bufs.attn,
                              workspace=bufs.workspace)
-            down_residual(bufs.attn.view(n, cfg.q_size), m.w_o[j], res, rows=idx)
+            self._down_residual(bufs.attn.view(n, cfg.q_size), m.w_o[j], res, rows=idx)
             swiglu_gate_up(res, m.w_gate_up[j], rows=idx, out=bufs.mlp,
                            norm_weight=m.mlp_norm[j], eps=cfg.rms_norm_eps)
-            down_residual(bufs.mlp, m.w_down[j], res, rows=idx,
-                          stash=cache.stash if deferred else None,
-                          stash_index=table[L + 1 + j] if deferred else None,
-                          positions=pos if deferred else None,
-                          block_table=pages if deferred else None)
+            self._down_residual(bufs.mlp, m.w_down[j], res, rows=idx,
+                                stash=cache.stash if deferred else None,
+                                stash_index=table[L + 1 + j] if deferred else None,
+                                positions=pos if deferred else None,
+                                block_table=pages if deferred else None)
         fused = (sampling.temperature == 0 if isinstance(sampling, RowSampling)
                  else self._fused(sampling))
         if fused:

@@ -483,7 +483,7 @@ def lm_head_select(keys: torch.Tensor, vocab_size: int, *, temperature: float = 
         check_tensor("positions", positions, shape=(M,), dtype=torch.int32, device=dev)
     seed, offset = _noise_tensors(temperature, seed, offset, dev)
     check_launchable(keys)
-    _lm_head_select_op(keys.contiguous() if keys.stride(1) != 1 else keys, vocab_size,
+    _lm_head_select_op(keys, vocab_size,
                        float(temperature), top_k or 0, seed, offset, rows, tokens_out, positions)
     return tokens_out
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole GPU check in one device call, at most 8 minutes (CHECK_SECONDS) from a cold machine:
+# The whole GPU check in one device call, at most 8.5 minutes (CHECK_SECONDS) from a cold machine:
 #
 #     bash perf/gpu_check.sh        # repo root, on the GPU machine; results under $OUT (perf/out)
 #
@@ -32,6 +32,8 @@
 #             No transformers row (~15 s more): `python -m perf.gpu_report` alone has it.
 #   backfill  python -m perf.backfill_timing: ~20 s
 #   engine    python -m perf.engine_bench: ~25 s
+#   tp        python -m perf.tp_one_rank: tp=1 in a one-rank NCCL group against no group
+#             (llama-3.2-1b shapes, bf16, D3KERNELS_AUTOTUNE=0): ~25 s
 # D3_CHECK_STAGES="ops report" runs only those (a rerun within the same session).
 #
 # Under $OUT (the device tool brings back at most 8 files, 16 MiB each):
@@ -50,8 +52,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 # SETUP: probes and cache unpacking; GRACE: SIGINT to KILL; FINAL: winners count, cache packing.
-CHECK_SECONDS=480 SETUP=10 GRACE=10 FINAL=25
-STAGES=(tests:140 ops-warm:45 ops:110 report:95 backfill:20 engine:25)  # sum: 435 s
+CHECK_SECONDS=510 SETUP=10 GRACE=10 FINAL=25
+STAGES=(tests:140 ops-warm:45 ops:110 report:95 backfill:20 engine:25 tp:30)  # sum: 465 s
 total=$((SETUP + GRACE + FINAL)); for spec in "${STAGES[@]}"; do total=$((total + ${spec#*:})); done
 [ "$total" -le "$CHECK_SECONDS" ] || { echo "stage budgets add up to $total s > $CHECK_SECONDS s"; exit 1; }
 OUT=${OUT:-perf/out}
@@ -101,7 +103,7 @@ write_summary() {
       echo; echo "## tests"; echo
       grep -E "^(FAILED|ERROR) " "$WORK/tests.log" | head -30
       grep -E "(passed|failed|error).* in [0-9.]+s" "$WORK/tests.log" | tail -1; fi
-    for f in ops_bench gpu_report backfill_timing engine; do
+    for f in ops_bench gpu_report backfill_timing engine tp_one_rank; do
       if [ -f "$WORK/$f.md" ]; then echo; echo "## $f"; echo; cat "$WORK/$f.md"; fi; done
   } > "$OUT/summary.md.tmp"
   mv -f "$OUT/summary.md.tmp" "$OUT/summary.md"
@@ -177,6 +179,8 @@ stage backfill env D3KERNELS_TUNED_OUT="$TUNED_OUT" python3 -m perf.backfill_tim
 stage engine env D3KERNELS_TUNED_OUT="$TUNED_OUT" python3 -m perf.engine_bench \
   --preset llama-2-7b --device cuda --dtype bfloat16 --backends triton torch --requests 12 \
   --new-tokens 16 48 --min-free 1 --out "$WORK"
+
+stage tp env D3KERNELS_AUTOTUNE=0 python3 -m perf.tp_one_rank --out "$WORK"
 
 # Winners: how many this run added to what was shipped (plain json: no torch import to wait for).
 if [ -n "$SLUG" ] && [ -f "$TUNED_OUT/$SLUG.json" ]; then

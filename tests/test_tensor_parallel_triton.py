@@ -5,9 +5,9 @@ harness). The step's collectives sit between the launches: the embedding's all-r
 residual, the stash copy after the sum), and the LM head's candidate keys.
 
 float32 (the interpreter runs no float64): tokens must equal the tp=1 triton model's token for
-token — greedy (deferred and eager propagate, mask), fused Gumbel-max and top-k sampling, which
-exchange only keys (gather_logits raises there), nucleus sampling on gathered logits, a chat
-and the engine — and the KV cache gathered from the ranks must equal tp=1's.
+token — greedy (deferred and eager propagate, mask, streamed), fused Gumbel-max and top-k
+sampling, which exchange only keys (gather_logits raises there), nucleus sampling on gathered
+logits, a chat and the engine — and the KV cache gathered from the ranks must equal tp=1's.
 """
 from __future__ import annotations
 
@@ -41,6 +41,8 @@ def _everything(model: LlamaD3) -> dict:
     g = model.generate(PROMPTS, 8, SCHED, stop_tokens=(), flush_backfill=True)
     out["generate"], out["depths"] = g.tokens, g.depths
     out["cache"] = _cache(model.cache)
+    out["stream"] = [(e.row, e.token, e.index, e.depth)  # streaming: tokens as they come
+                     for e in model.stream(PROMPTS, 5, SCHED, stop_tokens=())]
     out["eager"] = model.generate(PROMPTS, 6, SCHED, stop_tokens=(),
                                   backfill_timing="eager").tokens
     out["mask"] = model.generate(PROMPTS, 6, UPPER, stop_tokens=(), backfill="mask").tokens

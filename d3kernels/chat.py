@@ -183,8 +183,8 @@ class Conversation:
             self._cache = KVCache(m.config, 1, self.max_seq_len, m.dtype, m.device)
         # Every other argument (ids in the vocabulary, max_new_tokens) is checked here.
         plan = _plan(m, [prefill], max_new_tokens, self.schedule, *self._sampling_args,
-                     self.stop_tokens, self._cache, [past], self.backfill, self.backfill_timing)
-        plan.sampling = self._sampling  # one random stream across turns
+                     self.stop_tokens, self._cache, [past], self.backfill, self.backfill_timing,
+                     sampling=self._sampling)  # one random stream across turns
         if rebuild:  # slots 0.. are overwritten: until this turn ends, nothing is cached
             self.cached_ids, self.pending = [], []
         run = _run(m, plan)

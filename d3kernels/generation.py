@@ -88,8 +88,10 @@ def right_padded(prompts: list[list[int]]) -> torch.Tensor:
 
 def _plan(model, prompts, max_new_tokens, schedule, temperature, top_k, top_p, seed,
           stop_tokens, cache=None, past_lengths=None, backfill=None, backfill_timing=None,
-          flush_backfill=False) -> _Plan:
-    """Validate every argument before any work, so bad input changes nothing."""
+          flush_backfill=False, sampling: Sampling | None = None) -> _Plan:
+    """Validate every argument before any work, so bad input changes nothing. sampling: a
+    sampler already bound to the model (a conversation's, one random stream across turns)
+    instead of a new one; binding comes last, as under tensor parallel it is a collective."""
     token_lists = _as_token_lists(model, prompts)
     backfill, backfill_timing = model.resolve_backfill(backfill, backfill_timing)
     if not isinstance(flush_backfill, bool):
@@ -130,7 +132,7 @@ def _plan(model, prompts, max_new_tokens, schedule, temperature, top_k, top_p, s
     if not isinstance(schedule, DepthSchedule):
         raise ValueError(f"schedule must be a DepthSchedule or None, got {schedule!r}")
     schedule.validate(model.config.num_layers)
-    sampling = Sampling(temperature, top_k, top_p, seed).on(model.device)
+    unbound = Sampling(temperature, top_k, top_p, seed)
     if stop_tokens is None:
         stop_tokens = (model.tokenizer.stop_token_ids if model.tokenizer is not None
                        else model.config.eos_token_ids)
@@ -138,6 +140,8 @@ def _plan(model, prompts, max_new_tokens, schedule, temperature, top_k, top_p, s
     if not all(isinstance(t, int) and 0 <= t < model.config.vocab_size for t in stop_tokens):
         raise ValueError(f"stop_tokens must be token ids in [0, {model.config.vocab_size}), "
                          f"got {sorted(stop_tokens)}")
+    if sampling is None:
+        sampling = unbound.on(model.device, model.tp)
     return _Plan(token_lists, max_new_tokens, schedule, sampling, stop_tokens, cache,
                  past_lengths, backfill, backfill_timing, flush_backfill)
 

@@ -10,7 +10,8 @@ CPUs), rank r holding:
   down (a skipped layer runs neither);
 - embedding and LM head vocab-parallel: rows ``vocab_range`` of each (the split need not be
   even). The embedding looks up its own rows (zeros elsewhere) and all-reduces; the LM head
-  picks the next token without gathering the logits (:meth:`TensorParallel.argmax`);
+  picks the next token without gathering the logits (:meth:`TensorParallel.argmax`, and
+  :meth:`TensorParallel.sample` for temperature and top-k sampling; top-p gathers them);
 - norms whole (they are small and every rank needs them).
 
 KV heads: with ``num_kv_heads % size == 0`` each rank holds kv_heads/size of them; with
@@ -35,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from d3kernels.config import LlamaConfig
+from d3kernels.sampling import RowSampling, Sampling, gumbel, top_k_mask
 
 # HF weight name suffix -> (what it is split by, the dim split): "heads", "kv_heads",
 # "intermediate" and "vocab" ranges; dim 0 is column-parallel (output rows), 1 row-parallel.
@@ -207,6 +209,79 @@ class TensorParallel:
         # the lowest index among the ranks holding the best value (ranks own ascending slices)
         index = torch.where(every[..., 0] == best, every[..., 1], float("inf")).min(dim=0).values
         return index.long()
+
+    def sample(self, logits: torch.Tensor, sampling: Sampling | RowSampling) -> torch.Tensor:
+        """The token [B] (long) ``sampling`` (a Sampling, or a RowSampling: one per row) draws
+        from vocab-parallel logits [B, V_r] (float), the same on every rank and the same as
+        ``sampling`` on the whole logits at tp=1, provided the ranks' generators are in the
+        same state (bind samplers with ``Sampling.on(device, tp)``; an unbound sampling row is
+        refused with a ValueError, since each rank would draw its own noise).
+
+        Every rank draws the same whole [rows, V] Gumbel noise that tp=1 draws, and takes its
+        slice. Temperature (and greedy rows of a RowSampling) offer each rank's best
+        (score, index) per row; top-k offers each rank's top_k (logit, index) pairs per row
+        (its slice's members of the global top_k are among them). One all-gather of those
+        16-byte candidates (padded to the most candidates any row offers); every rank then
+        keeps each row's top_k candidates by logit (ties: smaller index) and picks the best
+        score = logit / temperature + noise[index] (ties: smaller index), tp=1's rule. Top-p
+        needs the whole sorted distribution: any row with a nucleus makes the whole batch
+        all-gather the logits and sample them with the shared generators (no broadcast).
+        """
+        groups = ([(slice(r, r + 1), s) for r, s in enumerate(sampling.samplings)]
+                  if isinstance(sampling, RowSampling) else [(slice(None), sampling)])
+        unbound = [r for r, (_, s) in enumerate(groups) if s.temperature > 0
+                   and s.generator is None]
+        if unbound:
+            which = f"rows {unbound} have" if len(groups) > 1 else "the sampler has"
+            raise ValueError(f"sampling: under tensor parallel every rank must draw the same "
+                             f"noise, but {which} no generator: bind samplers with "
+                             f"Sampling.on(model.device, model.tp), as generate, chat and "
+                             f"Engine.submit do")
+        if any(s.temperature > 0 and s.top_p is not None and s.top_p < 1 for _, s in groups):
+            return sampling(self.gather_logits(logits))
+        dev, V = logits.device, self.config.vocab_size
+        a, b = self.vocab_range
+        noise, top_ks, keys, row_k = [], [], [], []
+        for rows, s in groups:  # in row order: each generator draws as it does at tp=1
+            x = logits[rows]
+            g = None if s.temperature == 0 else gumbel(s.generator, x.shape[0], V, x.dtype, dev)
+            top_k = s.top_k if g is not None and s.top_k is not None and s.top_k < V else None
+            # top-k rows rank by logit; the others by their final score (greedy: the logit)
+            keys.append(x if g is None or top_k else x / s.temperature + g[:, a:b])
+            noise.append(g)
+            top_ks.append(top_k)
+            row_k += [top_k or 1] * x.shape[0]
+        key = torch.cat(keys)
+        B, n = key.shape[0], max(row_k)  # n: candidates per rank and row, alike on every rank
+        c = min(n, b - a)
+        local = torch.arange(b - a, device=dev)
+        mine = torch.where(top_k_mask(key, c), local, b - a).topk(c, largest=False).values
+        offer = torch.stack([key.gather(1, mine).double(), (mine + a).double()], -1)
+        pad = torch.tensor([float("-inf"), V], dtype=torch.float64, device=dev)
+        offer = torch.cat([offer, pad.expand(B, n - c, 2)], dim=1)  # index V: never kept
+        every = self.gather(offer).transpose(0, 1).reshape(B, self.size * n, 2)
+        every = every.gather(1, every[..., 1].argsort(-1)[..., None].expand(-1, -1, 2))
+        cand, index = every.unbind(-1)  # [B, size * n], in index order
+        # each row keeps its k best candidates by key, ties to the smaller index (stable sort)
+        best_first = cand.sort(dim=-1, descending=True, stable=True).indices
+        ranked = torch.arange(cand.shape[1], device=dev) < torch.tensor(row_k, device=dev)[:, None]
+        keep = torch.zeros_like(ranked).scatter(1, best_first, ranked)
+        at = index.long().clamp(max=V - 1)
+        score = torch.cat([  # top-k: tp=1's logits / temperature + noise, element by element
+            cand[rows] if top_k is None else
+            (cand[rows].to(logits.dtype) / s.temperature + g.gather(1, at[rows])).double()
+            for (rows, s), g, top_k in zip(groups, noise, top_ks)])
+        best = score.masked_fill(~keep, float("-inf")).argmax(-1, keepdim=True)  # smaller index
+        return index.gather(1, best)[:, 0].long()
+
+    def shared_seed(self, device: torch.device) -> int:
+        """A random seed, the same on every rank: rank 0 draws it from torch's default
+        generator (so torch.manual_seed on rank 0 repeats it) and broadcasts it from ``device``
+        (the model's: NCCL takes this rank's GPU). A collective: every rank calls it at the
+        same point."""
+        seed = (torch.randint(2 ** 62, (1,)) if self.rank == 0
+                else torch.zeros(1, dtype=torch.long))
+        return int(self.broadcast(seed.to(device)).item())
 
     def gather_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """The whole logits [..., V] from every rank's vocab slice [..., V_r] (all-gather,

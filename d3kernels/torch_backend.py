@@ -109,15 +109,16 @@ class TorchBackend(Backend):
 
     def pick(self, sampling: Sampling | RowSampling, x: torch.Tensor) -> torch.Tensor:
         """The next token [B] (long) after hidden states x [B, H]. Under TP the same on every
-        rank: greedy exchanges one (value, index) candidate per rank and row, never the logits;
-        sampling all-gathers the logits, samples, and takes rank 0's draw (a sampler without a
-        seed draws from each rank's own generator)."""
+        rank, and tp=1's: greedy, temperature and top-k sampling exchange a few (value, index)
+        candidates per rank and row, never the logits (TensorParallel.argmax and .sample);
+        top-p all-gathers the logits and every rank samples them with the same generator
+        state (samplers bound with ``Sampling.on(device, tp)``), so no broadcast is needed."""
         tp = self.m.tp
         if tp is None:
             return sampling(self._head(x))
         if sampling.temperature == 0:
             return tp.argmax(self._head(x))
-        return tp.broadcast(sampling(self.head(x)))
+        return tp.sample(self._head(x), sampling)
 
     def _kv(self, layers: slice | torch.Tensor, states: torch.Tensor):
         """K (before RoPE) and V of ``layers`` (a slice, or a long tensor of n layers) from

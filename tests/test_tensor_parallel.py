@@ -5,10 +5,12 @@ same calls and save what they got; the parent compares it with the single-proces
 D³ tokens must equal tp=1's token for token (generate over ragged batches, propagate and mask,
 seeded sampling, a 3-turn chat, the engine with mixed requests), the KV cache gathered from the
 ranks' heads must equal the single-process cache, bad tp values must fail before any work, and a
-rank that raises inside a step must bring every rank down with a clear error, quickly.
+rank that raises inside a step must bring every rank down with a clear error, quickly. Sampling
+with temperature and top-k never gathers the logits, and unseeded samplers agree across ranks.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -85,10 +87,31 @@ def _cache(c) -> dict:
 ALL = ("logits", "mask", "sampled", "chat_propagate", "chat_mask", "engine")
 
 
+@contextlib.contextmanager
+def _logits_never_gathered(model: LlamaD3):
+    """Under TP, any all-gather of the logits inside the block raises (and brings the ranks
+    down): temperature and top-k sampling must exchange candidates only."""
+    if model.tp is None:
+        yield
+        return
+
+    def refuse(logits):
+        raise AssertionError(f"gather_logits called with logits {list(logits.shape)}")
+
+    model.tp.gather_logits = refuse
+    try:
+        yield
+    finally:
+        del model.tp.gather_logits
+
+
 def _everything(model: LlamaD3, parts: tuple[str, ...] = ALL) -> dict:
     """What every rank (and the single-process model) computes: a ragged D³ generate and its
-    flushed cache, then ``parts`` of ALL; compared key by key."""
+    flushed cache, then ``parts`` of ALL; compared key by key. Keys starting "unseeded" (tp > 1
+    only) hold unseeded samplers' tokens, compared between the ranks."""
     out = {}
+    if model.tp is not None:  # the ranks' own random streams differ: only an agreed seed helps
+        torch.manual_seed(1000 + model.tp.rank)
     g = model.generate(PROMPTS, 10, SCHED, stop_tokens=(), flush_backfill=True)
     out["generate"], out["depths"] = g.tokens, g.depths
     out["cache"] = _cache(model.cache)
@@ -99,6 +122,14 @@ def _everything(model: LlamaD3, parts: tuple[str, ...] = ALL) -> dict:
     if "sampled" in parts:
         out["sampled"] = model.generate(PROMPTS, 8, SCHED, stop_tokens=(), temperature=0.9,
                                         top_k=50, top_p=0.9, seed=11).tokens
+        with _logits_never_gathered(model):
+            for key, options in (("temperature", dict(temperature=0.8, seed=12)),
+                                 ("top_k", dict(temperature=1.2, top_k=30, seed=13))):
+                out[f"sampled_{key}"] = model.generate(PROMPTS, 6, SCHED, stop_tokens=(),
+                                                       **options).tokens
+            if model.tp is not None:
+                out["unseeded"] = model.generate(PROMPTS, 4, SCHED, stop_tokens=(),
+                                                 temperature=1.0, top_k=40).tokens
     for mode in ("propagate", "mask"):
         if f"chat_{mode}" not in parts:
             continue
@@ -112,8 +143,13 @@ def _everything(model: LlamaD3, parts: tuple[str, ...] = ALL) -> dict:
     reqs = [engine.submit(p, n, s) for p, n, s in
             zip(PROMPTS + TURNS, (6, 9, 4, 7, 5, 8), (SCHED, UPPER, None) * 2)]
     reqs.append(engine.submit(PROMPTS[0], 6, SCHED, temperature=0.7, seed=5))
-    list(engine.run())
+    reqs.append(engine.submit(TURNS[0], 7, UPPER, temperature=1.1, top_k=25, seed=6))
+    unseeded = engine.submit(PROMPTS[1], 5, SCHED, temperature=1.0)
+    with _logits_never_gathered(model):
+        list(engine.run())
     out["engine"] = [r.tokens for r in reqs]
+    if model.tp is not None:
+        out["unseeded_engine"] = unseeded.tokens
     return out
 
 
@@ -149,6 +185,9 @@ def _tol(t: torch.Tensor) -> float:
 
 
 def _compare(ranks: list[dict], single: dict, kv_heads: int) -> None:
+    for key in ranks[0]:
+        if key.startswith("unseeded"):
+            assert all(got[key] == ranks[0][key] for got in ranks), f"{key}: ranks differ"
     for key, want in single.items():
         for r, got in enumerate(ranks):
             if key == "logits":

@@ -22,7 +22,8 @@ import torch.multiprocessing as mp
 
 from d3kernels import DepthSchedule, Engine, LlamaD3
 from d3kernels.config import LlamaConfig
-from d3kernels.parallel import TensorParallelError, init_gloo
+from d3kernels.parallel import TensorParallel, TensorParallelError, init_gloo
+from d3kernels.sampling import RowSampling, Sampling
 from tests.ops.conftest import TOL, rel_err
 from tests.test_calibrate import tiny64, tiny_dir  # noqa: F401 (the CLI's checkpoint)
 
@@ -239,6 +240,65 @@ def test_smollm2_tp3_equals_tp1(smollm2_gguf_path, tmp_path):
                                                     parts), 3)
     q4 = LlamaD3.from_pretrained(gguf, dtype=torch.float64, backend="torch", max_seq_len=128)
     _compare([r["q4"] for r in ranks], _everything(q4, ()), 3)
+
+
+def _sample_on_ranks(logits: torch.Tensor, sampler, size: int) -> list[torch.Tensor]:
+    """TensorParallel.sample on each of ``size`` ranks' vocab slices of logits [B, V], in one
+    process: a first pass collects every rank's offer (stopping at its all-gather), a second
+    answers each rank's all-gather with them all. sampler() makes a freshly seeded sampler."""
+    cfg = TP_CONFIG.replace(vocab_size=logits.shape[1])
+    ranks = [TensorParallel(cfg, size, r) for r in range(size)]
+    offers = []
+
+    class Offered(Exception):
+        pass
+
+    def collect(t):
+        offers.append(t)
+        raise Offered
+
+    for tp in ranks:
+        tp.gather = collect
+        with pytest.raises(Offered):
+            tp.sample(logits[:, slice(*tp.vocab_range)], sampler())
+        tp.gather = lambda t: torch.stack(offers)
+    return [tp.sample(logits[:, slice(*tp.vocab_range)], sampler()) for tp in ranks]
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_candidate_exchange_picks_tp1s_token_through_ties(size):
+    """Integer logits on an uneven vocabulary of 23 tie often, at the top and at the k-th
+    value: every rank's pick equals sample() on the whole logits (tp=1), for temperature,
+    top-k (k = 1, past a rank's slice, >= V) and a RowSampling mixing them with greedy rows."""
+    cpu = torch.device("cpu")
+
+    def bound(t, k=None, seed=0):
+        return lambda: Sampling(t, k, seed=seed).on(cpu)
+
+    def rows(seed):
+        return lambda: RowSampling([Sampling(0.8, seed=seed).on(cpu), Sampling(),
+                                    Sampling(1.5, 5, seed=seed + 1).on(cpu),
+                                    Sampling(0.6, 30, seed=seed + 2).on(cpu), Sampling()])
+
+    for seed in range(12):
+        logits = torch.randint(0, 4, (5, 23), generator=torch.Generator().manual_seed(seed))
+        logits = logits.float()
+        for sampler in (bound(0.7, None, seed), bound(1.0, 1, seed), bound(0.9, 3, seed),
+                        bound(1.3, 10, seed), bound(0.5, 23, seed), rows(seed)):
+            want = sampler()(logits)
+            for r, got in enumerate(_sample_on_ranks(logits, sampler, size)):
+                assert torch.equal(got, want), f"seed {seed}, rank {r}: {got} != {want}"
+
+
+def test_an_unbound_sampler_is_refused_under_tp():
+    """Each rank would draw its own noise: refused before any collective."""
+    tp = TensorParallel(TP_CONFIG, 2, 0)
+    logits = torch.zeros(2, tp.vocab_range[1])
+    with pytest.raises(ValueError, match=r"the sampler has no generator: bind samplers with "
+                                         r"Sampling.on\(model.device, model.tp\)"):
+        tp.sample(logits, Sampling(0.7))
+    with pytest.raises(ValueError, match=r"rows \[1\] have no generator"):
+        tp.sample(logits, RowSampling([Sampling(), Sampling(0.7, top_k=3)]))
 
 
 def test_tp_without_process_group_is_refused():

@@ -203,8 +203,8 @@ class TritonBackend(Backend):
         Under TP the rank's head holds the vocab slice ``tp.vocab_range``: a fused choice writes
         each row's candidate keys (one, or its top-k; global indices and noise), one all-gather
         exchanges them and ``lm_head_select`` picks the same token on every rank, the one tp=1
-        picks (an unseeded draw first takes rank 0's seed). A torch choice all-gathers the logits
-        and takes rank 0's token.
+        picks (an unseeded draw first takes rank 0's seed). A torch choice goes through
+        ``TensorParallel.sample`` on the rank's logits (candidates too, except for top-p).
         """
         m, tp = self.m, self.m.tp
         per_row = isinstance(sampling, RowSampling)
@@ -214,9 +214,7 @@ class TritonBackend(Backend):
             lm_head(x, m.final_norm, m.lm_head, m.config.rms_norm_eps, rows=rows,
                     logits_out=logits, **buffers)
             logits = logits if rows is None else logits.index_select(0, rows)
-            if tp is None:
-                return sampling(logits)
-            return tp.broadcast(sampling(tp.gather_logits(logits)))
+            return sampling(logits) if tp is None else tp.sample(logits, sampling)
         choice = dict(temperature=sampling.temperature, offset=offset,
                       top_k=None if per_row else sampling.top_k)
         if tp is None:
@@ -230,12 +228,12 @@ class TritonBackend(Backend):
         lm_head(x, m.final_norm, m.lm_head, m.config.rms_norm_eps, seed=seed, rows=rows,
                 scratch=buffers.get("scratch"), vocab_start=tp.vocab_range[0], vocab_size=V,
                 keys_out=keys, **choice)
-        every = tp.gather(keys)  # [size, R, width]
+        every = tp.gather(keys).transpose(0, 1).contiguous().view(R, -1)  # the ranks' keys
         tokens = buffers.get("tokens_out")
-        return lm_head_select(every.transpose(0, 1).contiguous().view(R, -1), V, seed=seed, rows=rows,
-                              tokens_out=torch.empty(x.shape[0], dtype=torch.int64,
-                                                     device=x.device) if tokens is None
-                              else tokens, positions=buffers.get("positions"), **choice)
+        if tokens is None:
+            tokens = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
+        return lm_head_select(every, V, seed=seed, rows=rows, tokens_out=tokens,
+                              positions=buffers.get("positions"), **choice)
 
     def _next_offset(self, sampling: Sampling, rows: int) -> int:
         """Noise offset for this draw; each draw consumes rows * vocab counters."""

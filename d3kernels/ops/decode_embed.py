@@ -26,8 +26,9 @@ _BLOCK_H = 1024  # hidden elements copied per loop iteration
 
 @triton.jit
 def _decode_embed_kernel(tok_ptr, emb_ptr, pos_ptr, res_ptr, ctx_ptr, rows_ptr, written_ptr,
-                         mark_ptr, bt_ptr, H, L, T, vocab_start, V, stride_emb, stride_res, stride_wl, stride_wp,
-                         stride_ml, stride_mb, stride_btb, HAS_ROWS: tl.constexpr,
+                         mark_ptr, bt_ptr, H, L, T, vocab_start, V, stride_emb, stride_res,
+                         stride_wl, stride_wp, stride_ml, stride_mb, stride_btb,
+                         HAS_ROWS: tl.constexpr,
                          HAS_WRITTEN: tl.constexpr, PAGE_SIZE: tl.constexpr,
                          BLOCK_H: tl.constexpr, BLOCK_L: tl.constexpr):
     r = tl.program_id(0)

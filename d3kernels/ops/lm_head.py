@@ -376,8 +376,9 @@ def lm_head(x: torch.Tensor, norm_weight: torch.Tensor, weight: torch.Tensor | Q
 
     Returns:
         int64 [M] token ids (``tokens_out`` when given; unprocessed rows of a fresh buffer hold
-        uninitialized values), or ``keys_out`` when given. fp32 logits (fp32 inputs multiply in IEEE fp32 on a GPU too, no
-        tf32); no [M, V] tensor exists unless ``logits_out`` asks.
+        uninitialized values), or ``keys_out`` when given. fp32 logits (fp32 inputs multiply
+        in IEEE fp32 on a GPU too, no tf32); no [M, V] tensor exists unless ``logits_out``
+        asks.
     """
     check_tensor("x", x, ndim=2, dtype=FLOAT_DTYPES)
     M, H = x.shape

@@ -4,8 +4,10 @@
 
 Spawns ``--tp`` gloo ranks on this machine, each holding its shard of a random-weight model of
 the preset's shapes (float32, torch backend), and decodes one prompt greedily at full depth and
-with D³ (α 0.98, head 4, tail 2, lower: the paper's setting), one after the other in the same
-run. Every collective a decode step makes is timed on rank 0 (wall clock around the call, so it
+with D³ (α 0.98, head 4, tail 2, lower: the paper's setting), then with D³ and sampling:
+temperature + top-k (the LM head exchanges k candidates per rank) and temperature + top-p (the
+nucleus needs the whole distribution: the logits are all-gathered), one after the other in the
+same run. Every collective a decode step makes is timed on rank 0 (wall clock around the call, so it
 includes waiting for the slower rank) and its payload counted (all-reduce: the tensor; the LM
 head's candidate all-gather: what this rank sends). Prints one markdown table: per decode step,
 collectives, bytes, time in collectives and step time, and their ratio.
@@ -24,6 +26,9 @@ from d3kernels.parallel import init_gloo
 
 D3 = DepthSchedule(alpha=0.98, head=4, tail=2, order="lower")
 PROMPT = list(range(1, 33))  # 32 token ids
+RUNS = [("full depth", None, {}), ("D³ α 0.98", D3, {}),
+        ("D³ α 0.98, T 0.8, top-k 50", D3, dict(temperature=0.8, top_k=50, seed=1)),
+        ("D³ α 0.98, T 0.8, top-p 0.9", D3, dict(temperature=0.8, top_p=0.9, seed=1))]
 
 
 class _Meter:
@@ -66,9 +71,9 @@ def _rank(rank: int, size: int, port: int, args, results) -> None:
                            max_seq_len=256)
     model.generate([PROMPT], 4, D3, stop_tokens=())  # warm-up
     rows = []
-    for name, schedule in (("full depth", None), ("D³ α 0.98", D3)):
+    for name, schedule, sampling in RUNS:
         meter = _Meter(model)
-        out = model.generate([PROMPT], args.max_new_tokens, schedule, stop_tokens=())
+        out = model.generate([PROMPT], args.max_new_tokens, schedule, stop_tokens=(), **sampling)
         n = meter.steps
         rows.append((name, sum(out.depths[0][1:]) / n, meter.calls / n, meter.bytes / n,
                      meter.coll_s / n * 1e3, meter.step_s / n * 1e3))
@@ -94,7 +99,8 @@ def main() -> None:
                        start_method="spawn")
     rows = results.get()
     print(f"tp={args.tp} gloo on CPU, {args.preset} shapes, float32, batch 1, prompt "
-          f"{len(PROMPT)}, {args.max_new_tokens} tokens, {args.threads} thread(s) per rank; "
+          f"{len(PROMPT)}, {args.max_new_tokens} tokens (greedy unless named), {args.threads} "
+          f"thread(s) per rank; "
           f"per decode step on rank 0:\n")
     print("| run | mean depth | collectives | bytes sent | ms in collectives | ms per step "
           "| share |")

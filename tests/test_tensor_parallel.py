@@ -3,9 +3,10 @@ own process group (torch.multiprocessing, a deadline, every process reaped) whos
 same calls and save what they got; the parent compares it with the single-process model.
 
 D³ tokens must equal tp=1's token for token (generate over ragged batches, propagate and mask,
-seeded sampling, a 3-turn chat, the engine with mixed requests), the KV cache gathered from the
-ranks' heads must equal the single-process cache, bad tp values must fail before any work, and a
-rank that raises inside a step must bring every rank down with a clear error, quickly. Sampling
+seeded sampling, a 3-turn chat, the engine with mixed requests on a pool small enough to preempt
+and share prefixes), the KV cache gathered from the ranks' heads must equal the single-process
+cache, bad tp values must fail before any work, and a rank that raises inside a step must bring
+every rank down with a clear error, quickly. Sampling
 with temperature and top-k never gathers the logits, and unseeded samplers agree across ranks.
 """
 from __future__ import annotations
@@ -140,7 +141,9 @@ def _everything(model: LlamaD3, parts: tuple[str, ...] = ALL) -> dict:
         out[f"chat_cache_{mode}"] = _cache(conv._cache)
     if "engine" not in parts:
         return out
-    engine = Engine(model, max_batch=2, max_seq_len=48, stop_tokens=(), page_size=4)
+    # a pool of 5 pages of 4: requests are preempted and recomputed, prompts share pages
+    engine = Engine(model, max_batch=2, max_seq_len=48, stop_tokens=(), page_size=4,
+                    num_pages=5)
     reqs = [engine.submit(p, n, s) for p, n, s in
             zip(PROMPTS + TURNS, (6, 9, 4, 7, 5, 8), (SCHED, UPPER, None) * 2)]
     reqs.append(engine.submit(PROMPTS[0], 6, SCHED, temperature=0.7, seed=5))
@@ -149,6 +152,9 @@ def _everything(model: LlamaD3, parts: tuple[str, ...] = ALL) -> dict:
     with _logits_never_gathered(model):
         list(engine.run())
     out["engine"] = [r.tokens for r in reqs]
+    stats = engine.stats
+    out["engine_stats"] = (stats.preemptions, stats.recomputed_tokens, stats.shared_prefix_tokens)
+    assert stats.preemptions > 0 and stats.shared_prefix_tokens > 0
     if model.tp is not None:
         out["unseeded_engine"] = unseeded.tokens
     return out

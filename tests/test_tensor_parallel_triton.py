@@ -7,7 +7,8 @@ residual, the stash copy after the sum), and the LM head's candidate keys.
 float32 (the interpreter runs no float64): tokens must equal the tp=1 triton model's token for
 token — greedy (deferred and eager propagate, mask, streamed), fused Gumbel-max and top-k
 sampling, which exchange only keys (gather_logits raises there), nucleus sampling on gathered
-logits, a chat and the engine — and the KV cache gathered from the ranks must equal tp=1's.
+logits, a chat and the engine on a pool that preempts — and the KV cache gathered from the
+ranks must equal tp=1's.
 """
 from __future__ import annotations
 
@@ -59,12 +60,17 @@ def _everything(model: LlamaD3) -> dict:
                                   top_p=0.8, seed=13).tokens
     conv = model.chat(schedule=SCHED, stop_tokens=(), max_seq_len=MAX_LEN)
     out["chat"] = [conv.send_tokens(t, 5).tokens[0] for t in TURNS[:2]]
-    engine = Engine(model, max_batch=2, max_seq_len=32, stop_tokens=(), page_size=4)
+    # 4 pages of 4: a request is preempted and recomputed, a prompt page is shared
+    engine = Engine(model, max_batch=2, max_seq_len=32, stop_tokens=(), page_size=4,
+                    num_pages=4)
     reqs = [engine.submit(p, n, s) for p, n, s in
             zip(PROMPTS, (6, 5, 4), (SCHED, UPPER, None))]
     reqs.append(engine.submit(PROMPTS[0], 5, SCHED, temperature=0.7, seed=5))
     list(engine.run())
     out["engine"] = [r.tokens for r in reqs]
+    stats = engine.stats
+    out["engine_stats"] = (stats.preemptions, stats.recomputed_tokens, stats.shared_prefix_tokens)
+    assert stats.preemptions > 0 and stats.shared_prefix_tokens > 0
     return out
 
 

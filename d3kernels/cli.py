@@ -120,11 +120,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     o.add_argument("--top-k", type=int, default=None)
     o.add_argument("--top-p", type=float, default=None)
     o.add_argument("--seed", type=int, default=None)
+    _add_tp_args(p, "rank 0 prints")
+
+
+def _add_tp_args(p: argparse.ArgumentParser, who: str) -> None:
     t = p.add_argument_group("tensor parallel (design.md §11)")
     t.add_argument("--tp", type=int, default=1,
                    help="split the model over this many ranks: run under `torchrun "
                         "--nproc-per-node N`; NCCL with --device cuda (each rank on its local "
-                        "GPU), gloo otherwise; rank 0 prints (default: %(default)s)")
+                        f"GPU), gloo otherwise; {who} (default: %(default)s)")
 
 
 def _schedule(args) -> DepthSchedule:
@@ -260,11 +264,7 @@ def _read_line(model: LlamaD3) -> str | None:
         except EOFError:
             pass
     if model.tp is not None:
-        import torch.distributed as dist
-
-        box = [line]
-        dist.broadcast_object_list(box, src=0, group=model.tp.group)
-        line = box[0]
+        line = model.tp.broadcast_objects([line])[0]
     return line
 
 
@@ -536,7 +536,7 @@ def cmd_serve(args) -> int:
     print(f"d3kernels serve: {name} on http://{args.host}:{args.port}/v1 ({args.max_batch} rows "
           f"of {max_seq_len} tokens, {pages} KV pages of {args.page_size}; default schedule "
           f"{'full depth' if schedule.is_full_depth else json.dumps(schedule.to_dict())})",
-          file=sys.stderr, flush=True)
+          file=args.log, flush=True)
     run(model, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout,
         model_name=name, max_batch=args.max_batch, max_seq_len=max_seq_len,
         schedule=None if schedule.is_full_depth else schedule, max_queue=args.max_queue,
@@ -571,6 +571,7 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     h.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds SIGTERM waits for running replies before cancelling them "
                         "(default: %(default)s)")
+    _add_tp_args(p, "rank 0 serves HTTP and the others step with it")
 
 
 def build_parser() -> argparse.ArgumentParser:

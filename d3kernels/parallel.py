@@ -296,9 +296,19 @@ class TensorParallel:
     def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
         """Rank ``src``'s t on every rank, in place (group rank; the world's for the default
         group); returns t."""
-        self._run(dist.broadcast, t, src=dist.get_global_rank(self.group, src)
-                  if self.group is not None else src)
+        self._run(dist.broadcast, t, src=self._global_rank(src))
         return t
+
+    def broadcast_objects(self, objects: list, src: int = 0) -> list:
+        """Rank ``src``'s picklable objects on every rank: ``objects`` (a list of as many
+        entries on every rank) is filled in place with src's; returns it. For host-side
+        decisions one rank makes (a chat's next line, a server's engine operations)."""
+        self._run(dist.broadcast_object_list, objects, src=self._global_rank(src))
+        return objects
+
+    def _global_rank(self, src: int) -> int:
+        """The world rank of group rank ``src`` (what torch.distributed's src= takes)."""
+        return dist.get_global_rank(self.group, src) if self.group is not None else src
 
     def check_same(self, what: str, value: str, device: torch.device) -> None:
         """Raise ValueError on every rank unless ``value`` (a description, e.g. of the

@@ -17,6 +17,14 @@ and runs its steps; the asyncio event loop of the HTTP server only exchanges mes
 client never stalls a step and a step never stalls the HTTP layer. Text is decoded and stop
 strings are matched on the engine thread, so a stop string ends its request (and frees its
 row) at the step that completed it.
+
+Tensor parallel (``model.tp``, design.md §11): every rank runs :func:`run`. Rank 0 serves
+HTTP; the other ranks run :func:`follow`, an engine with the same options and no server. Before
+each step (and every half second while idle) rank 0's engine thread broadcasts the engine
+operations it made since the last one (submits, with an unseeded sampler's seed drawn there,
+and cancels) and whether to step; the followers replay them and step with it, so every rank's
+engine makes the same passes and collectives. A failed collective ends the server: every open
+request gets a 500, and ``/health`` reports the engine thread stopped.
 """
 from __future__ import annotations
 
@@ -25,6 +33,8 @@ import dataclasses
 import json
 import logging
 import queue
+import random
+import signal
 import threading
 import time
 import uuid
@@ -37,6 +47,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from d3kernels.engine import Engine, Request
+from d3kernels.parallel import TensorParallelError
 from d3kernels.schedule import DepthSchedule
 
 log = logging.getLogger("d3kernels.serve")
@@ -191,6 +202,8 @@ class EngineThread:
     def __init__(self, engine: Engine):
         self.engine = engine
         self.tokenizer = engine.model.tokenizer
+        self._tp = engine.model.tp
+        self._ops: list[tuple] = []  # under TP: engine operations not yet sent to the followers
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._jobs: dict[int, Job] = {}  # engine request id -> job
         self._stopping = False
@@ -219,6 +232,23 @@ class EngineThread:
     # -- engine thread only --
 
     def _loop(self) -> None:
+        try:
+            self._serve()
+        except TensorParallelError as err:  # a follower is gone: nothing can step any more
+            log.error("tensor-parallel serving stopped: %s", err)
+            self._stopping = True
+            for job in list(self._jobs.values()):
+                self._fail(job, f"the tensor-parallel group failed: {err}")
+            while True:  # commands already queued: their requests fail too
+                try:
+                    _, job = self._commands.get_nowait()
+                except queue.Empty:
+                    break
+                if job is not None and not job.finished:
+                    job.finished = True
+                    job.post("error", 500, f"the tensor-parallel group failed: {err}")
+
+    def _serve(self) -> None:
         while not self._stopping:
             # idle: wait for a command; busy: take what came in since the last step
             block = self.engine.idle
@@ -235,31 +265,54 @@ class EngineThread:
                         job.finished = True
                         job.post("error", 500, f"{type(err).__name__}: {err}")
                 block = False
-            if not self.engine.idle and not self._stopping:
+            step = not self.engine.idle and not self._stopping
+            self._sync("step" if step else "idle")
+            if step:
                 self._step()
             self.snapshot = self._snapshot()
+        self._sync("stop")
+
+    def _sync(self, action: str) -> None:
+        """Under TP: send the followers the engine operations since the last sync and what to
+        do next ("step", "idle" or "stop"); one broadcast (nothing without TP)."""
+        if self._tp is None:
+            return
+        box = [self._ops, action]
+        self._ops = []
+        self._tp.broadcast_objects(box)
+
+    def _cancel(self, request: Request) -> None:
+        self.engine.cancel(request)
+        if self._tp is not None:
+            self._ops.append(("cancel", request.id))
 
     def _apply(self, cmd: str, job: Job | None) -> None:
         e = self.engine
         if cmd == "submit":
+            sampling = job.sampling
+            if self._tp is not None and sampling["temperature"] > 0 and sampling["seed"] is None:
+                # drawn here and sent with the submit: binding it makes no collective
+                sampling = sampling | {"seed": random.getrandbits(62)}
             try:
-                job.request = e.submit(job.ids, job.max_tokens, job.schedule, **job.sampling,
+                job.request = e.submit(job.ids, job.max_tokens, job.schedule, **sampling,
                                        stop_tokens=None)
             except ValueError as err:
                 job.finished = True
                 job.post("error", 400, str(err))
                 return
+            if self._tp is not None:
+                self._ops.append(("submit", job.ids, job.max_tokens, job.schedule, sampling))
             job.decoder = self.tokenizer.stream_decoder()
             self._jobs[job.request.id] = job
             job.post("accepted")
         elif cmd == "cancel":
             if job.request is not None and not job.finished:
-                e.cancel(job.request)
+                self._cancel(job.request)
                 self._done(job, "cancelled")
         elif cmd == "stop":
             self._stopping = True
             for j in list(self._jobs.values()):
-                e.cancel(j.request)
+                self._cancel(j.request)
                 self._done(j, "cancelled")
 
     def _step(self) -> None:
@@ -271,8 +324,13 @@ class EngineThread:
         touched = running + (e.waiting[:e.free_slots] if admits else [])
         try:
             events = e.step()
+        except TensorParallelError:
+            raise  # the group is gone: _loop ends the server
         except Exception as err:  # noqa: BLE001 - any engine fault fails its requests only
             log.exception("engine step failed; failing %d requests", len(touched))
+            if self._tp is not None:  # the guard has torn the group down: the server ends
+                raise TensorParallelError(f"rank 0's engine step failed: "
+                                          f"{type(err).__name__}: {err}") from err
             for req in touched:
                 e.cancel(req)
                 if req.id in self._jobs:
@@ -288,7 +346,7 @@ class EngineThread:
                 self._take(job, ev.token)
             except Exception as err:  # noqa: BLE001 - e.g. the tokenizer: this job only
                 log.exception("decoding request %d failed", ev.row)
-                e.cancel(job.request)
+                self._cancel(job.request)
                 self._fail(job, f"{type(err).__name__}: {err}")
 
     def _fail(self, job: Job, message: str) -> None:
@@ -304,7 +362,7 @@ class EngineThread:
             job.text += job.decoder.flush()
         if self._emit(job):
             if not job.request.done:
-                self.engine.cancel(job.request)
+                self._cancel(job.request)
             self._done(job, "stop")
         elif job.request.done:
             self._done(job, job.request.finish_reason)
@@ -392,6 +450,9 @@ def create_app(model, *, model_name: str = "d3kernels", max_batch: int = 8,
         raise ValueError(f"model_name must be a non-empty string, got {model_name!r}")
     if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1:
         raise ValueError(f"max_queue must be an int >= 1, got {max_queue!r}")
+    if model.tp is not None and model.tp.rank != 0:
+        raise ValueError(f"model: under tensor parallel rank 0 serves and rank "
+                         f"{model.tp.rank} follows: call run() (or follow()) on every rank")
     engine = Engine(model, max_batch=max_batch, max_seq_len=max_seq_len, schedule=schedule,
                     min_free=min_free, page_size=page_size, num_pages=num_pages)
     worker = EngineThread(engine)
@@ -647,14 +708,53 @@ class BackgroundServer:
         self._sock.close()
 
 
+def follow(model, *, max_batch: int = 8, max_seq_len: int | None = None,
+           schedule: DepthSchedule | None = None, min_free: int = 1, page_size: int = 16,
+           num_pages: int | None = None, **_server_options) -> None:
+    """A tensor-parallel rank other than 0 of a server: an Engine with ``create_app``'s engine
+    options (the same as rank 0's; the server's own options are ignored) replays rank 0's
+    engine operations and steps with it (module doc) until rank 0 stops. SIGINT and SIGTERM
+    are ignored here (when called from the main thread): rank 0 shuts the server down and
+    tells the followers. Raises TensorParallelError if rank 0 goes away without that."""
+    tp = model.tp
+    if tp is None or tp.rank == 0:
+        raise ValueError("model: follow() is for the ranks other than 0 of a tensor-parallel "
+                         "model; rank 0 serves (create_app / run)")
+    engine = Engine(model, max_batch=max_batch, max_seq_len=max_seq_len, schedule=schedule,
+                    min_free=min_free, page_size=page_size, num_pages=num_pages)
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+    requests: dict[int, Request] = {}
+    while True:
+        ops, action = tp.broadcast_objects([None, None])
+        for op in ops:
+            if op[0] == "submit":
+                ids, max_tokens, sched, sampling = op[1:]
+                req = engine.submit(ids, max_tokens, sched, **sampling, stop_tokens=None)
+                requests[req.id] = req
+            else:
+                engine.cancel(requests.pop(op[1]))
+        if action == "stop":
+            return
+        if action == "step":
+            engine.step()
+            for rid in [rid for rid, req in requests.items() if req.done]:
+                del requests[rid]
+
+
 def run(model, *, host: str = "127.0.0.1", port: int = 8000, shutdown_timeout: float = 30.0,
         log_level: str = "info", **app_options) -> None:
     """Serve ``model`` with uvicorn until SIGINT/SIGTERM (``create_app``'s options apply).
 
     On a signal uvicorn stops accepting connections and waits up to ``shutdown_timeout``
     seconds for the open ones (running requests finish their replies); then it cancels what
-    is left and the engine thread cancels their requests and stops.
+    is left and the engine thread cancels their requests and stops. Under tensor parallel
+    every rank calls it with the same options: rank 0 serves, the others :func:`follow`.
     """
+    if model.tp is not None and model.tp.rank != 0:
+        follow(model, **app_options)
+        return
     import uvicorn
 
     app = create_app(model, **app_options)

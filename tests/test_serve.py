@@ -37,10 +37,11 @@ TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|i
             "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def tiny_chat_model(seed: int = 7) -> LlamaD3:
+def tiny_chat_model(seed: int = 7, tp: int = 1) -> LlamaD3:
     """The tiny preset (vocab 512) in float32 on the torch backend, with a tokenizer: the 256
-    byte symbols, <|im_start|> and <|im_end|> (EOS) and user-defined ``<uN>`` up to 512."""
-    model = LlamaD3.random("tiny", dtype=torch.float32, seed=seed, backend="torch")
+    byte symbols, <|im_start|> and <|im_end|> (EOS) and user-defined ``<uN>`` up to 512.
+    tp: split over that many ranks of the current process group."""
+    model = LlamaD3.random("tiny", dtype=torch.float32, seed=seed, backend="torch", tp=tp)
     n = model.config.vocab_size
     # alphabet() comes in a different order each call: sorted, every instance (the server's
     # and the tests' reference) encodes alike

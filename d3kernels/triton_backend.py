@@ -148,37 +148,35 @@ class TritonBackend(Backend):
             tp.all_reduce(residual)
 
     def _down_residual(self, h: torch.Tensor, w, residual: torch.Tensor, *,
-                       rows: torch.Tensor | None = None, stash: torch.Tensor | None = None,
-                       **stash_args) -> None:
-        """``down_residual`` of a row-parallel projection (O or down): under TP each rank adds
-        its partial product, one all-reduce completes the residual, and the stash copy
-        (``stash``, stash_index, positions, block_table: as down_residual's) is made after it,
-        from the completed residual, with torch."""
+                       rows: torch.Tensor | None = None, cache: KVCache | None = None,
+                       stash_index: torch.Tensor | None = None, positions=None,
+                       block_table=None) -> None:
+        """``down_residual`` of a row-parallel projection (O or down), with the deferred stash
+        copy when ``cache`` is given (stash_index, positions, block_table: down_residual's;
+        residual row b is cache row b). Under TP each rank adds its partial product, one
+        all-reduce completes the residual, and the stash copy is made after it, from the
+        completed residual, with torch (:meth:`_stash_rows`)."""
+        stash = None if cache is None else cache.stash
         if self.m.tp is None:
-            down_residual(h, w, residual, rows=rows, stash=stash, **stash_args)
+            down_residual(h, w, residual, rows=rows, stash=stash, stash_index=stash_index,
+                          positions=positions, block_table=block_table)
             return
         self._summed(residual, lambda: down_residual(h, w, residual, rows=rows))
         if stash is not None:
-            self._stash_rows(residual, stash, rows=rows, **stash_args)
+            self._stash_rows(cache, residual, rows, stash_index, positions)
 
     @staticmethod
-    def _stash_rows(residual: torch.Tensor, stash: torch.Tensor, *, rows, stash_index,
-                    positions, block_table) -> None:
-        """down_residual's stash copy with torch: residual row b to
-        stash[stash_index[b], block_table[b, p // S], p % S] (p = positions[b]) for the rows
-        (None: all; -1 entries skipped) whose stash_index is >= 0, p inside the table and the
-        page not -1."""
-        M = residual.shape[0]
-        b = torch.arange(M, device=residual.device) if rows is None else rows.long()
+    def _stash_rows(cache: KVCache, residual: torch.Tensor, rows: torch.Tensor | None,
+                    stash_index: torch.Tensor, positions: torch.Tensor) -> None:
+        """down_residual's stash copy with torch: residual row b (cache row b) to stash run
+        stash_index[b] at its slot positions[b], for the rows (None: all; -1 entries skipped)
+        whose stash_index is >= 0. The pass has reserved those slots' pages."""
+        b = torch.arange(residual.shape[0], device=residual.device) if rows is None \
+            else rows.long()
         b = b[b >= 0]
         b = b[stash_index[b] >= 0]
-        p = positions[b].long()
-        S = stash.shape[2]
-        inside = (p >= 0) & (p < block_table.shape[1] * S)
-        b, p = b[inside], p[inside]
-        page = block_table[b, p // S].long()
-        b, p, page = b[page >= 0], p[page >= 0], page[page >= 0]
-        stash[stash_index[b].long(), page, p % S] = residual[b]
+        cache.flat(cache.stash)[stash_index[b].long(), cache.slots(b, positions[b].long())] = \
+            residual[b]
 
     @staticmethod
     def _fused(sampling: Sampling) -> bool:
@@ -405,10 +403,10 @@ class TritonBackend(Backend):
             swiglu_gate_up(res, m.w_gate_up[j], out=bufs.mlp, norm_weight=m.mlp_norm[j],
                            eps=cfg.rms_norm_eps)
             ordinal = stash_after.get(j)
-            stash = None if ordinal is None else cache.stash
-            self._down_residual(bufs.mlp, m.w_down[j], res, stash=stash, stash_index=ordinal,
-                                positions=None if stash is None else pos,
-                                block_table=None if stash is None else table)
+            stashing = ordinal is not None
+            self._down_residual(bufs.mlp, m.w_down[j], res, cache=cache if stashing else None,
+                                stash_index=ordinal, positions=pos if stashing else None,
+                                block_table=table if stashing else None)
         while run is not None:
             backfill(run)
             run = next(runs, None)
@@ -573,7 +571,7 @@ class TritonBackend(Backend):
             swiglu_gate_up(res, m.w_gate_up[j], rows=idx, out=bufs.mlp,
                            norm_weight=m.mlp_norm[j], eps=cfg.rms_norm_eps)
             self._down_residual(bufs.mlp, m.w_down[j], res, rows=idx,
-                                stash=cache.stash if deferred else None,
+                                cache=cache if deferred else None,
                                 stash_index=table[L + 1 + j] if deferred else None,
                                 positions=pos if deferred else None,
                                 block_table=pages if deferred else None)

@@ -397,6 +397,19 @@ def test_models_health_and_metrics(live):
 
 # ---- shutdown ---------------------------------------------------------------------------------
 
+def wait_healthy(proc: subprocess.Popen, url: str, timeout: float) -> None:
+    """Until the server process ``proc`` answers /health with 200; fails (with its output) if
+    it exits or ``timeout`` seconds pass first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.1)
+
+
 SERVER = """
 import sys
 from d3kernels.serve import run
@@ -414,14 +427,7 @@ def test_sigterm_finishes_running_requests_and_exits():
                             env=os.environ | {"PYTHONPATH": str(ROOT)},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+        wait_healthy(proc, url, 60)
         body = {"model": NAME, "prompt": "go", "max_tokens": 200, "temperature": 0,
                 "stream": True, "d3": False}
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as r:

@@ -24,7 +24,7 @@ from d3kernels import DepthSchedule  # noqa: E402
 from d3kernels.engine import Engine  # noqa: E402
 from d3kernels.serve import BackgroundServer, create_app, follow  # noqa: E402
 from tests.test_calibrate import tiny64, tiny_dir  # noqa: E402,F401 (the CLI's checkpoint)
-from tests.test_serve import tiny_chat_model  # noqa: E402
+from tests.test_serve import tiny_chat_model, wait_healthy  # noqa: E402
 from tests.test_tensor_parallel import _spawn  # noqa: E402
 
 D3 = DepthSchedule(alpha=0.8, head=1, tail=1)
@@ -147,14 +147,7 @@ def test_cli_serve_under_torchrun(tiny_dir):
         env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        wait_healthy(proc, url, 90)
         reply = _completion(url, "The harbour")
         proc.send_signal(signal.SIGTERM)  # torchrun passes it on to both ranks
         t0 = time.monotonic()

@@ -39,27 +39,28 @@ def _everything(model: LlamaD3) -> dict:
     tp = model.tp
     if tp is not None:  # greedy and the fused draws exchange candidate keys only
         tp.gather_logits = _no_gather
-    g = model.generate(PROMPTS, 8, SCHED, stop_tokens=(), flush_backfill=True)
+    # few tokens each (the interpreter is slow); the engine's are what make it preempt
+    g = model.generate(PROMPTS, 6, SCHED, stop_tokens=(), flush_backfill=True)
     out["generate"], out["depths"] = g.tokens, g.depths
     out["cache"] = _cache(model.cache)
     out["stream"] = [(e.row, e.token, e.index, e.depth)  # streaming: tokens as they come
-                     for e in model.stream(PROMPTS, 5, SCHED, stop_tokens=())]
-    out["eager"] = model.generate(PROMPTS, 6, SCHED, stop_tokens=(),
+                     for e in model.stream(PROMPTS, 4, SCHED, stop_tokens=())]
+    out["eager"] = model.generate(PROMPTS, 4, SCHED, stop_tokens=(),
                                   backfill_timing="eager").tokens
-    out["mask"] = model.generate(PROMPTS, 6, UPPER, stop_tokens=(), backfill="mask").tokens
-    out["gumbel"] = model.generate(PROMPTS, 6, SCHED, stop_tokens=(), temperature=0.9,
+    out["mask"] = model.generate(PROMPTS, 4, UPPER, stop_tokens=(), backfill="mask").tokens
+    out["gumbel"] = model.generate(PROMPTS, 4, SCHED, stop_tokens=(), temperature=0.9,
                                    seed=11).tokens
-    out["top_k"] = model.generate(PROMPTS, 6, SCHED, stop_tokens=(), temperature=1.5, top_k=5,
+    out["top_k"] = model.generate(PROMPTS, 4, SCHED, stop_tokens=(), temperature=1.5, top_k=5,
                                   seed=12).tokens
     if tp is not None:
         # unseeded: rank 0's seed, so the ranks agree with each other (not with tp=1)
-        out["unseeded"] = model.generate(PROMPTS[:1], 6, SCHED, stop_tokens=(),
+        out["unseeded"] = model.generate(PROMPTS[:1], 4, SCHED, stop_tokens=(),
                                          temperature=1.5).tokens
         del tp.gather_logits  # nucleus needs the whole distribution: gathered
-    out["top_p"] = model.generate(PROMPTS, 6, SCHED, stop_tokens=(), temperature=0.9,
+    out["top_p"] = model.generate(PROMPTS, 4, SCHED, stop_tokens=(), temperature=0.9,
                                   top_p=0.8, seed=13).tokens
     conv = model.chat(schedule=SCHED, stop_tokens=(), max_seq_len=MAX_LEN)
-    out["chat"] = [conv.send_tokens(t, 5).tokens[0] for t in TURNS[:2]]
+    out["chat"] = [conv.send_tokens(t, 4).tokens[0] for t in TURNS[:2]]
     # 4 pages of 4: a request is preempted and recomputed, a prompt page is shared
     engine = Engine(model, max_batch=2, max_seq_len=32, stop_tokens=(), page_size=4,
                     num_pages=4)

@@ -433,16 +433,24 @@ _METRICS = [  # name, type, help, snapshot key
 ]
 
 
-def create_app(model, *, model_name: str = "d3kernels", max_batch: int = 8,
-               max_seq_len: int | None = None, schedule: DepthSchedule | None = None,
-               max_queue: int = 64, min_free: int = 1, page_size: int = 16,
-               num_pages: int | None = None) -> FastAPI:
+def _server_engine(model, *, max_batch: int = 8, max_seq_len: int | None = None,
+                   schedule: DepthSchedule | None = None, min_free: int = 1,
+                   page_size: int = 16, num_pages: int | None = None) -> Engine:
+    """The Engine a server runs (its options and their defaults, in one place: under tensor
+    parallel every rank's engine must be built alike)."""
+    return Engine(model, max_batch=max_batch, max_seq_len=max_seq_len, schedule=schedule,
+                  min_free=min_free, page_size=page_size, num_pages=num_pages)
+
+
+def create_app(model, *, model_name: str = "d3kernels", max_queue: int = 64,
+               **engine_options) -> FastAPI:
     """An ASGI app serving ``model`` (a LlamaD3 with a tokenizer) under ``model_name``.
 
-    max_batch / max_seq_len / min_free / page_size / num_pages: the Engine's (cache rows, tokens per
-    row, admission waves, KV page pool); schedule: the default D³ schedule (None: full depth);
-    max_queue: requests that may wait for a row before new ones get 429. The engine thread starts
-    with the app's lifespan and stops (cancelling what is left) when the server shuts down.
+    engine_options: max_batch (8) / max_seq_len (the model's) / min_free (1) / page_size (16) /
+    num_pages (every row's full length): the Engine's (cache rows, tokens per row, admission
+    waves, KV page pool); schedule: the default D³ schedule (None: full depth). max_queue:
+    requests that may wait for a row before new ones get 429. The engine thread starts with the
+    app's lifespan and stops (cancelling what is left) when the server shuts down.
     """
     if model.tokenizer is None:
         raise ValueError("model: serving text needs a model with a tokenizer")
@@ -453,8 +461,8 @@ def create_app(model, *, model_name: str = "d3kernels", max_batch: int = 8,
     if model.tp is not None and model.tp.rank != 0:
         raise ValueError(f"model: under tensor parallel rank 0 serves and rank "
                          f"{model.tp.rank} follows: call run() (or follow()) on every rank")
-    engine = Engine(model, max_batch=max_batch, max_seq_len=max_seq_len, schedule=schedule,
-                    min_free=min_free, page_size=page_size, num_pages=num_pages)
+    engine = _server_engine(model, **engine_options)
+    schedule = engine_options.get("schedule")
     worker = EngineThread(engine)
     tok, num_layers, seq_len = model.tokenizer, model.config.num_layers, engine.cache.seq_len
     default = schedule or DepthSchedule.full()
@@ -708,11 +716,11 @@ class BackgroundServer:
         self._sock.close()
 
 
-def follow(model, *, max_batch: int = 8, max_seq_len: int | None = None,
-           schedule: DepthSchedule | None = None, min_free: int = 1, page_size: int = 16,
-           num_pages: int | None = None, **_server_options) -> None:
+def follow(model, *, model_name: str | None = None, max_queue: int | None = None,
+           **engine_options) -> None:
     """A tensor-parallel rank other than 0 of a server: an Engine with ``create_app``'s engine
-    options (the same as rank 0's; the server's own options are ignored) replays rank 0's
+    options (the same as rank 0's; model_name and max_queue, rank 0's server options, are
+    accepted so every rank can be given the same options, and ignored) replays rank 0's
     engine operations and steps with it (module doc) until rank 0 stops. SIGINT and SIGTERM
     are ignored here (when called from the main thread): rank 0 shuts the server down and
     tells the followers. Raises TensorParallelError if rank 0 goes away without that."""
@@ -720,8 +728,7 @@ def follow(model, *, max_batch: int = 8, max_seq_len: int | None = None,
     if tp is None or tp.rank == 0:
         raise ValueError("model: follow() is for the ranks other than 0 of a tensor-parallel "
                          "model; rank 0 serves (create_app / run)")
-    engine = Engine(model, max_batch=max_batch, max_seq_len=max_seq_len, schedule=schedule,
-                    min_free=min_free, page_size=page_size, num_pages=num_pages)
+    engine = _server_engine(model, **engine_options)
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)
